@@ -1,0 +1,127 @@
+"""The one place that picks concrete classes and wires a node: broker, node, listeners.
+
+`running_app(config)` is an async context manager: on entry the node serves WebSocket clients on
+(`host`, `port`) and the internal API on (`api_host`, `api_port`); on exit it drains (clients are
+told 1012), closes listeners and the broker. Ports 0 pick free ports; `App.port` / `App.api_port`
+tell which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from igratech_ws import brokers
+from igratech_ws.auth import TokenVerifier
+from igratech_ws.brokers.base import HistoryLimits
+from igratech_ws.config import Config
+from igratech_ws.node import Node
+from igratech_ws.transport.websocket import start_listener
+
+log = logging.getLogger("igratech_ws.app")
+
+
+@dataclass
+class App:
+    """A running node and its listeners."""
+
+    config: Config
+    node: Node
+    ws_server: asyncio.Server
+    api_runner: web.AppRunner
+    port: int
+    api_port: int
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "", "::") else self.config.host
+        return f"ws://{host}:{self.port}/wspublic"
+
+    @property
+    def api_url(self) -> str:
+        host = "127.0.0.1" if self.config.api_host in ("0.0.0.0", "", "::") else self.config.api_host
+        return f"http://{host}:{self.api_port}"
+
+
+def build_verifier(config: Config) -> TokenVerifier:
+    return TokenVerifier(
+        secret=config.jwt_secret,
+        public_key=config.jwt_public_key,
+        audience=config.jwt_audience,
+        issuer=config.jwt_issuer,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_app(
+    config: Config,
+    *,
+    extra_routes: Callable[[web.Application], None] | None = None,
+) -> AsyncIterator[App]:
+    """Start a node with `config`; drain and stop it on exit. Raises if a listener cannot bind."""
+    from igratech_ws.contract import asyncapi_text
+    from igratech_ws.transport.http_api import build_api_app
+
+    problems = config.validate()
+    if problems:
+        raise ValueError("invalid configuration: " + "; ".join(problems))
+    broker = brokers.from_url(
+        config.broker,
+        node_id=config.node_id,
+        limits=HistoryLimits(size=config.history_size, ttl=config.history_ttl),
+    )
+    node = Node(config, broker)
+    await node.start()
+    ws_server: asyncio.Server | None = None
+    runner: web.AppRunner | None = None
+    try:
+        ws_server = await start_listener(node, build_verifier(config), config.host, config.port)
+        api = build_api_app(
+            node,
+            api_key=config.api_key,
+            asyncapi_yaml=asyncapi_text(),
+            max_body_bytes=config.max_publish_body_bytes,
+            max_batch_items=config.max_batch_items,
+            extra_routes=extra_routes,
+        )
+        runner = web.AppRunner(api, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, config.api_host, config.api_port)
+        await site.start()
+        port = ws_server.sockets[0].getsockname()[1]
+        api_port = runner.addresses[0][1]
+        app = App(config, node, ws_server, runner, port, api_port)
+        log.info("serving", extra={"ws": app.ws_url, "api": app.api_url, "node": node.node_id,
+                                   "broker": config.broker})
+        yield app
+    finally:
+        node.drain()
+        if ws_server is not None:
+            ws_server.close()
+        # Let the close frames of the drain go out before the loop stops.
+        await asyncio.sleep(0.05)
+        if runner is not None:
+            await runner.cleanup()
+        await node.close()
+
+
+async def serve_forever(config: Config, *, on_ready: Callable[[App], None] | None = None,
+                        extra_routes: Callable[[web.Application], None] | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then drain and exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with running_app(config, extra_routes=extra_routes) as app:
+        if on_ready is not None:
+            on_ready(app)
+        await stop.wait()
+        log.info("draining", extra={"connections": app.node.connection_count})

@@ -1,0 +1,115 @@
+"""One frozen settings object for a node, from defaults, environment variables and flags.
+
+Precedence (lowest to highest): built-in defaults, environment variables ``IGRATECH_WS_*``, command
+line flags. Secrets come only from the environment (or a file named by it), never from flags, so
+they stay out of process listings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a node needs. Build with `Config.from_env()` then `.with_overrides(...)`."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    api_host: str = "127.0.0.1"
+    api_port: int = 8081
+    broker: str = "memory://"
+    node_id: str | None = None
+    # auth
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    allow_anonymous: bool = True
+    api_key: str | None = field(default=None, repr=False)
+    # keep-alive
+    ping_interval: int = 25
+    idle_timeout: int = 60
+    # history
+    history_size: int = 1000
+    history_ttl: float = 300.0
+    # limits
+    max_frame_bytes: int = 65_536
+    max_games_per_connection: int = 100
+    max_write_buffer_bytes: int = 1_048_576
+    max_publish_body_bytes: int = 1_048_576
+    max_batch_items: int = 1000
+    recovery_limit: int = 1000
+    # demo
+    demo: bool = False
+    log_level: str = "info"
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with every non-None value of `overrides` applied (unknown keys raise)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Defaults overridden by ``IGRATECH_WS_<NAME>`` variables (and ``..._FILE`` for secrets)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            name = "IGRATECH_WS_" + item.name.upper()
+            raw = env.get(name)
+            if raw is None and item.name in _SECRETS and env.get(name + "_FILE"):
+                with open(env[name + "_FILE"], encoding="utf-8") as handle:
+                    raw = handle.read().strip()
+            if raw is None:
+                continue
+            values[item.name] = _parse(item.name, raw, getattr(cls(), item.name))
+        return cls().with_overrides(values)
+
+    def validate(self) -> list[str]:
+        """Every problem with this configuration, as sentences naming the setting."""
+        problems = []
+        for name in ("port", "api_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                problems.append(f"{name} must be between 0 and 65535, not {value}")
+        if self.ping_interval <= 0 or self.idle_timeout <= self.ping_interval:
+            problems.append("idle_timeout must be greater than ping_interval, both positive")
+        if not self.allow_anonymous and not (self.jwt_secret or self.jwt_public_key):
+            problems.append("allow_anonymous is off but no jwt_secret or jwt_public_key is set")
+        for name in ("history_size", "max_frame_bytes", "max_games_per_connection",
+                     "max_write_buffer_bytes", "max_publish_body_bytes", "max_batch_items"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.history_ttl <= 0:
+            problems.append("history_ttl must be positive")
+        return problems
+
+
+_SECRETS = {"jwt_secret", "jwt_public_key", "api_key"}
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"IGRATECH_WS_{name.upper()} must be true or false, not {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"IGRATECH_WS_{name.upper()} must be an integer, not {raw!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"IGRATECH_WS_{name.upper()} must be a number, not {raw!r}") from None
+    return raw

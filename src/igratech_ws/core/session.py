@@ -1,0 +1,185 @@
+"""One connection's protocol state, without I/O.
+
+The adapter feeds the session every text frame the client sends and acts on what comes back:
+a frame to send (`Reply`), or a change of subscriptions to carry out (`SettingsPlan`), after which
+it reports the resulting positions to `settings_answer`. The session never raises into the adapter:
+every bad input becomes an `error` reply (AsyncAPI message `publish-error`) and the connection goes
+on. States only move forward: OPEN -> CLOSING -> CLOSED; frames after OPEN are ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from igratech_ws.core import channels
+from igratech_ws.core.codec import ProtocolError, decode_client_frame, event_frame
+from igratech_ws.core.messages import (
+    PROTOCOL_VERSION,
+    ChannelState,
+    Ping,
+    Pong,
+    Settings,
+    SettingsRequest,
+    Status,
+)
+
+
+class SessionState(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send `frame` to this client."""
+
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsPlan:
+    """Subscriptions to change, in this order: drop `remove`, then add `add` (recovering those in
+    `recover` from the given (offset, epoch)), then send `settings_answer(...)`."""
+
+    add: tuple[str, ...]
+    remove: tuple[str, ...]
+    recover: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+Action = Reply | SettingsPlan
+
+
+class Session:
+    """Protocol state of one connection. See the module docstring for the caller's duties."""
+
+    __slots__ = ("games", "max_games", "session_id", "state", "stats", "subscribed", "user_id")
+
+    def __init__(self, session_id: str, user_id: str | None, *, max_games: int) -> None:
+        self.session_id = session_id
+        self.user_id = user_id
+        self.max_games = max_games
+        self.state = SessionState.OPEN
+        self.games: list[str] = []
+        self.stats = False
+        #: Channels in force (including the user's own), in the order they were added.
+        self.subscribed: list[str] = []
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def connected_frame(
+        self, *, server_time: str, ping_interval: int, idle_timeout: int, node: str
+    ) -> bytes:
+        """The `connected` frame (AsyncAPI `publish-connected`) sent right after the upgrade."""
+        return event_frame(
+            "connected",
+            Status(
+                status="connected",
+                serverTime=server_time,
+                sessionId=self.session_id,
+                userId=self.user_id,
+                pingInterval=ping_interval,
+                idleTimeout=idle_timeout,
+                protocolVersion=PROTOCOL_VERSION,
+                node=node,
+            ),
+        )
+
+    def own_channels(self) -> tuple[str, ...]:
+        """Channels an authenticated connection follows without asking: its user channel."""
+        return (channels.user_channel(self.user_id),) if self.user_id else ()
+
+    def begin_close(self) -> bool:
+        """Move to CLOSING. Returns False if the session was already closing or closed."""
+        if self.state is not SessionState.OPEN:
+            return False
+        self.state = SessionState.CLOSING
+        return True
+
+    def closed(self) -> None:
+        self.state = SessionState.CLOSED
+
+    # --- input -----------------------------------------------------------------------------------
+
+    def handle_frame(self, frame: bytes | str, *, server_time: str) -> Action | None:
+        """Decide what to do with one client text frame. Never raises."""
+        if self.state is not SessionState.OPEN:
+            return None
+        try:
+            event, payload = decode_client_frame(frame)
+            if event == "ping":
+                assert isinstance(payload, Ping)
+                return Reply(event_frame("pong", Pong(serverTime=server_time, ts=payload.ts)))
+            assert isinstance(payload, SettingsRequest)
+            return self.plan_settings(payload)
+        except ProtocolError as error:
+            return Reply(event_frame("error", error.to_data()))
+
+    def plan_settings(self, request: SettingsRequest) -> SettingsPlan:
+        """Validate `request` and commit the new settings; return what to subscribe and drop.
+
+        The first plan of a session (from the handshake `settings` parameter, or empty) also adds
+        the user's own channel, which is why that channel can only be recovered there. Raises
+        `ProtocolError`
+        (``invalid_settings``, ``too_many_games``, ``forbidden_channel``, ``recover_too_late``).
+        """
+        games = list(dict.fromkeys(request.games)) if request.games is not None else list(self.games)
+        for game in request.follow or ():
+            if game not in games:
+                games.append(game)
+        if request.unfollow:
+            dropped = set(request.unfollow)
+            games = [g for g in games if g not in dropped]
+        if len(games) > self.max_games:
+            raise ProtocolError(
+                "too_many_games",
+                f"A connection may follow at most {self.max_games} games ({len(games)} asked)",
+                event="settings",
+                field="data.games",
+            )
+        stats = self.stats if request.stats is None else request.stats
+
+        wanted = [*self.own_channels(), *(channels.game_channel(g) for g in games)]
+        if stats:
+            wanted.append(channels.GLOBAL_CHANNEL)
+        current = set(self.subscribed)
+        add = tuple(ch for ch in wanted if ch not in current)
+        wanted_set = set(wanted)
+        remove = tuple(ch for ch in self.subscribed if ch not in wanted_set)
+
+        recover: dict[str, tuple[int, str]] = {}
+        for channel, position in (request.recover or {}).items():
+            where = f"data.recover.{channel[:80]}"
+            if not channels.may_follow(channel, self.user_id):
+                raise ProtocolError(
+                    "forbidden_channel",
+                    f"Channel {channel[:80]!r} is not one this connection may follow",
+                    event="settings",
+                    field=where,
+                )
+            if channel not in wanted_set:
+                raise ProtocolError(
+                    "invalid_settings",
+                    f"Cannot recover {channel[:80]!r}: it is not followed by these settings",
+                    event="settings",
+                    field=where,
+                )
+            if channel not in add:
+                raise ProtocolError(
+                    "recover_too_late",
+                    f"{channel[:80]!r} is already followed; recovery is only possible when a "
+                    "channel is added (the user channel: in the handshake `settings` parameter)",
+                    event="settings",
+                    field=where,
+                )
+            recover[channel] = (position.offset, position.epoch)
+
+        self.games = games
+        self.stats = stats
+        self.subscribed = [ch for ch in self.subscribed if ch in wanted_set] + list(add)
+        return SettingsPlan(add=add, remove=remove, recover=recover)
+
+    def settings_answer(self, states: list[ChannelState]) -> bytes:
+        """The `settings` frame (AsyncAPI `publish-settings`) with the positions now in force."""
+        return event_frame("settings", Settings(games=list(self.games), stats=self.stats, channels=states))

@@ -1,0 +1,362 @@
+"""The node: connections, users and their sessions, wired to the hub and the broker.
+
+Everything above (the WebSocket listener, the HTTP API, the demo feed) talks to a `Node`; it knows
+no socket. It enforces the single-session rule (newest login wins, on every node), the idle timeout
+and token expiry, carries out settings in the order the client sent them, and publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from igratech_ws.brokers.base import (
+    Broker,
+    BrokerError,
+    BrokerState,
+    ControlKinds,
+    Publication,
+    UserLogin,
+    UserLogout,
+)
+from igratech_ws.config import Config
+from igratech_ws.core.close_codes import CloseCode, close_reason
+from igratech_ws.core.codec import ProtocolError, event_frame
+from igratech_ws.core.messages import ChannelState, LogoutReason, Status
+from igratech_ws.core.publishing import ValidatedPublication
+from igratech_ws.core.session import Session, SessionState, SettingsPlan
+from igratech_ws.hub import Hub, JoinResult, Subscriber
+
+log = logging.getLogger("igratech_ws.node")
+
+#: Settings requests a connection may have waiting while one is carried out.
+MAX_QUEUED_SETTINGS = 8
+
+_LOGOUT_CODES: dict[LogoutReason, CloseCode] = {
+    "logged_in_elsewhere": CloseCode.LOGGED_IN_ELSEWHERE,
+    "forced": CloseCode.FORCED_LOGOUT,
+    "token_expired": CloseCode.TOKEN_EXPIRED,
+}
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC with milliseconds, the contract's `Timestamp`."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class Connection(Subscriber, Protocol):
+    """What the node needs of a client connection, beyond what the hub needs.
+
+    `settings_queue` is owned by the node. `last_seen` is `time.monotonic()` of the last frame
+    received, kept up to date by the transport.
+    """
+
+    session: Session
+    expires_at: float | None
+    connected_at: float
+    last_seen: float
+    settings_queue: deque[tuple[SettingsPlan, bool]] | None
+
+
+class Node:
+    """One gateway process. Call `start` before use and `close` at the end."""
+
+    def __init__(self, config: Config, broker: Broker) -> None:
+        self.config = config
+        self.broker = broker
+        self.node_id = broker.node_id
+        self.hub = Hub(broker, recovery_limit=config.recovery_limit)
+        self._connections: set[Connection] = set()
+        self._users: dict[str, set[Connection]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._was_disconnected = False
+        self.draining = False
+        self.started_at = time.time()
+        #: Closes by code, for metrics and logs.
+        self.closes: dict[int, int] = {}
+        self.connections_total = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self.hub.on_publication, self.on_control, self.on_broker_state)
+        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.hub.close()
+        await self.broker.close()
+
+    def drain(self) -> None:
+        """Ask every client to reconnect elsewhere (1012) and refuse new ones."""
+        self.draining = True
+        for connection in list(self._connections):
+            connection.close_with(CloseCode.SERVICE_RESTART)
+
+    @property
+    def ready(self) -> bool:
+        return self.broker.state is BrokerState.CONNECTED and not self.draining
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "connections": len(self._connections),
+            "users": len(self._users),
+            "channels": self.hub.channel_count,
+            "broker": self.broker.state.value,
+            "draining": self.draining,
+            "uptimeSeconds": round(time.time() - self.started_at, 1),
+        }
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def user_connection_count(self, user_id: str) -> int:
+        return len(self._users.get(user_id, ()))
+
+    # --- connections -------------------------------------------------------------------------
+
+    def accept(self, connection: Connection, plan: SettingsPlan, answer: bool) -> None:
+        """A client completed the handshake: greet it, enforce single session, start its plan.
+
+        `plan` comes from the session's first `plan_settings` (the handshake `settings` parameter,
+        or an empty request that just adds the user's own channel); `answer` says whether the
+        client asked for settings and so expects a `settings` answer.
+        """
+        session = connection.session
+        self._connections.add(connection)
+        self.connections_total += 1
+        self.hub.send(
+            connection,
+            session.connected_frame(
+                server_time=utc_now(),
+                ping_interval=self.config.ping_interval,
+                idle_timeout=self.config.idle_timeout,
+                node=self.node_id,
+            ),
+        )
+        user_id = session.user_id
+        if user_id is not None:
+            others = self._users.setdefault(user_id, set())
+            for other in list(others):
+                if _older(other, connection):
+                    self.logout(other, "logged_in_elsewhere")
+            others.add(connection)
+            self._spawn(
+                self._tell_others(
+                    UserLogin(
+                        origin=self.node_id,
+                        user_id=user_id,
+                        session_id=session.session_id,
+                        connected_at=connection.connected_at,
+                    )
+                )
+            )
+        if plan.add or plan.remove or answer:
+            self._queue_settings(connection, plan, answer)
+
+    def on_text(self, connection: Connection, frame: bytes) -> None:
+        """A text frame from the client."""
+        action = connection.session.handle_frame(frame, server_time=utc_now())
+        if action is None:
+            return
+        if isinstance(action, SettingsPlan):
+            self._queue_settings(connection, action, True)
+        else:
+            self.hub.send(connection, action.frame)
+
+    def send_error(self, connection: Connection, error: ProtocolError) -> None:
+        self.hub.send(connection, event_frame("error", error.to_data()))
+
+    def on_closed(self, connection: Connection, code: int | None) -> None:
+        """The transport is gone: forget the connection everywhere."""
+        if connection not in self._connections:
+            return
+        self._connections.discard(connection)
+        if code is not None:
+            self.closes[code] = self.closes.get(code, 0) + 1
+        session = connection.session
+        session.closed()
+        for channel in session.subscribed:
+            self.hub.leave(connection, channel)
+        if session.user_id is not None:
+            users = self._users.get(session.user_id)
+            if users is not None:
+                users.discard(connection)
+                if not users:
+                    del self._users[session.user_id]
+
+    def logout(self, connection: Connection, reason: LogoutReason) -> None:
+        """Send `logout` (AsyncAPI `publish-logout`) and close with the matching 4xxx code."""
+        code = _LOGOUT_CODES[reason]
+        if connection.session.state is not SessionState.OPEN:
+            return
+        self.hub.send(
+            connection,
+            event_frame(
+                "logout",
+                Status(
+                    status="logout",
+                    serverTime=utc_now(),
+                    reason=reason,
+                    code=int(code),
+                    message=close_reason(code),
+                ),
+            ),
+        )
+        connection.close_with(code)
+
+    # --- settings ----------------------------------------------------------------------------
+
+    def _queue_settings(self, connection: Connection, plan: SettingsPlan, answer: bool) -> None:
+        queue = connection.settings_queue
+        if queue is None:
+            connection.settings_queue = deque([(plan, answer)])
+            self._spawn(self._run_settings(connection))
+        elif len(queue) >= MAX_QUEUED_SETTINGS:
+            self.send_error(
+                connection,
+                ProtocolError(
+                    "rate_limited",
+                    f"At most {MAX_QUEUED_SETTINGS} settings requests may wait; this one was "
+                    "dropped, send it again once the answers arrive",
+                    event="settings",
+                ),
+            )
+        else:
+            queue.append((plan, answer))
+
+    async def _run_settings(self, connection: Connection) -> None:
+        queue = connection.settings_queue
+        try:
+            while queue and connection.is_open:
+                plan, answer = queue[0]
+                await self._apply_settings(connection, plan, answer)
+                queue.popleft()
+        finally:
+            connection.settings_queue = None
+
+    async def _apply_settings(self, connection: Connection, plan: SettingsPlan, answer: bool) -> None:
+        for channel in plan.remove:
+            self.hub.leave(connection, channel)
+        try:
+            results = await asyncio.gather(
+                *(self.hub.join(connection, ch, plan.recover.get(ch)) for ch in plan.add)
+            )
+        except BrokerError as exc:
+            log.warning("settings failed: broker unavailable", extra={"error": str(exc)})
+            for channel in plan.add:
+                self.hub.leave(connection, channel)
+            connection.close_with(CloseCode.TRY_AGAIN_LATER)
+            return
+        if not connection.is_open:
+            for channel in plan.add:
+                self.hub.leave(connection, channel)
+            return
+        # From here to the end nothing awaits: the answer and what follows it go out together.
+        if answer:
+            self.hub.send(connection, connection.session.settings_answer(self._states(connection, results)))
+        for result in results:
+            self.hub.finish_join(connection, result)
+
+    def _states(self, connection: Connection, results: Iterable[JoinResult]) -> list[ChannelState]:
+        fresh = {r.state.channel: r.state for r in results}
+        states = []
+        for channel in connection.session.subscribed:
+            state = fresh.get(channel)
+            if state is None:
+                position = self.hub.position_of(connection, channel)
+                if position is None:
+                    continue
+                state = ChannelState(channel=channel, offset=position[0], epoch=position[1])
+            states.append(state)
+        return states
+
+    # --- publishing and logout through the API -----------------------------------------------
+
+    async def publish(self, publication: ValidatedPublication) -> Publication:
+        """Append and fan out one validated publication. Raises `BrokerError`."""
+        return await self.broker.publish(publication.channel, publication.event, publication.data_json)
+
+    async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
+        """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`."""
+        return [await self.publish(p) for p in publications]
+
+    async def logout_user(
+        self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
+    ) -> int:
+        """Log `user_id` out on every node; returns how many connections closed here."""
+        closed = self._logout_local(user_id, reason)
+        await self._tell_others(UserLogout(origin=self.node_id, user_id=user_id, reason=reason))
+        return closed
+
+    def _logout_local(self, user_id: str, reason: LogoutReason) -> int:
+        connections = list(self._users.get(user_id, ()))
+        for connection in connections:
+            self.logout(connection, reason)
+        return len(connections)
+
+    async def _tell_others(self, message: ControlKinds) -> None:
+        try:
+            await self.broker.publish_control(message)
+        except BrokerError as exc:
+            log.warning("could not tell other nodes", extra={"error": str(exc)})
+
+    # --- broker events -----------------------------------------------------------------------
+
+    def on_control(self, message: ControlKinds) -> None:
+        if message.origin == self.node_id:
+            return
+        if isinstance(message, UserLogin):
+            for connection in list(self._users.get(message.user_id, ())):
+                session = connection.session
+                if (connection.connected_at, session.session_id) < (
+                    message.connected_at,
+                    message.session_id,
+                ):
+                    self.logout(connection, "logged_in_elsewhere")
+        elif isinstance(message, UserLogout):
+            self._logout_local(message.user_id, message.reason)
+
+    def on_broker_state(self, state: BrokerState) -> None:
+        log.info("broker state", extra={"state": state.value})
+        if state is BrokerState.DISCONNECTED:
+            self._was_disconnected = True
+        elif state is BrokerState.CONNECTED and self._was_disconnected:
+            self._was_disconnected = False
+            self.hub.resync_all()
+
+    # --- timers ------------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.sweep(time.monotonic(), time.time())
+
+    def sweep(self, monotonic_now: float, wall_now: float) -> None:
+        """Close idle connections (4004) and log out those whose token expired (4003)."""
+        idle_after = self.config.idle_timeout
+        for connection in list(self._connections):
+            if connection.expires_at is not None and wall_now >= connection.expires_at:
+                self.logout(connection, "token_expired")
+            elif monotonic_now - connection.last_seen > idle_after:
+                connection.close_with(CloseCode.IDLE_TIMEOUT)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _older(a: Connection, b: Connection) -> bool:
+    return (a.connected_at, a.session.session_id) < (b.connected_at, b.session.session_id)
