@@ -46,7 +46,9 @@ class App:
 
     @property
     def api_url(self) -> str:
-        host = "127.0.0.1" if self.config.api_host in ("0.0.0.0", "", "::") else self.config.api_host
+        host = (
+            "127.0.0.1" if self.config.api_host in ("0.0.0.0", "", "::") else self.config.api_host
+        )
         return f"http://{host}:{self.api_port}"
 
 
@@ -66,7 +68,7 @@ async def running_app(
     extra_routes: Callable[[web.Application], None] | None = None,
 ) -> AsyncIterator[App]:
     """Start a node with `config`; drain and stop it on exit. Raises if a listener cannot bind."""
-    from igratech_ws.contract import asyncapi_text
+    from igratech_ws.contract import document_text
     from igratech_ws.transport.http_api import build_api_app
 
     problems = config.validate()
@@ -86,7 +88,7 @@ async def running_app(
         api = build_api_app(
             node,
             api_key=config.api_key,
-            asyncapi_yaml=asyncapi_text(),
+            asyncapi_yaml=document_text(),
             max_body_bytes=config.max_publish_body_bytes,
             max_batch_items=config.max_batch_items,
             extra_routes=extra_routes,
@@ -98,8 +100,15 @@ async def running_app(
         port = ws_server.sockets[0].getsockname()[1]
         api_port = runner.addresses[0][1]
         app = App(config, node, ws_server, runner, port, api_port)
-        log.info("serving", extra={"ws": app.ws_url, "api": app.api_url, "node": node.node_id,
-                                   "broker": config.broker})
+        log.info(
+            "serving",
+            extra={
+                "ws": app.ws_url,
+                "api": app.api_url,
+                "node": node.node_id,
+                "broker": config.broker,
+            },
+        )
         yield app
     finally:
         node.drain()
@@ -112,8 +121,12 @@ async def running_app(
         await node.close()
 
 
-async def serve_forever(config: Config, *, on_ready: Callable[[App], None] | None = None,
-                        extra_routes: Callable[[web.Application], None] | None = None) -> None:
+async def serve_forever(
+    config: Config,
+    *,
+    on_ready: Callable[[App], None] | None = None,
+    extra_routes: Callable[[web.Application], None] | None = None,
+) -> None:
     """Run until SIGINT or SIGTERM, then drain and exit."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import jwt.types
 
 from igratech_ws.core.channels import is_valid_id
 
@@ -65,7 +66,7 @@ class TokenVerifier:
             key = self.public_key
         else:
             raise AuthError(f"token algorithm {algorithm!r} is not accepted")
-        options: dict[str, Any] = {"require": ["sub"], "verify_aud": self.audience is not None}
+        options: jwt.types.Options = {"require": ["sub"], "verify_aud": self.audience is not None}
         try:
             claims = jwt.decode(
                 token,

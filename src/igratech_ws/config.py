@@ -57,7 +57,7 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
-        """Defaults overridden by ``IGRATECH_WS_<NAME>`` variables (and ``..._FILE`` for secrets)."""
+        """Defaults overridden by ``IGRATECH_WS_<NAME>`` variables (``..._FILE`` for secrets)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for item in fields(cls):
@@ -82,8 +82,14 @@ class Config:
             problems.append("idle_timeout must be greater than ping_interval, both positive")
         if not self.allow_anonymous and not (self.jwt_secret or self.jwt_public_key):
             problems.append("allow_anonymous is off but no jwt_secret or jwt_public_key is set")
-        for name in ("history_size", "max_frame_bytes", "max_games_per_connection",
-                     "max_write_buffer_bytes", "max_publish_body_bytes", "max_batch_items"):
+        for name in (
+            "history_size",
+            "max_frame_bytes",
+            "max_games_per_connection",
+            "max_write_buffer_bytes",
+            "max_publish_body_bytes",
+            "max_batch_items",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.history_ttl <= 0:
@@ -106,7 +112,9 @@ def _parse(name: str, raw: str, default: Any) -> Any:
         try:
             return int(raw)
         except ValueError:
-            raise ValueError(f"IGRATECH_WS_{name.upper()} must be an integer, not {raw!r}") from None
+            raise ValueError(
+                f"IGRATECH_WS_{name.upper()} must be an integer, not {raw!r}"
+            ) from None
     if isinstance(default, float):
         try:
             return float(raw)

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from igratech_ws.brokers.base import Broker, BrokerError, Publication
 from igratech_ws.core.close_codes import CloseCode
@@ -252,7 +252,10 @@ class Hub:
         page = await self.broker.history(channel, offset, self.recovery_limit)
         outcome = decide_recovery(offset, epoch, page.top.epoch, page.top.offset, page.publications)
         state = ChannelState(
-            channel=channel, offset=page.top.offset, epoch=page.top.epoch, recovered=outcome.recovered
+            channel=channel,
+            offset=page.top.offset,
+            epoch=page.top.epoch,
+            recovered=outcome.recovered,
         )
         return JoinResult(state, outcome.missed)
 
@@ -380,8 +383,8 @@ class Hub:
         for subscriber in list(self._live.get(channel, ())):
             subscriber.close_with(CloseCode.SERVICE_RESTART)
 
-    def _spawn(self, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -246,7 +246,9 @@ class Node:
         finally:
             connection.settings_queue = None
 
-    async def _apply_settings(self, connection: Connection, plan: SettingsPlan, answer: bool) -> None:
+    async def _apply_settings(
+        self, connection: Connection, plan: SettingsPlan, answer: bool
+    ) -> None:
         for channel in plan.remove:
             self.hub.leave(connection, channel)
         try:
@@ -265,7 +267,9 @@ class Node:
             return
         # From here to the end nothing awaits: the answer and what follows it go out together.
         if answer:
-            self.hub.send(connection, connection.session.settings_answer(self._states(connection, results)))
+            self.hub.send(
+                connection, connection.session.settings_answer(self._states(connection, results))
+            )
         for result in results:
             self.hub.finish_join(connection, result)
 
@@ -286,7 +290,9 @@ class Node:
 
     async def publish(self, publication: ValidatedPublication) -> Publication:
         """Append and fan out one validated publication. Raises `BrokerError`."""
-        return await self.broker.publish(publication.channel, publication.event, publication.data_json)
+        return await self.broker.publish(
+            publication.channel, publication.event, publication.data_json
+        )
 
     async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
         """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`."""

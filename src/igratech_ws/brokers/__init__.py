@@ -12,7 +12,9 @@ from urllib.parse import urlsplit
 from igratech_ws.brokers.base import Broker, HistoryLimits
 
 
-def from_url(url: str, *, node_id: str | None = None, limits: HistoryLimits | None = None) -> Broker:
+def from_url(
+    url: str, *, node_id: str | None = None, limits: HistoryLimits | None = None
+) -> Broker:
     """Build the broker named by `url`. Raises ValueError for an unknown scheme."""
     node_id = node_id or uuid.uuid4().hex[:12]
     limits = limits or HistoryLimits()

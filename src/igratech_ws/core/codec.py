@@ -43,7 +43,9 @@ class ProtocolError(Exception):
         self.field = field
 
     def to_data(self) -> ErrorData:
-        return ErrorData(code=self.code, message=self.message[:500], event=self.event, field=self.field)
+        return ErrorData(
+            code=self.code, message=self.message[:500], event=self.event, field=self.field
+        )
 
 
 class _ClientEnvelope(msgspec.Struct, forbid_unknown_fields=True):
@@ -53,7 +55,8 @@ class _ClientEnvelope(msgspec.Struct, forbid_unknown_fields=True):
 
 _envelope_decoder = msgspec.json.Decoder(_ClientEnvelope)
 _payload_decoders = {
-    event: msgspec.json.Decoder(kind) for event, kind in {**CLIENT_EVENTS, **PUBLISHED_EVENTS}.items()
+    event: msgspec.json.Decoder(kind)
+    for event, kind in {**CLIENT_EVENTS, **PUBLISHED_EVENTS}.items()
 }
 
 
@@ -70,7 +73,7 @@ def decode_client_frame(frame: bytes | str) -> tuple[str, Any]:
     """Decode one client text frame into (event, typed payload).
 
     Raises `ProtocolError` with code ``bad_json`` (not JSON), ``bad_message`` (not an envelope),
-    ``unknown_event``, or ``invalid_settings`` / ``bad_message`` (payload does not match its schema).
+    ``unknown_event``, or ``invalid_settings`` / ``bad_message`` (payload breaks its schema).
     """
     try:
         envelope = _envelope_decoder.decode(frame)
@@ -93,7 +96,9 @@ def _bad_code(event: str) -> ErrorCode:
     return "invalid_settings" if event == "settings" else "bad_message"
 
 
-def decode_payload(event: str, data: bytes | msgspec.Raw, *, bad_code: ErrorCode = "bad_message") -> Any:
+def decode_payload(
+    event: str, data: bytes | msgspec.Raw, *, bad_code: ErrorCode = "bad_message"
+) -> Any:
     """Decode and validate the payload of `event` (a client or published event).
 
     Raises `ProtocolError` naming the field (``data.<path>``) when the payload breaks the contract.

@@ -1,4 +1,6 @@
-"""Typed payloads of every message of the Igratech WebSocket API (AsyncAPI `asyncapi/igratech-ws.yaml`).
+"""Typed payloads of every message of the Igratech WebSocket API.
+
+The contract is the AsyncAPI document `asyncapi/igratech-ws.yaml`.
 
 Each struct mirrors one component schema of the AsyncAPI document; the contract tests check that
 the two agree field for field (names, types, required-ness) and that every example in the document
@@ -33,7 +35,7 @@ Money = Annotated[
     str,
     Meta(
         pattern=r"^-?[0-9]{1,15}(\.[0-9]{1,8})?$",
-        description="A decimal amount as a string, e.g. \"125.50\".",
+        description='A decimal amount as a string, e.g. "125.50".',
     ),
 ]
 #: Decimal odds (European format), at least 1.
@@ -41,19 +43,19 @@ Odds = Annotated[
     str,
     Meta(
         pattern=r"^[1-9][0-9]{0,5}(\.[0-9]{1,4})?$",
-        description="Decimal odds as a string, e.g. \"2.10\".",
+        description='Decimal odds as a string, e.g. "2.10".',
     ),
 ]
 #: ISO 4217 code, or a platform token code for crypto currencies.
 Currency = Annotated[
-    str, Meta(pattern=r"^[A-Z][A-Z0-9]{2,7}$", description="Currency code, e.g. \"EUR\".")
+    str, Meta(pattern=r"^[A-Z][A-Z0-9]{2,7}$", description='Currency code, e.g. "EUR".')
 ]
 #: RFC 3339 timestamp in UTC with a trailing Z.
 Timestamp = Annotated[
     str,
     Meta(
         pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$",
-        description="RFC 3339 timestamp in UTC, e.g. \"2026-11-23T19:45:00Z\".",
+        description='RFC 3339 timestamp in UTC, e.g. "2026-11-23T19:45:00Z".',
     ),
 ]
 #: A short machine-readable word: incident types, markets, stat names.

@@ -99,7 +99,9 @@ def validate_publish(request: PublishRequest) -> ValidatedPublication:
         raise _invalid("Give gameId or userId, not both", "userId", event)
     if request.gameId is not None:
         if "game" not in allowed:
-            raise _invalid(f"{event!r} is published to a user (userId), not a game", "gameId", event)
+            raise _invalid(
+                f"{event!r} is published to a user (userId), not a game", "gameId", event
+            )
         payload_game = getattr(payload, "gameId", None)
         if payload_game is not None and payload_game != request.gameId:
             raise _invalid(
@@ -119,6 +121,8 @@ def validate_publish(request: PublishRequest) -> ValidatedPublication:
             field = "userId" if "user" in allowed else "gameId"
             raise _invalid(f"{event!r} needs a target: {field}", field, event)
         if getattr(payload, "scope", None) != "global" or getattr(payload, "gameId", None):
-            raise _invalid("Global stats must have scope 'global' and no gameId", "data.scope", event)
+            raise _invalid(
+                "Global stats must have scope 'global' and no gameId", "data.scope", event
+            )
         channel = channels.GLOBAL_CHANNEL
     return ValidatedPublication(event, channel, encode(payload), payload)

@@ -124,7 +124,9 @@ class Session:
         `ProtocolError`
         (``invalid_settings``, ``too_many_games``, ``forbidden_channel``, ``recover_too_late``).
         """
-        games = list(dict.fromkeys(request.games)) if request.games is not None else list(self.games)
+        games = (
+            list(dict.fromkeys(request.games)) if request.games is not None else list(self.games)
+        )
         for game in request.follow or ():
             if game not in games:
                 games.append(game)
@@ -182,4 +184,6 @@ class Session:
 
     def settings_answer(self, states: list[ChannelState]) -> bytes:
         """The `settings` frame (AsyncAPI `publish-settings`) with the positions now in force."""
-        return event_frame("settings", Settings(games=list(self.games), stats=self.stats, channels=states))
+        return event_frame(
+            "settings", Settings(games=list(self.games), stats=self.stats, channels=states)
+        )

@@ -42,7 +42,7 @@ log = logging.getLogger("igratech_ws.websocket")
 PATH = "/wspublic"
 
 
-class ClientConnection(WSListener):  # type: ignore[misc]
+class ClientConnection(WSListener):
     """One client: the picows listener is the connection object (one object per client)."""
 
     __slots__ = (
@@ -59,8 +59,9 @@ class ClientConnection(WSListener):  # type: ignore[misc]
         "transport",
     )
 
-    def __init__(self, node: Node, session: Session, principal: Principal, plan: SettingsPlan,
-                 answer: bool) -> None:
+    def __init__(
+        self, node: Node, session: Session, principal: Principal, plan: SettingsPlan, answer: bool
+    ) -> None:
         self._node = node
         self.session = session
         self.expires_at = principal.expires_at
@@ -127,8 +128,10 @@ class ClientConnection(WSListener):  # type: ignore[misc]
     @property
     def is_open(self) -> bool:
         transport = self.transport
-        return transport is not None and not transport.is_close_frame_sent and not (
-            transport.is_disconnected
+        return (
+            transport is not None
+            and not transport.is_close_frame_sent
+            and not (transport.is_disconnected)
         )
 
     def write_wire(self, data: bytes) -> None:
@@ -186,11 +189,15 @@ class Handshake:
             except AuthError as exc:
                 return _refuse(401, "unauthorized", str(exc))
         elif not self.node.config.allow_anonymous:
-            return _refuse(401, "unauthorized", "A token is required (query `token` or "
-                           "`Authorization: Bearer`)")
+            return _refuse(
+                401,
+                "unauthorized",
+                "A token is required (query `token` or `Authorization: Bearer`)",
+            )
         raw_settings = _first(query.get("settings"))
-        session = Session(uuid.uuid4().hex, principal.user_id,
-                          max_games=self.node.config.max_games_per_connection)
+        session = Session(
+            uuid.uuid4().hex, principal.user_id, max_games=self.node.config.max_games_per_connection
+        )
         try:
             request_settings = (
                 decode_payload("settings", raw_settings.encode(), bad_code="invalid_settings")
@@ -225,8 +232,9 @@ def _refuse(status: int, code: str, message: str, field: str | None = None) -> A
     return WSUpgradeResponseWithListener(response, None)
 
 
-async def start_listener(node: Node, verifier: TokenVerifier, host: str, port: int,
-                         *, reuse_port: bool = False) -> asyncio.Server:
+async def start_listener(
+    node: Node, verifier: TokenVerifier, host: str, port: int, *, reuse_port: bool = False
+) -> asyncio.Server:
     """Listen for WebSocket clients on (`host`, `port`); the caller closes the returned server."""
     config = node.config
     return await picows.ws_create_server(
@@ -236,7 +244,7 @@ async def start_listener(node: Node, verifier: TokenVerifier, host: str, port: i
         max_frame_size=config.max_frame_bytes,
         websocket_handshake_timeout=5,
         enable_auto_pong=True,
-        logger_name="igratech_ws.picows",
+        logger_name="ws",
         reuse_port=reuse_port or None,
     )
 

@@ -1,0 +1,55 @@
+"""Structured logs: one JSON object per line on stderr, with the fields passed as `extra`.
+
+Nothing here logs tokens or payloads: callers pass ids, codes and counts. As a second line of
+defence, any value that looks like a JWT or carries a `token=` query parameter is redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+_TOKEN_QUERY_RE = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+_encoder = msgspec.json.Encoder()
+
+
+def redact(text: str) -> str:
+    """`text` with JWTs and `token=` query values replaced by `[redacted]`."""
+    return _TOKEN_QUERY_RE.sub(r"\1[redacted]", _JWT_RE.sub("[redacted]", text))
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON line: time, level, logger, message and the extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": redact(record.getMessage()),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = redact(value) if isinstance(value, str) else value
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return _encoder.encode(entry).decode()
+
+
+def configure(level: str = "info", *, stream: Any = None) -> None:
+    """Send every `igratech_ws` log record, as JSON, to `stream` (stderr by default)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # picows logs every refused handshake at info; keep those at warning and above.
+    logging.getLogger("picows").setLevel(max(logging.WARNING, root.level))

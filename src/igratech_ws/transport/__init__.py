@@ -1,0 +1,1 @@
+"""Adapters: the picows WebSocket listener and the aiohttp internal API."""

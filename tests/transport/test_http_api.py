@@ -1,0 +1,707 @@
+"""The internal HTTP API over real sockets, before a fake node wrapping a real MemoryBroker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication
+from igratech_ws.brokers.memory import MemoryBroker
+from igratech_ws.core.publishing import ValidatedPublication
+from igratech_ws.transport.http_api import GatewayNode, build_api_app
+
+API_KEY = "test-key-\u00e9-123"  # non-ASCII on purpose: compare_digest must not choke on it
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ASYNCAPI = "asyncapi: 3.0.0\ninfo:\n  title: Igratech WS\n  version: '1.0'\n"
+TS = "2026-11-23T19:45:00Z"
+
+
+class FakeNode:
+    """Implements `GatewayNode` over a started MemoryBroker; can be made to fail or unready."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.node_id = "node-test"
+        self.broker = broker
+        self.is_ready = True
+        self.broker_down = False
+        self.explode = False
+        self.logouts: list[tuple[str, str]] = []
+
+    async def publish(self, publication: ValidatedPublication) -> Publication:
+        if self.broker_down:
+            raise BrokerError("connection refused")
+        return await self.broker.publish(
+            publication.channel, publication.event, publication.data_json
+        )
+
+    async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
+        return [await self.publish(p) for p in publications]
+
+    async def logout_user(
+        self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
+    ) -> int:
+        self.logouts.append((user_id, reason))
+        return 2
+
+    def info(self) -> dict[str, Any]:
+        if self.explode:
+            raise RuntimeError("boom: internal detail that must not leak")
+        return {
+            "node": self.node_id,
+            "connections": 3,
+            "users": 1,
+            "channels": self.broker.channel_count,
+            "broker": "connected" if self.is_ready else "disconnected",
+        }
+
+    @property
+    def ready(self) -> bool:
+        return self.is_ready
+
+
+def _typed(node: FakeNode) -> GatewayNode:
+    return node  # mypy checks here that FakeNode satisfies the Protocol
+
+
+def _no_publication(_: Publication) -> None:
+    return None
+
+
+def _no_control(_: ControlKinds) -> None:
+    return None
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[MemoryBroker]:
+    memory = MemoryBroker(node_id="node-test")
+    await memory.start(_no_publication, _no_control)
+    yield memory
+    await memory.close()
+
+
+@pytest.fixture
+def node(broker: MemoryBroker) -> FakeNode:
+    return FakeNode(broker)
+
+
+Serve = Callable[..., Awaitable[tuple[str, aiohttp.ClientSession]]]
+
+
+@pytest.fixture
+async def serve(node: FakeNode) -> AsyncIterator[Serve]:
+    """Start the API on 127.0.0.1 (port 0) and return its base URL and a client session."""
+    runners: list[web.AppRunner] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(**options: Any) -> tuple[str, aiohttp.ClientSession]:
+        options.setdefault("api_key", API_KEY)
+        options.setdefault("asyncapi_yaml", ASYNCAPI)
+        app = build_api_app(_typed(node), **options)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        sessions.append(session)
+        return f"http://{host}:{port}", session
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def api(serve: Serve) -> tuple[str, aiohttp.ClientSession]:
+    return await serve()
+
+
+def incident(game: str = "g-1", **changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "gameId": game,
+        "incidentId": "i-1",
+        "type": "goal",
+        "occurredAt": TS,
+        "minute": 12,
+        "side": "home",
+        "score": {"home": 1, "away": 0},
+    }
+    data.update(changes)
+    return {"event": "incident", "gameId": game, "data": data}
+
+
+def bet(game: str = "g-1", stake: Any = "10.00") -> dict[str, Any]:
+    item = {
+        "betId": "b-1",
+        "market": "match_winner",
+        "selection": "home",
+        "odds": "2.10",
+        "stake": stake,
+        "currency": "EUR",
+        "placedAt": TS,
+    }
+    return {"event": "bet", "gameId": game, "data": {"gameId": game, "bets": [item]}}
+
+
+def balance(user: str = "u-1") -> dict[str, Any]:
+    return {
+        "event": "balance",
+        "userId": user,
+        "data": {"balance": "125.50", "currency": "EUR", "updatedAt": TS},
+    }
+
+
+def global_stats() -> dict[str, Any]:
+    return {"event": "stats", "data": {"scope": "global", "updatedAt": TS, "values": {"online": 5}}}
+
+
+async def post(
+    api: tuple[str, aiohttp.ClientSession],
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, aiohttp.ClientResponse]:
+    base, session = api
+    send_headers = {**AUTH, "Content-Type": "application/json"}
+    send_headers.update(headers or {})
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    async with session.post(base + path, data=data, headers=send_headers) as response:
+        assert response.content_type == "application/json"
+        return response.status, await response.json(), response
+
+
+async def get(
+    api: tuple[str, aiohttp.ClientSession], path: str, headers: dict[str, str] | None = None
+) -> tuple[int, Any, aiohttp.ClientResponse]:
+    base, session = api
+    async with session.get(base + path, headers=AUTH if headers is None else headers) as response:
+        assert response.content_type == "application/json"
+        return response.status, await response.json(), response
+
+
+def assert_error(body: Any, code: str, field: str | None = None) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "field"}
+    assert body["error"]["code"] == code
+    assert body["error"]["field"] == field
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
+    assert "Traceback" not in body["error"]["message"]
+
+
+async def top(broker: MemoryBroker, channel: str) -> int:
+    return (await broker.position(channel)).offset
+
+
+# --- auth ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"Authorization": "Bearer "},
+        {"Authorization": f"Bearer {API_KEY}x"},
+    ],
+    ids=["none", "wrong", "other-scheme", "empty", "longer"],
+)
+async def test_protected_routes_need_the_key(
+    api: tuple[str, aiohttp.ClientSession], broker: MemoryBroker, headers: dict[str, str]
+) -> None:
+    status, body, response = await get(api, "/api/v1/info", headers=headers)
+    assert status == 401
+    assert_error(body, "unauthorized")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+    base, session = api
+    async with session.post(base + "/api/v1/publish", json=incident(), headers=headers) as response:
+        assert response.status == 401
+        assert_error(await response.json(), "unauthorized")
+    assert await top(broker, "game:g-1") == 0
+
+
+async def test_right_key_and_case_insensitive_scheme(
+    api: tuple[str, aiohttp.ClientSession],
+) -> None:
+    status, _, _ = await get(api, "/api/v1/info", headers={"Authorization": f"bearer {API_KEY}"})
+    assert status == 200
+    status, _, _ = await get(api, "/api/v1/info")
+    assert status == 200
+
+
+async def test_unknown_route_needs_the_key_then_is_404(
+    api: tuple[str, aiohttp.ClientSession],
+) -> None:
+    status, body, _ = await get(api, "/api/v1/nope", headers={})
+    assert status == 401
+    assert_error(body, "unauthorized")
+    status, body, _ = await get(api, "/api/v1/nope")
+    assert status == 404
+    assert_error(body, "not_found")
+
+
+@pytest.mark.parametrize("api_key", [None, ""])
+async def test_without_a_configured_key_protected_routes_answer_503(
+    serve: Serve, broker: MemoryBroker, api_key: str | None
+) -> None:
+    api = await serve(api_key=api_key)
+    for headers in ({}, AUTH, {"Authorization": "Bearer "}):
+        status, body, _ = await get(api, "/api/v1/info", headers=headers)
+        assert status == 503
+        assert_error(body, "api_key_not_configured")
+        assert "API key not configured" in body["error"]["message"]
+    status, body, _ = await post(api, "/api/v1/publish", incident())
+    assert status == 503
+    assert await top(broker, "game:g-1") == 0
+    # Probes stay public so that orchestration still works.
+    status, body, _ = await get(api, "/healthz", headers={})
+    assert status == 200
+
+
+# --- public routes ---------------------------------------------------------------------------
+
+
+async def test_healthz(api: tuple[str, aiohttp.ClientSession]) -> None:
+    status, body, _ = await get(api, "/healthz", headers={})
+    assert (status, body) == (200, {"status": "ok", "node": "node-test"})
+
+
+async def test_readyz_follows_node_ready(
+    api: tuple[str, aiohttp.ClientSession], node: FakeNode
+) -> None:
+    status, body, _ = await get(api, "/readyz", headers={})
+    assert (status, body) == (200, {"status": "ready"})
+    node.is_ready = False
+    status, body, _ = await get(api, "/readyz", headers={})
+    assert (status, body) == (503, {"status": "not_ready", "broker": "disconnected"})
+    # Liveness is unaffected: the process still serves.
+    status, _, _ = await get(api, "/healthz", headers={})
+    assert status == 200
+    node.is_ready = True
+    status, body, _ = await get(api, "/readyz", headers={})
+    assert (status, body) == (200, {"status": "ready"})
+
+
+async def test_asyncapi_yaml(api: tuple[str, aiohttp.ClientSession]) -> None:
+    base, session = api
+    async with session.get(base + "/asyncapi.yaml") as response:
+        assert response.status == 200
+        assert response.content_type == "application/yaml"
+        assert await response.text() == ASYNCAPI
+
+
+async def test_extra_routes_docs_public_others_protected(serve: Serve) -> None:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="page")
+
+    def extra(app: web.Application) -> None:
+        app.router.add_get("/docs", page)
+        app.router.add_get("/docs/index.html", page)
+        app.router.add_get("/console/", page)
+        app.router.add_get("/docsecret", page)
+        app.router.add_get("/metrics", page)
+
+    base, session = await serve(extra_routes=extra)
+    for path in ("/docs", "/docs/index.html", "/console/"):
+        async with session.get(base + path) as response:
+            assert response.status == 200, path
+    for path in ("/docsecret", "/metrics"):
+        async with session.get(base + path) as response:
+            assert response.status == 401, path
+        async with session.get(base + path, headers=AUTH) as response:
+            assert response.status == 200, path
+
+
+# --- info, errors of routing -----------------------------------------------------------------
+
+
+async def test_info(api: tuple[str, aiohttp.ClientSession]) -> None:
+    status, body, _ = await get(api, "/api/v1/info")
+    assert status == 200
+    assert body == {
+        "node": "node-test",
+        "connections": 3,
+        "users": 1,
+        "channels": 0,
+        "broker": "connected",
+    }
+
+
+async def test_wrong_method_is_json_405(api: tuple[str, aiohttp.ClientSession]) -> None:
+    status, body, response = await get(api, "/api/v1/publish")
+    assert status == 405
+    assert_error(body, "method_not_allowed")
+    assert response.headers["Allow"] == "POST"
+    status, body, _ = await post(api, "/healthz", {})
+    assert status == 405
+    assert_error(body, "method_not_allowed")
+
+
+async def test_unexpected_exception_is_json_500_without_details(
+    api: tuple[str, aiohttp.ClientSession], node: FakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    node.explode = True
+    status, body, _ = await get(api, "/api/v1/info")
+    assert status == 500
+    assert_error(body, "internal_error")
+    assert "boom" not in body["error"]["message"]
+    assert any("boom" in str(record.exc_info) for record in caplog.records)
+
+
+# --- publish ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_body", "channel"),
+    [
+        (incident(), "game:g-1"),
+        (bet(), "game:g-1"),
+        (balance(), "user:u-1"),
+        (global_stats(), "global"),
+    ],
+    ids=["incident", "bet", "balance", "global-stats"],
+)
+async def test_publish(
+    api: tuple[str, aiohttp.ClientSession],
+    broker: MemoryBroker,
+    request_body: dict[str, Any],
+    channel: str,
+) -> None:
+    status, body, _ = await post(api, "/api/v1/publish", request_body)
+    assert status == 200, body
+    epoch = (await broker.position(channel)).epoch
+    assert body == {"channel": channel, "offset": 1, "epoch": epoch, "event": request_body["event"]}
+    status, body, _ = await post(api, "/api/v1/publish", request_body)
+    assert body["offset"] == 2
+    page = await broker.history(channel, 0, 10)
+    # What subscribers receive is the payload re-encoded compactly.
+    assert json.loads(page.publications[0].data) == request_body["data"]
+
+
+async def test_publish_accepts_json_with_charset(api: tuple[str, aiohttp.ClientSession]) -> None:
+    status, _, _ = await post(
+        api,
+        "/api/v1/publish",
+        incident(),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert status == 200
+
+
+INVALID_PUBLISHES: list[tuple[str, Any, str, str | None]] = [
+    ("wrong-type", incident(minute="12"), "bad_message", "data.minute"),
+    ("out-of-range", incident(minute=301), "bad_message", "data.minute"),
+    (
+        "missing-required-in-data",
+        {**incident(), "data": {k: v for k, v in incident()["data"].items() if k != "incidentId"}},
+        "bad_message",
+        "data.incidentId",
+    ),
+    ("missing-event", {"gameId": "g-1", "data": {}}, "bad_message", "event"),
+    ("missing-data", {"event": "incident", "gameId": "g-1"}, "bad_message", "data"),
+    ("bad-money", bet(stake="10,00"), "bad_message", "data.bets[0].stake"),
+    ("money-as-number", bet(stake=10.0), "bad_message", "data.bets[0].stake"),
+    ("unknown-field-top", {**incident(), "channel": "x"}, "bad_message", "channel"),
+    ("unknown-field-data", incident(extra=1), "bad_message", "data.extra"),
+    ("unknown-event", {**incident(), "event": "goal"}, "unknown_event", "event"),
+    ("client-event", {"event": "ping", "data": {}}, "unknown_event", "event"),
+    (
+        "missing-target",
+        {k: v for k, v in incident().items() if k != "gameId"},
+        "bad_message",
+        "gameId",
+    ),
+    ("missing-user-target", {**balance(), "userId": None}, "bad_message", "userId"),
+    ("wrong-target-user", {**incident(), "gameId": None, "userId": "u-1"}, "bad_message", "userId"),
+    ("wrong-target-game", {**balance(), "userId": None, "gameId": "g-1"}, "bad_message", "gameId"),
+    ("both-targets", {**incident(), "userId": "u-1"}, "bad_message", "userId"),
+    ("bad-target-id", {**incident(), "gameId": "g 1"}, "bad_message", "gameId"),
+    ("game-mismatch", {**incident("g-1"), "gameId": "g-2"}, "bad_message", "data.gameId"),
+    ("data-not-object", {**incident(), "data": [1]}, "bad_message", "data"),
+    ("body-not-object", [incident()], "bad_message", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_body", "code", "field"),
+    [case[1:] for case in INVALID_PUBLISHES],
+    ids=[case[0] for case in INVALID_PUBLISHES],
+)
+async def test_invalid_publish_names_the_field_and_publishes_nothing(
+    api: tuple[str, aiohttp.ClientSession],
+    broker: MemoryBroker,
+    request_body: Any,
+    code: str,
+    field: str | None,
+) -> None:
+    status, body, _ = await post(api, "/api/v1/publish", request_body)
+    assert status == 400
+    assert_error(body, code, field)
+    for channel in ("game:g-1", "game:g-2", "user:u-1", "global"):
+        assert await top(broker, channel) == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"", b"   ", b'{"event": "incident"'],
+    ids=["garbage", "empty", "blank", "cut"],
+)
+async def test_bad_json_body(
+    api: tuple[str, aiohttp.ClientSession], broker: MemoryBroker, raw: bytes
+) -> None:
+    status, body, _ = await post(api, "/api/v1/publish", raw=raw)
+    assert status == 400
+    assert_error(body, "bad_json")
+    assert await top(broker, "game:g-1") == 0
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
+)
+async def test_wrong_content_type_is_415(
+    api: tuple[str, aiohttp.ClientSession], broker: MemoryBroker, content_type: str
+) -> None:
+    status, body, _ = await post(
+        api, "/api/v1/publish", incident(), headers={"Content-Type": content_type}
+    )
+    assert status == 415
+    assert_error(body, "unsupported_media_type")
+    assert await top(broker, "game:g-1") == 0
+
+
+async def test_missing_content_type_is_415(
+    api: tuple[str, aiohttp.ClientSession], broker: MemoryBroker
+) -> None:
+    base, session = api
+    # aiohttp's client adds no Content-Type for raw bytes; a bytes payload defaults to octet-stream.
+    async with session.post(
+        base + "/api/v1/publish",
+        data=json.dumps(incident()).encode(),
+        headers={**AUTH, "Content-Type": ""},
+    ) as response:
+        assert response.status == 415
+        assert_error(await response.json(), "unsupported_media_type")
+
+
+async def test_huge_body_with_length_is_413(serve: Serve, broker: MemoryBroker) -> None:
+    api = await serve(max_body_bytes=1024)
+    request_body = incident(description="x" * 2000)
+    status, body, _ = await post(api, "/api/v1/publish", request_body)
+    assert status == 413
+    assert_error(body, "payload_too_large")
+    assert "1024" in body["error"]["message"]
+    assert await top(broker, "game:g-1") == 0
+    # The same server still accepts a request within the limit.
+    status, _, _ = await post(api, "/api/v1/publish", incident())
+    assert status == 200
+
+
+async def test_huge_chunked_body_is_413(serve: Serve, broker: MemoryBroker) -> None:
+    base, session = await serve(max_body_bytes=1024)
+    raw = json.dumps(incident(description="x" * 2000)).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        # No Content-Length: only reading the body can find it too big (client_max_size).
+        for start in range(0, len(raw), 256):
+            yield raw[start : start + 256]
+
+    async with session.post(
+        base + "/api/v1/publish",
+        data=chunks(),
+        headers={**AUTH, "Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 413
+        assert_error(await response.json(), "payload_too_large")
+    assert await top(broker, "game:g-1") == 0
+
+
+async def test_broker_error_is_503(
+    api: tuple[str, aiohttp.ClientSession], node: FakeNode, broker: MemoryBroker
+) -> None:
+    node.broker_down = True
+    status, body, _ = await post(api, "/api/v1/publish", incident())
+    assert status == 503
+    assert_error(body, "broker_unavailable")
+    status, body, _ = await post(api, "/api/v1/publish/batch", {"items": [incident()]})
+    assert status == 503
+    assert_error(body, "broker_unavailable")
+    assert await top(broker, "game:g-1") == 0
+
+
+# --- batch -----------------------------------------------------------------------------------
+
+
+async def test_batch_publishes_in_order(
+    api: tuple[str, aiohttp.ClientSession], broker: MemoryBroker
+) -> None:
+    items = [incident(), bet(), balance(), global_stats(), incident(incidentId="i-2")]
+    status, body, _ = await post(api, "/api/v1/publish/batch", {"items": items})
+    assert status == 200, body
+    results = body["results"]
+    assert [(r["channel"], r["offset"], r["event"]) for r in results] == [
+        ("game:g-1", 1, "incident"),
+        ("game:g-1", 2, "bet"),
+        ("user:u-1", 1, "balance"),
+        ("global", 1, "stats"),
+        ("game:g-1", 3, "incident"),
+    ]
+    assert results[0]["epoch"] == (await broker.position("game:g-1")).epoch
+    page = await broker.history("game:g-1", 0, 10)
+    assert [json.loads(p.data).get("incidentId") for p in page.publications] == ["i-1", None, "i-2"]
+
+
+async def test_batch_is_all_or_nothing(
+    api: tuple[str, aiohttp.ClientSession], broker: MemoryBroker
+) -> None:
+    items = [incident(), balance(), bet(stake="ten"), global_stats()]
+    status, body, _ = await post(api, "/api/v1/publish/batch", {"items": items})
+    assert status == 400
+    assert_error(body, "bad_message", "items[2].data.bets[0].stake")
+    assert body["error"]["message"].startswith("items[2]")
+    for channel in ("game:g-1", "user:u-1", "global"):
+        assert await top(broker, channel) == 0
+
+
+@pytest.mark.parametrize(
+    ("request_body", "code", "field"),
+    [
+        (
+            {"items": [incident(), {**incident(), "event": "nope"}]},
+            "unknown_event",
+            "items[1].event",
+        ),
+        (
+            {"items": [incident(), incident(), {k: v for k, v in bet().items() if k != "gameId"}]},
+            "bad_message",
+            "items[2].gameId",
+        ),
+        ({"items": [incident(), {**incident(), "bogus": 1}]}, "bad_message", "items[1].bogus"),
+        ({"items": [incident(), {**incident(), "gameId": 7}]}, "bad_message", "items[1].gameId"),
+        ({"items": []}, "bad_message", "items"),
+        ({"items": "all"}, "bad_message", "items"),
+        ({}, "bad_message", "items"),
+        ({"items": [incident()], "x": 1}, "bad_message", "x"),
+    ],
+    ids=[
+        "unknown-event",
+        "missing-target",
+        "unknown-field",
+        "wrong-type",
+        "empty",
+        "not-list",
+        "missing",
+        "unknown-top-field",
+    ],
+)
+async def test_invalid_batch_names_the_item(
+    api: tuple[str, aiohttp.ClientSession],
+    broker: MemoryBroker,
+    request_body: Any,
+    code: str,
+    field: str,
+) -> None:
+    status, body, _ = await post(api, "/api/v1/publish/batch", request_body)
+    assert status == 400
+    assert_error(body, code, field)
+    assert await top(broker, "game:g-1") == 0
+
+
+async def test_batch_item_limit(serve: Serve, broker: MemoryBroker) -> None:
+    api = await serve(max_batch_items=3)
+    status, body, _ = await post(api, "/api/v1/publish/batch", {"items": [incident()] * 4})
+    assert status == 400
+    assert_error(body, "bad_message", "items")
+    assert await top(broker, "game:g-1") == 0
+    status, body, _ = await post(api, "/api/v1/publish/batch", {"items": [incident()] * 3})
+    assert status == 200
+    assert [r["offset"] for r in body["results"]] == [1, 2, 3]
+
+
+async def test_batch_bad_json_and_content_type(api: tuple[str, aiohttp.ClientSession]) -> None:
+    status, body, _ = await post(api, "/api/v1/publish/batch", raw=b'{"items": [')
+    assert status == 400
+    assert_error(body, "bad_json")
+    status, body, _ = await post(
+        api, "/api/v1/publish/batch", {"items": []}, headers={"Content-Type": "text/plain"}
+    )
+    assert status == 415
+
+
+# --- logout ----------------------------------------------------------------------------------
+
+
+async def test_logout_default_reason(
+    api: tuple[str, aiohttp.ClientSession], node: FakeNode
+) -> None:
+    base, session = api
+    async with session.post(base + "/api/v1/users/u-1/logout", headers=AUTH) as response:
+        assert response.status == 200
+        assert await response.json() == {"userId": "u-1", "closedLocal": 2}
+    assert node.logouts == [("u-1", "forced")]
+
+
+@pytest.mark.parametrize("reason", ["forced", "token_expired"])
+async def test_logout_with_reason(
+    api: tuple[str, aiohttp.ClientSession], node: FakeNode, reason: str
+) -> None:
+    status, body, _ = await post(api, "/api/v1/users/u.2_x/logout", {"reason": reason})
+    assert (status, body) == (200, {"userId": "u.2_x", "closedLocal": 2})
+    status, body, _ = await post(api, "/api/v1/users/u-3/logout", {})
+    assert status == 200
+    assert node.logouts == [("u.2_x", reason), ("u-3", "forced")]
+
+
+@pytest.mark.parametrize(
+    ("user_id", "body_json", "status_code", "code", "field"),
+    [
+        ("-bad", None, 400, "bad_message", "userId"),
+        ("a%20b", None, 400, "bad_message", "userId"),
+        ("x" * 65, None, 400, "bad_message", "userId"),
+        ("u-1", {"reason": "logged_in_elsewhere"}, 400, "bad_message", "reason"),
+        ("u-1", {"reason": 1}, 400, "bad_message", "reason"),
+        ("u-1", {"why": "forced"}, 400, "bad_message", "why"),
+    ],
+    ids=["leading-dash", "space", "too-long", "bad-reason", "reason-type", "unknown-field"],
+)
+async def test_invalid_logout(
+    api: tuple[str, aiohttp.ClientSession],
+    node: FakeNode,
+    user_id: str,
+    body_json: Any,
+    status_code: int,
+    code: str,
+    field: str,
+) -> None:
+    status, body, _ = await post(api, f"/api/v1/users/{user_id}/logout", body_json)
+    assert status == status_code
+    assert_error(body, code, field)
+    assert node.logouts == []
+
+
+async def test_logout_bad_json_and_content_type(
+    api: tuple[str, aiohttp.ClientSession], node: FakeNode
+) -> None:
+    status, body, _ = await post(api, "/api/v1/users/u-1/logout", raw=b"{")
+    assert status == 400
+    assert_error(body, "bad_json")
+    status, body, _ = await post(
+        api,
+        "/api/v1/users/u-1/logout",
+        raw=b"reason=forced",
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 415
+    assert_error(body, "unsupported_media_type")
+    assert node.logouts == []
