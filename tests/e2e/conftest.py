@@ -1,0 +1,132 @@
+"""A real gateway on 127.0.0.1 (random ports) and helpers for an independent client library.
+
+Every frame a test receives through `recv` is checked against the AsyncAPI document, so each test
+also proves that the server's real output matches the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import aiohttp
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from igratech_ws.app import App, running_app
+from igratech_ws.auth import mint_token
+from igratech_ws.config import Config
+from igratech_ws.contract import validate_frame
+
+SECRET = "e2e-secret-that-is-long-enough-for-hs256!"
+API_KEY = "e2e-api-key"
+NOW = "2026-11-23T19:45:00Z"
+
+
+def base_config(**overrides: Any) -> Config:
+    return Config(
+        host="127.0.0.1",
+        port=0,
+        api_host="127.0.0.1",
+        api_port=0,
+        jwt_secret=SECRET,
+        api_key=API_KEY,
+    ).with_overrides(overrides)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[App]:
+    async with running_app(base_config()) as app:
+        yield app
+
+
+@pytest.fixture
+def make_gateway() -> Callable[..., AbstractAsyncContextManager[App]]:
+    """A factory for a gateway with other settings: `async with make_gateway(idle_timeout=2)`."""
+
+    def make(**overrides: Any) -> AbstractAsyncContextManager[App]:
+        return running_app(base_config(**overrides))
+
+    return make
+
+
+def token(user: str, ttl: float = 3600.0) -> str:
+    return mint_token(SECRET, user, ttl=ttl)
+
+
+def connect(app: App, user: str | None = None, **query: str) -> Any:
+    """Open a client with `websockets` (not the server's own library) as `user` or anonymous."""
+    params = dict(query)
+    if user is not None:
+        params["token"] = token(user)
+    from urllib.parse import urlencode
+
+    url = app.ws_url + ("?" + urlencode(params) if params else "")
+    return websockets.connect(url, open_timeout=5, close_timeout=2)
+
+
+async def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    """The next frame, parsed and checked against the contract."""
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    validate_frame(raw, sender="server")
+    frame: dict[str, Any] = json.loads(raw)
+    return frame
+
+
+async def recv_event(ws: ClientConnection, event: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The next frame, which must be `event`."""
+    frame = await recv(ws, timeout)
+    assert frame["event"] == event, frame
+    return frame
+
+
+async def send(ws: ClientConnection, event: str, data: Any = None) -> None:
+    frame: dict[str, Any] = {"event": event}
+    if data is not None:
+        frame["data"] = data
+    await ws.send(json.dumps(frame))
+
+
+async def settings(ws: ClientConnection, **data: Any) -> dict[str, Any]:
+    await send(ws, "settings", data)
+    answer = await recv_event(ws, "settings")
+    return answer["data"]  # type: ignore[no-any-return]
+
+
+async def publish(app: App, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            app.api_url + "/api/v1/publish",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as answer,
+    ):
+        return answer.status, await answer.json()
+
+
+def incident(game: str, n: int) -> dict[str, Any]:
+    return {
+        "event": "incident",
+        "gameId": game,
+        "data": {
+            "gameId": game,
+            "incidentId": f"inc-{n}",
+            "type": "corner",
+            "occurredAt": NOW,
+            "minute": n % 90,
+            "side": "home",
+        },
+    }
+
+
+def balance(user: str, amount: str) -> dict[str, Any]:
+    return {
+        "event": "balance",
+        "userId": user,
+        "data": {"balance": amount, "currency": "EUR", "updatedAt": NOW, "reason": "bet_settled"},
+    }
