@@ -88,13 +88,12 @@ async def test_forced_logout_through_the_api_closes_every_connection_of_the_user
     async with connect(gateway, "u-5") as ws, connect(gateway, "u-6") as bystander:
         await recv_event(ws, "connected")
         await recv_event(bystander, "connected")
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                gateway.api_url + "/api/v1/users/u-5/logout",
-                headers={"Authorization": f"Bearer {API_KEY}"},
-            ) as answer:
-                assert answer.status == 200
-                assert (await answer.json())["closedLocal"] == 1
+        async with aiohttp.ClientSession() as http, http.post(
+            gateway.api_url + "/api/v1/users/u-5/logout",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as answer:
+            assert answer.status == 200
+            assert (await answer.json())["closedLocal"] == 1
         logout = await recv_event(ws, "logout")
         assert logout["data"]["reason"] == "forced"
         with pytest.raises(ConnectionClosed) as closed:
