@@ -115,20 +115,23 @@ async def test_token_expiry_logs_the_connection_out(gateway: App) -> None:
 
 
 async def test_a_silent_connection_is_closed_after_the_idle_timeout(make_gateway: MakeGateway) -> None:
-    async with make_gateway(ping_interval=1, idle_timeout=2) as app:
-        async with connect(app) as pinging, connect(app) as silent:
-            await recv_event(pinging, "connected")
-            connected = await recv_event(silent, "connected")
-            assert connected["data"]["idleTimeout"] == 2
-            with pytest.raises(ConnectionClosed) as closed:
-                for _ in range(10):
-                    await send(pinging, "ping")
-                    await recv_event(pinging, "pong")
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(silent.recv(), 0.5)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4004
-            await send(pinging, "ping")
-            await recv_event(pinging, "pong")
+    async with (
+        make_gateway(ping_interval=1, idle_timeout=2) as app,
+        connect(app) as pinging,
+        connect(app) as silent,
+    ):
+        await recv_event(pinging, "connected")
+        connected = await recv_event(silent, "connected")
+        assert connected["data"]["idleTimeout"] == 2
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(10):
+                await send(pinging, "ping")
+                await recv_event(pinging, "pong")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(silent.recv(), 0.5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4004
+        await send(pinging, "ping")
+        await recv_event(pinging, "pong")
 
 
 async def test_a_frame_over_the_limit_closes_with_1009(make_gateway: MakeGateway) -> None:
