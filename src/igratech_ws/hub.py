@@ -36,6 +36,9 @@ from igratech_ws.core.recovery import decide_recovery
 
 log = logging.getLogger("igratech_ws.hub")
 
+#: How many times a resync asks the broker for history before the followers must reconnect.
+RESYNC_ATTEMPTS = 8
+
 
 class Subscriber(Protocol):
     """What the hub needs of a connection (implemented by the WebSocket listener).
@@ -344,28 +347,19 @@ class Hub:
         self._spawn(self._resync(channel))
 
     async def _resync(self, channel: str) -> None:
-        try:
-            last = self._last.get(channel)
-            if last is None:
-                missed: list[Publication] = []
-                recovered = True
-            else:
-                page = await self.broker.history(channel, 0, 0)
-                since = last[0] if page.top.epoch == last[1] else 0
-                if since:
-                    page = await self.broker.history(channel, since, self.recovery_limit)
-                else:
-                    page = await self.broker.history(channel, 0, self.recovery_limit)
-                outcome = decide_recovery(
-                    since, page.top.epoch, page.top.epoch, page.top.offset, page.publications
-                )
-                recovered, missed = outcome.recovered, outcome.missed
-        except BrokerError as exc:
-            # The reconnect will call resync_all again; meanwhile release what was held.
-            log.warning("resync failed", extra={"channel": channel, "error": str(exc)})
-            held = self._syncing.pop(channel, [])
-            for publication in held:
-                self.on_publication(publication)
+        delay = 0.2
+        for _attempt in range(RESYNC_ATTEMPTS):
+            try:
+                recovered, missed = await self._missed_since_last(channel)
+                break
+            except BrokerError as exc:
+                # Held publications stay held (bounded): releasing them would only re-detect the
+                # gap. Retry with backoff; the broker's reconnect may also call resync_all.
+                log.warning("resync failed", extra={"channel": channel, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        else:
+            self._give_up(channel, "broker unavailable for too long")
             return
         held = self._syncing.pop(channel, [])
         if not recovered:
@@ -375,6 +369,21 @@ class Hub:
             self._deliver(publication)
         for publication in held:
             self.on_publication(publication)
+
+    async def _missed_since_last(self, channel: str) -> tuple[bool, list[Publication]]:
+        last = self._last.get(channel)
+        if last is None:
+            return True, []
+        since, epoch = last
+        page = await self.broker.history(channel, since, self.recovery_limit)
+        if page.top.epoch != epoch:
+            # A new stream: everything in it is new to the followers.
+            since = 0
+            page = await self.broker.history(channel, 0, self.recovery_limit)
+        outcome = decide_recovery(
+            since, page.top.epoch, page.top.epoch, page.top.offset, page.publications
+        )
+        return outcome.recovered, outcome.missed
 
     def _give_up(self, channel: str, why: str) -> None:
         log.warning("followers must reconnect", extra={"channel": channel, "reason": why})
