@@ -1,0 +1,395 @@
+"""NATS-specific behaviour of `NatsBroker` (the shared contract suite covers the rest).
+
+Each test uses its own prefix, hence its own stream, and deletes it at the end. The outage test
+runs a private nats-server on a free port (skipped if the binary is absent) so that stopping it
+disturbs nobody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from igratech_ws.brokers import from_url
+from igratech_ws.brokers.base import (
+    BrokerError,
+    BrokerState,
+    ControlKinds,
+    HistoryLimits,
+    Publication,
+    UserLogin,
+    UserLogout,
+)
+from igratech_ws.brokers.nats import (
+    NatsBroker,
+    append_subject,
+    channel_from_token,
+    channel_token,
+    control_subject,
+    parse_url,
+    publish_event,
+    stream_name,
+)
+from igratech_ws.core.recovery import decide_recovery
+
+# --- names (no server needed) ------------------------------------------------------------------
+
+_ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+ids = st.text(alphabet=_ID_ALPHABET, min_size=1, max_size=64)
+
+
+def _valid_token(token: str) -> bool:
+    return (
+        bool(token) and not any(c in token for c in ".*>") and not any(c.isspace() for c in token)
+    )
+
+
+@given(st.sampled_from(["game:", "user:", ""]), ids)
+def test_channel_token_round_trip_for_ids(kind: str, ident: str) -> None:
+    channel = kind + ident
+    token = channel_token(channel)
+    assert _valid_token(token)
+    assert token.isascii()
+    assert channel_from_token(token) == channel
+
+
+@given(st.text(min_size=1, max_size=80))
+def test_channel_token_round_trip_for_any_text(channel: str) -> None:
+    token = channel_token(channel)
+    assert _valid_token(token)
+    assert token.isascii() and token.isprintable()
+    assert channel_from_token(token) == channel
+
+
+@given(ids, ids)
+def test_distinct_channels_get_distinct_tokens(a: str, b: str) -> None:
+    if a != b:
+        assert channel_token("game:" + a) != channel_token("game:" + b)
+
+
+def test_token_is_readable_for_plain_names() -> None:
+    assert channel_token("game:g-1001") == "game:g-1001"
+    assert channel_token("user:a.b") == "user:a%2Eb"
+    assert channel_token("a%b") == "a%25b"
+    assert append_subject("p.q", "global") == "p.q.ch.global"
+
+
+def test_url_options_are_ours_and_stripped() -> None:
+    server, options = parse_url("nats://u:pw@127.0.0.1:4222?prefix=a.b&storage=memory")
+    assert server == "nats://u:pw@127.0.0.1:4222"
+    assert options == {"prefix": "a.b", "storage": "memory"}
+    with pytest.raises(ValueError, match="unknown NATS URL option"):
+        parse_url("nats://127.0.0.1:4222?prefx=a")
+    with pytest.raises(ValueError, match="prefix"):
+        NatsBroker("nats://127.0.0.1:4222?prefix=a.*", node_id="n")
+    assert isinstance(from_url("nats://127.0.0.1:4222?prefix=x"), NatsBroker)
+    assert stream_name("a.b") == "IGWS_a_b"
+
+
+# --- against the real NATS -----------------------------------------------------------------------
+
+BrokerFactory = Callable[..., Awaitable[NatsBroker]]
+
+
+class Recorder:
+    """Collects what a broker delivers; `wait_for` waits (bounded) until a condition holds."""
+
+    def __init__(self) -> None:
+        self.publications: list[Publication] = []
+        self.controls: list[ControlKinds] = []
+        self.states: list[BrokerState] = []
+        self._changed = asyncio.Event()
+
+    def publication(self, publication: Publication) -> None:
+        self.publications.append(publication)
+        self._changed.set()
+
+    def control(self, message: ControlKinds) -> None:
+        self.controls.append(message)
+        self._changed.set()
+
+    def state(self, state: BrokerState) -> None:
+        self.states.append(state)
+        self._changed.set()
+
+    async def wait_for(self, condition: Callable[[], bool], within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def make_broker(nats_url: str, prefix: str) -> AsyncIterator[BrokerFactory]:
+    brokers: list[NatsBroker] = []
+
+    async def make(
+        recorder: Recorder | None = None, *, node_id: str | None = None, size: int = 100
+    ) -> NatsBroker:
+        broker = NatsBroker(
+            f"{nats_url}?prefix={prefix}",
+            node_id=node_id or uuid.uuid4().hex[:8],
+            limits=HistoryLimits(size=size, ttl=300),
+        )
+        recorder = recorder or Recorder()
+        await broker.start(recorder.publication, recorder.control, recorder.state)
+        brokers.append(broker)
+        return broker
+
+    yield make
+    nc = await nats.connect(nats_url)
+    try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await nc.jetstream().delete_stream(stream_name(prefix))
+    finally:
+        await nc.close()
+    for broker in brokers:
+        await broker.close()
+
+
+async def test_epoch_changes_when_the_stream_is_deleted(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    channel = "game:g.1"
+    for i in range(3):
+        await broker.publish(channel, "bet", b'{"i":%d}' % i)
+    old = await broker.position(channel)
+    assert old.offset == 3
+
+    await broker.delete_stream()
+    fresh = await broker.publish(channel, "bet", b"{}")
+    assert fresh.offset == 1
+    assert fresh.epoch != old.epoch
+
+    page = await broker.history(channel, old.offset, 100)
+    assert page.top.offset == 1 and page.top.epoch == fresh.epoch
+    outcome = decide_recovery(
+        old.offset, old.epoch, page.top.epoch, page.top.offset, page.publications
+    )
+    assert not outcome.recovered
+
+
+async def test_position_of_an_unused_channel_is_the_epoch_of_its_first_publication(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker()
+    empty = await broker.position("user:u-1")
+    assert empty.offset == 0
+    assert await broker.position("user:u-1") == empty  # stable, not fresh at each call
+    first = await broker.publish("user:u-1", "balance", b"{}")
+    assert (first.offset, first.epoch) == (1, empty.epoch)
+    page = await broker.history("user:u-1", 0, 10)
+    assert [p.offset for p in page.publications] == [1]  # the epoch marker is not history
+
+
+async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
+    make_broker: BrokerFactory,
+) -> None:
+    seen = Recorder()
+    a = await make_broker(seen, node_id="a")
+    b = await make_broker(node_id="b")
+    channel = "game:race"
+    await a.subscribe(channel)
+    per_node = 25
+    results = await asyncio.gather(
+        *(
+            node.publish(channel, "bet", b'{"n":"%s","i":%d}' % (node.node_id.encode(), i))
+            for i in range(per_node)
+            for node in (a, b)
+        )
+    )
+    total = 2 * per_node
+    assert sorted(p.offset for p in results) == list(range(1, total + 1))
+    assert len({p.epoch for p in results}) == 1
+
+    # Delivered to the subscribed node (including its own), once each, in offset order, and the
+    # same as what publish returned.
+    await seen.wait_for(lambda: len(seen.publications) >= total)
+    assert [p.offset for p in seen.publications] == list(range(1, total + 1))
+    assert sorted(seen.publications, key=lambda p: p.offset) == sorted(
+        results, key=lambda p: p.offset
+    )
+    page = await b.history(channel, 10, 1000)
+    assert [p.offset for p in page.publications] == list(range(11, total + 1))
+
+
+async def test_history_reads_a_range_and_is_cut_at_the_limit(make_broker: BrokerFactory) -> None:
+    broker = await make_broker(size=10)
+    channel = "game:h"
+    for i in range(15):
+        await broker.publish(channel, "incident", b'{"i":%d}' % i)
+    page = await broker.history(channel, 0, 100)
+    assert [p.offset for p in page.publications] == list(range(6, 16))  # size bounds history
+    page = await broker.history(channel, 7, 3)
+    assert [p.offset for p in page.publications] == [8, 9, 10]
+    assert page.publications[0].data == b'{"i":7}'
+    assert (await broker.history(channel, 14, 100)).publications[0].offset == 15
+    assert (await broker.history(channel, 15, 100)).publications == []
+    assert (await broker.history(channel, 0, 0)).top.offset == 15
+
+
+async def test_unsubscribe_stops_delivery(make_broker: BrokerFactory) -> None:
+    seen = Recorder()
+    broker = await make_broker(seen)
+    await broker.subscribe("game:a")
+    await broker.subscribe("game:b")
+    await broker.unsubscribe("game:a")
+    await broker.publish("game:a", "bet", b"{}")
+    await broker.publish("game:b", "bet", b"{}")
+    await seen.wait_for(lambda: len(seen.publications) >= 1)
+    await broker.publish("game:b", "bet", b"{}")
+    await seen.wait_for(lambda: len(seen.publications) >= 2)
+    assert {p.channel for p in seen.publications} == {"game:b"}
+
+
+async def test_a_backend_publishes_straight_into_nats(
+    make_broker: BrokerFactory, nats_url: str, prefix: str
+) -> None:
+    seen = Recorder()
+    broker = await make_broker(seen)
+    await broker.subscribe("game:g-7")
+    await broker.publish("game:g-7", "bet", b'{"a":1}')
+    nc = await nats.connect(nats_url)
+    try:
+        sent = await publish_event(nc, "game:g-7", "bet", b'{"a":2}', prefix=prefix)
+    finally:
+        await nc.close()
+    assert (sent.offset, sent.origin) == (2, "backend")
+    await seen.wait_for(lambda: len(seen.publications) >= 2)
+    assert seen.publications[1] == sent
+
+
+async def test_backend_helper_refuses_when_no_stream(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        with pytest.raises(BrokerError, match="does not exist"):
+            await publish_event(nc, "game:x", "bet", b"{}", prefix=f"none-{uuid.uuid4().hex}")
+    finally:
+        await nc.close()
+
+
+async def test_control_skips_own_echo_and_malformed(
+    make_broker: BrokerFactory, nats_url: str, prefix: str
+) -> None:
+    seen_a, seen_b = Recorder(), Recorder()
+    a = await make_broker(seen_a, node_id="a")
+    await make_broker(seen_b, node_id="b")
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.publish(control_subject(prefix), b"not json")
+        await nc.publish(
+            control_subject(prefix),
+            msgspec.json.encode(UserLogout(origin="backend", user_id="u-9")),
+        )
+        await nc.flush()
+    finally:
+        await nc.close()
+    await a.publish_control(UserLogin(origin="a", user_id="u-1", session_id="s", connected_at=1.0))
+    await seen_b.wait_for(lambda: len(seen_b.controls) >= 2)
+    await seen_a.wait_for(lambda: len(seen_a.controls) >= 1)
+    assert [type(m) for m in seen_b.controls] == [UserLogout, UserLogin]
+    assert seen_a.controls == [UserLogout(origin="backend", user_id="u-9")]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_start_against_a_closed_port_raises_broker_error() -> None:
+    broker = NatsBroker(f"nats://127.0.0.1:{_free_port()}?timeout=1", node_id="n")
+    async with asyncio.timeout(15):
+        with pytest.raises(BrokerError):
+            await broker.start(lambda p: None, lambda m: None)
+    await broker.close()
+    await broker.close()  # idempotent
+    with pytest.raises(BrokerError):
+        await broker.publish("game:x", "bet", b"{}")
+
+
+@contextlib.contextmanager
+def _nats_server(port: int, store: Path) -> Iterator[subprocess.Popen[bytes]]:
+    binary = shutil.which("nats-server")
+    if binary is None:
+        pytest.skip("nats-server binary not found")
+    process = subprocess.Popen(
+        [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def _wait_listening(port: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
+
+@pytest.mark.slow
+async def test_outage_reports_state_and_fails_fast(tmp_path: Path) -> None:
+    port = _free_port()
+    seen = Recorder()
+    broker = NatsBroker(f"nats://127.0.0.1:{port}?prefix=outage&timeout=2", node_id="n")
+    with _nats_server(port, tmp_path) as server:
+        await _wait_listening(port)
+        await broker.start(seen.publication, seen.control, seen.state)
+        try:
+            await broker.subscribe("game:o")
+            before = await broker.publish("game:o", "bet", b"{}")
+            await seen.wait_for(lambda: len(seen.publications) >= 1)
+
+            server.terminate()
+            server.wait(timeout=10)
+            await seen.wait_for(lambda: BrokerState.DISCONNECTED in seen.states)
+            assert broker.state is BrokerState.DISCONNECTED
+            async with asyncio.timeout(10):
+                calls: list[Callable[[], Awaitable[object]]] = [
+                    lambda: broker.publish("game:o", "bet", b"{}"),
+                    lambda: broker.history("game:o", 0, 10),
+                    lambda: broker.position("game:o"),
+                    lambda: broker.publish_control(UserLogout(origin="n", user_id="u")),
+                ]
+                for call in calls:
+                    with pytest.raises(BrokerError):
+                        await call()
+
+            with _nats_server(port, tmp_path):
+                await seen.wait_for(lambda: seen.states[-1] is BrokerState.CONNECTED, 20)
+                after = await broker.publish("game:o", "bet", b"{}")
+                # The file store survived the restart: the same stream goes on.
+                assert (after.offset, after.epoch) == (2, before.epoch)
+                await seen.wait_for(lambda: len(seen.publications) >= 2)
+                assert seen.publications[-1] == after
+        finally:
+            await broker.close()
+    assert seen.states[0] is BrokerState.CONNECTED
