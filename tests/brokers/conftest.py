@@ -1,0 +1,165 @@
+"""`make_broker`: started brokers of every kind for the contract suite, cleaned up after each test.
+
+Each test gets its own namespace: a unique key prefix in Redis db 11 and a unique stream/subject
+prefix in NATS, deleted at the end. Several nodes on one backend are several `make_broker()` calls
+within one test; the memory broker is one node per process, so a second call skips the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+import pytest
+
+from igratech_ws.brokers import from_url
+from igratech_ws.brokers.base import (
+    Broker,
+    BrokerState,
+    ControlKinds,
+    HistoryLimits,
+    Publication,
+)
+
+BROKER_KINDS = ["memory", "redis", "nats"]
+DEFAULT_LIMITS = HistoryLimits(size=50, ttl=30.0)
+WAIT_S = 10.0  # bound of every wait for a delivery: generous, since tests never assert speed
+
+
+class Node:
+    """A started broker plus what its handlers received, with bounded waits on it."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.publications: list[Publication] = []
+        self.controls: list[ControlKinds] = []
+        self.states: list[BrokerState] = []
+        self._changed = asyncio.Event()
+
+    @property
+    def node_id(self) -> str:
+        return self.broker.node_id
+
+    def _record(self) -> None:
+        self._changed.set()
+
+    def on_publication(self, publication: Publication) -> None:
+        self.publications.append(publication)
+        self._record()
+
+    def on_control(self, message: ControlKinds) -> None:
+        self.controls.append(message)
+        self._record()
+
+    def on_state(self, state: BrokerState) -> None:
+        self.states.append(state)
+        self._record()
+
+    def received(self, channel: str) -> list[Publication]:
+        return [p for p in self.publications if p.channel == channel]
+
+    async def wait_until(self, predicate: Callable[[], bool], what: str) -> None:
+        """Wait until `predicate()` holds; fail after `WAIT_S` naming `what`."""
+        try:
+            async with asyncio.timeout(WAIT_S):
+                while not predicate():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            pytest.fail(f"node {self.node_id}: timed out waiting for {what}")
+
+    async def wait_for_publications(self, channel: str, count: int) -> list[Publication]:
+        await self.wait_until(
+            lambda: len(self.received(channel)) >= count, f"{count} publications on {channel}"
+        )
+        return self.received(channel)
+
+
+class BrokerFactory:
+    """Callable fixture value: ``await make_broker(node_id=..., limits=...)`` -> started `Node`."""
+
+    def __init__(self, kind: str, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self._request = request
+        self.namespace = "t" + uuid.uuid4().hex[:12]
+        self.nodes: list[Node] = []
+        self._base_url: str | None = None
+
+    @property
+    def multi_node(self) -> bool:
+        return self.kind != "memory"
+
+    def url(self) -> str:
+        if self.kind == "memory":
+            return "memory://"
+        if self._base_url is None:
+            # Resolved lazily so that an absent service skips only the tests that need it.
+            fixture = "redis_url" if self.kind == "redis" else "nats_url"
+            self._base_url = str(self._request.getfixturevalue(fixture))
+        separator = "&" if urlsplit(self._base_url).query else "?"
+        prefix = self.namespace + (":" if self.kind == "redis" else "")
+        return f"{self._base_url}{separator}prefix={prefix}"
+
+    async def __call__(
+        self,
+        *,
+        node_id: str | None = None,
+        limits: HistoryLimits | None = None,
+        start: bool = True,
+    ) -> Node:
+        if self.nodes and not self.multi_node:
+            pytest.skip("the memory broker is a single node: multi-node behaviour does not apply")
+        node_id = node_id or f"n{len(self.nodes) + 1}-{self.namespace}"
+        broker = from_url(self.url(), node_id=node_id, limits=limits or DEFAULT_LIMITS)
+        node = Node(broker)
+        self.nodes.append(node)
+        if start:
+            await broker.start(node.on_publication, node.on_control, node.on_state)
+            assert broker.state is BrokerState.CONNECTED
+        return node
+
+    async def cleanup(self) -> None:
+        for node in self.nodes:
+            await node.broker.close()
+        if self.kind == "redis" and self._base_url is not None:
+            await _delete_redis_keys(self._base_url, self.namespace + ":")
+        elif self.kind == "nats" and self._base_url is not None:
+            await _delete_nats_streams(self._base_url, self.namespace)
+
+
+async def _delete_redis_keys(url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def _delete_nats_streams(url: str, prefix: str) -> None:
+    import nats
+
+    from igratech_ws.brokers.nats import stream_name
+
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        with contextlib.suppress(Exception):  # absent stream: nothing to clean
+            await nc.jetstream().delete_stream(stream_name(prefix))
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(params=BROKER_KINDS)
+async def make_broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerFactory]:
+    """Factory of started brokers of one kind (memory, redis, nats), all closed afterwards."""
+    factory = BrokerFactory(str(request.param), request)
+    try:
+        yield factory
+    finally:
+        await factory.cleanup()

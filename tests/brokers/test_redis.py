@@ -1,0 +1,408 @@
+"""Redis specifics of `RedisBroker` (the shared contract suite covers the rest).
+
+Every test uses its own key prefix in db 11 and deletes its keys at the end. Outages are simulated
+without touching the shared Redis: CLIENT KILL on this test's own connections (found by the client
+name the broker sets), and a TCP proxy owned by the test that can cut, freeze and restore the path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from redis.asyncio import Redis
+
+from igratech_ws.brokers import from_url
+from igratech_ws.brokers.base import (
+    BrokerError,
+    BrokerState,
+    HistoryLimits,
+    Publication,
+    UserLogout,
+)
+from igratech_ws.brokers.redis import (
+    DEFAULT_PREFIX,
+    RedisBroker,
+    meta_key,
+    publish_direct,
+    split_prefix,
+    stream_key,
+)
+from igratech_ws.core.recovery import decide_recovery
+
+from .conftest import WAIT_S, Node
+
+GAME = "game:g-1"
+LIMITS = HistoryLimits(size=50, ttl=30.0)
+
+
+@pytest.fixture
+async def prefix(redis_url: str) -> AsyncIterator[str]:
+    """A fresh key prefix; its keys are deleted after the test."""
+    value = f"t{uuid.uuid4().hex[:12]}:"
+    yield value
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=value + "*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[list[Node]]:
+    """Nodes a test starts go here; they are closed afterwards."""
+    started: list[Node] = []
+    yield started
+    for node in started:
+        await node.broker.close()
+
+
+def with_prefix(url: str, prefix: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+
+
+async def start_node(nodes: list[Node], url: str, node_id: str, *, fast: bool = False) -> Node:
+    """Start a node; `fast` shortens timeouts and backoff for the failure tests."""
+    if fast:
+        broker = RedisBroker(
+            url,
+            node_id=node_id,
+            limits=LIMITS,
+            op_timeout=1.0,
+            ping_interval=0.2,
+            backoff_min=0.05,
+            backoff_max=0.3,
+        )
+    else:
+        broker = RedisBroker(url, node_id=node_id, limits=LIMITS)
+    node = Node(broker)
+    nodes.append(node)
+    await broker.start(node.on_publication, node.on_control, node.on_state)
+    return node
+
+
+def state_of(node: Node) -> BrokerState:
+    return node.broker.state
+
+
+def saw(states: list[BrokerState], *sequence: BrokerState) -> Callable[[], bool]:
+    """True once `states` contains `sequence` in order (not necessarily adjacent)."""
+
+    def check() -> bool:
+        it = iter(states)
+        return all(any(s is wanted for s in it) for wanted in sequence)
+
+    return check
+
+
+# --- URL and names ---------------------------------------------------------------------------
+
+
+def test_prefix_is_taken_from_the_url_and_stripped() -> None:
+    assert split_prefix("redis://h:6379/3?prefix=app1:&protocol=2") == (
+        "redis://h:6379/3?protocol=2",
+        "app1:",
+    )
+    assert split_prefix("redis://h:6379/3") == ("redis://h:6379/3", DEFAULT_PREFIX)
+    broker = from_url("redis://127.0.0.1:6379/11?prefix=x:", node_id="a b")
+    assert isinstance(broker, RedisBroker)
+    assert broker.prefix == "x:"
+    assert broker.client_name == "igws-a_b"  # CLIENT SETNAME refuses spaces
+
+
+def test_keys_of_one_channel_share_a_cluster_hash_tag() -> None:
+    assert meta_key("p:", GAME) == "p:meta:{game:g-1}"
+    assert stream_key("p:", GAME) == "p:stream:{game:g-1}"
+
+
+# --- keys, expiry, data loss -------------------------------------------------------------------
+
+
+async def test_keys_expire_so_abandoned_channels_go_away(
+    redis_url: str, prefix: str, admin: Redis, nodes: list[Node]
+) -> None:
+    node = await start_node(nodes, with_prefix(redis_url, prefix), "n1")
+    await node.broker.publish(GAME, "incident", b"{}")
+    meta_ttl = await admin.pttl(meta_key(prefix, GAME))
+    stream_ttl = await admin.pttl(stream_key(prefix, GAME))
+    assert 30_000 * 10 < meta_ttl <= 86_400_000
+    assert 0 < stream_ttl <= 30_000
+    assert await admin.hget(meta_key(prefix, GAME), "top") == b"1"
+
+
+async def test_epoch_changes_after_data_loss_and_old_positions_do_not_recover(
+    redis_url: str, prefix: str, admin: Redis, nodes: list[Node]
+) -> None:
+    node = await start_node(nodes, with_prefix(redis_url, prefix), "n1")
+    broker = node.broker
+    old = [await broker.publish(GAME, "incident", b'{"i":%d}' % i) for i in range(3)]
+    # Redis restarted without persistence, or the keys were evicted.
+    await admin.delete(meta_key(prefix, GAME), stream_key(prefix, GAME))
+    fresh = await broker.publish(GAME, "incident", b'{"i":3}')
+    assert fresh.offset == 1
+    assert fresh.epoch != old[0].epoch
+    page = await broker.history(GAME, 2, 100)
+    outcome = decide_recovery(2, old[0].epoch, page.top.epoch, page.top.offset, page.publications)
+    assert not outcome.recovered
+    assert [p.offset for p in (await broker.history(GAME, 0, 100)).publications] == [1]
+
+
+async def test_missing_meta_drops_a_stale_stream(
+    redis_url: str, prefix: str, admin: Redis, nodes: list[Node]
+) -> None:
+    node = await start_node(nodes, with_prefix(redis_url, prefix), "n1")
+    for i in range(3):
+        await node.broker.publish(GAME, "incident", b'{"i":%d}' % i)
+    await admin.delete(meta_key(prefix, GAME))  # the meta alone is lost
+    page = await node.broker.history(GAME, 0, 100)
+    assert page.top.offset == 0
+    assert page.publications == []  # never old history under a new epoch
+
+
+# --- publishing from outside a node ------------------------------------------------------------
+
+
+async def test_publish_direct_reaches_subscribed_nodes(
+    redis_url: str, prefix: str, admin: Redis, nodes: list[Node]
+) -> None:
+    node = await start_node(nodes, with_prefix(redis_url, prefix), "n1")
+    await node.broker.subscribe(GAME)
+    first = await node.broker.publish(GAME, "incident", b'{"i":1}')
+    direct = await publish_direct(
+        admin, prefix, GAME, "bet", b'{"amount":5}', limits=LIMITS, origin="backend"
+    )
+    assert (direct.offset, direct.epoch, direct.origin) == (2, first.epoch, "backend")
+    received = await node.wait_for_publications(GAME, 2)
+    assert received == [first, direct]
+    assert (await node.broker.history(GAME, 1, 10)).publications == [direct]
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+async def test_closed_port_gives_broker_error_not_a_hang(nodes: list[Node]) -> None:
+    node = await start_node(nodes, "redis://127.0.0.1:1/11?prefix=never:", "n1", fast=True)
+    assert node.broker.state is BrokerState.DISCONNECTED
+    async with asyncio.timeout(WAIT_S):
+        with pytest.raises(BrokerError):
+            await node.broker.publish(GAME, "incident", b"{}")
+        with pytest.raises(BrokerError):
+            await node.broker.history(GAME, 0, 10)
+        with pytest.raises(BrokerError):
+            await node.broker.position(GAME)
+        with pytest.raises(BrokerError):
+            await node.broker.publish_control(UserLogout(origin="n1", user_id="u"))
+        await node.broker.subscribe(GAME)  # remembered for when Redis comes
+        await node.broker.close()
+    assert state_of(node) is BrokerState.CLOSED
+
+
+async def test_handler_errors_do_not_stop_delivery(
+    redis_url: str, prefix: str, nodes: list[Node]
+) -> None:
+    broker = RedisBroker(with_prefix(redis_url, prefix), node_id="n1", limits=LIMITS)
+    node = Node(broker)
+    nodes.append(node)
+
+    def flaky(publication: Publication) -> None:
+        node.on_publication(publication)
+        if publication.offset == 1:
+            raise RuntimeError("handler bug")
+
+    await broker.start(flaky, node.on_control, node.on_state)
+    await broker.subscribe(GAME)
+    for i in range(3):
+        await broker.publish(GAME, "incident", b'{"i":%d}' % i)
+    received = await node.wait_for_publications(GAME, 3)
+    assert [p.offset for p in received] == [1, 2, 3]
+    assert broker.state is BrokerState.CONNECTED
+
+
+async def test_subscriber_survives_client_kill_of_its_pubsub_connection(
+    redis_url: str, prefix: str, admin: Redis, nodes: list[Node]
+) -> None:
+    url = with_prefix(redis_url, prefix)
+    node_id = f"kill-{uuid.uuid4().hex[:8]}"
+    subscriber = await start_node(nodes, url, node_id, fast=True)
+    publisher = await start_node(nodes, url, f"{node_id}-pub", fast=True)
+    await subscriber.broker.subscribe(GAME)
+    await publisher.broker.publish(GAME, "incident", b'{"i":1}')
+    await subscriber.wait_for_publications(GAME, 1)
+
+    assert isinstance(subscriber.broker, RedisBroker)
+    name = subscriber.broker.pubsub_client_name
+    ours = [c for c in await admin.client_list() if c.get("name") == name]
+    assert ours, f"no Redis client named {name}"
+    for client in ours:  # only this test's connection: matched by the name the broker set
+        await admin.client_kill_filter(_id=client["id"])
+
+    await subscriber.wait_until(
+        saw(subscriber.states, BrokerState.DISCONNECTED, BrokerState.CONNECTED),
+        "DISCONNECTED then CONNECTED",
+    )
+    await publisher.broker.publish(GAME, "incident", b'{"i":2}')
+    received = await subscriber.wait_for_publications(GAME, 2)
+    assert [p.offset for p in received] == [1, 2]
+    await publisher.broker.publish_control(UserLogout(origin=publisher.node_id, user_id="u-1"))
+    await subscriber.wait_until(lambda: len(subscriber.controls) == 1, "a control message")
+
+
+# --- a TCP proxy the test can cut, freeze and restore ------------------------------------------
+
+
+class Proxy:
+    """127.0.0.1:port -> Redis. `cut()` closes everything and refuses connections; `freeze()`
+    keeps sockets open but forwards nothing (a silent network); `restore()` undoes both."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.frozen = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+            task = asyncio.create_task(pipe)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(65536):
+                if not self.frozen:
+                    writer.write(chunk)
+                    await writer.drain()
+        writer.close()
+
+    def _close_all(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        self._server = None
+        self._close_all()
+
+    def url(self, redis_url: str) -> str:
+        """`redis_url` (credentials, db) pointed at the proxy."""
+        parts = urlsplit(redis_url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    async def restore(self) -> None:
+        self.frozen = False
+        if self._server is None:
+            await self.start()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self.cut()
+        self._close_all()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[Proxy]:
+    value = Proxy(urlsplit(redis_url).port or 6379)
+    await value.start()
+    yield value
+    await value.stop()
+
+
+async def test_outage_disconnects_raises_then_recovers_with_subscriptions(
+    redis_url: str, prefix: str, nodes: list[Node], proxy: Proxy
+) -> None:
+    via_proxy = with_prefix(proxy.url(redis_url), prefix)
+    node = await start_node(nodes, via_proxy, "behind-proxy", fast=True)
+    publisher = await start_node(nodes, with_prefix(redis_url, prefix), "direct", fast=True)
+    await node.broker.subscribe(GAME)
+    await publisher.broker.publish(GAME, "incident", b'{"i":1}')
+    await node.wait_for_publications(GAME, 1)
+
+    await proxy.cut()
+    await node.wait_until(saw(node.states, BrokerState.DISCONNECTED), "DISCONNECTED")
+    async with asyncio.timeout(WAIT_S):
+        with pytest.raises(BrokerError):
+            await node.broker.publish(GAME, "incident", b"{}")
+        with pytest.raises(BrokerError):
+            await node.broker.history(GAME, 0, 10)
+    await node.broker.subscribe("game:g-2")  # while down: subscribed on reconnect
+    await publisher.broker.publish(GAME, "incident", b'{"i":2}')  # missed live; in history
+
+    await proxy.restore()
+    await node.wait_until(
+        saw(node.states, BrokerState.DISCONNECTED, BrokerState.CONNECTED), "CONNECTED again"
+    )
+    page = await node.broker.history(GAME, 1, 10)  # what the hub does on CONNECTED
+    assert [p.offset for p in page.publications] == [2]
+    await publisher.broker.publish(GAME, "incident", b'{"i":3}')
+    await publisher.broker.publish("game:g-2", "incident", b'{"i":1}')
+    await node.wait_for_publications("game:g-2", 1)
+    assert [p.offset for p in node.received(GAME)] == [1, 3]
+
+
+async def test_silent_connection_is_detected_by_ping(
+    redis_url: str, prefix: str, nodes: list[Node], proxy: Proxy
+) -> None:
+    via_proxy = with_prefix(proxy.url(redis_url), prefix)
+    node = await start_node(nodes, via_proxy, "frozen", fast=True)
+    publisher = await start_node(nodes, with_prefix(redis_url, prefix), "direct", fast=True)
+    await node.broker.subscribe(GAME)
+
+    proxy.freeze()  # no RST, no FIN: only the missing PONG tells
+    await node.wait_until(saw(node.states, BrokerState.DISCONNECTED), "DISCONNECTED")
+    await proxy.restore()
+    await node.wait_until(
+        saw(node.states, BrokerState.DISCONNECTED, BrokerState.CONNECTED), "CONNECTED again"
+    )
+    await publisher.broker.publish(GAME, "incident", b'{"i":1}')
+    await node.wait_for_publications(GAME, 1)
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 200_000])
+async def test_payload_sizes_round_trip_through_the_lua_encoder(
+    redis_url: str, prefix: str, nodes: list[Node], size: int
+) -> None:
+    # The script writes msgpack bin headers by hand (8-, 16- and 32-bit lengths).
+    node = await start_node(nodes, with_prefix(redis_url, prefix), "n1")
+    await node.broker.subscribe(GAME)
+    payload = (b'"' + b"x" * max(0, size - 2) + b'"')[:size]
+    published = await node.broker.publish(GAME, "stats", payload)
+    assert published.data == payload
+    assert (await node.wait_for_publications(GAME, 1)) == [published]
+    assert (await node.broker.history(GAME, 0, 1)).publications == [published]
