@@ -111,6 +111,10 @@ class Hub:
     def channel_count(self) -> int:
         return len(self._live.keys() | self._joining.keys())
 
+    def channels(self) -> set[str]:
+        """Channels with at least one local follower (live or joining)."""
+        return self._live.keys() | self._joining.keys()
+
     def subscriber_count(self, channel: str) -> int:
         return len(self._live.get(channel, ())) + len(self._joining.get(channel, ()))
 

@@ -20,11 +20,13 @@ from igratech_ws.brokers.base import (
     BrokerError,
     BrokerState,
     ControlKinds,
+    NodePresence,
     Publication,
     UserLogin,
     UserLogout,
 )
 from igratech_ws.config import Config
+from igratech_ws.core import channels
 from igratech_ws.core.close_codes import CloseCode, close_reason
 from igratech_ws.core.codec import ProtocolError, event_frame
 from igratech_ws.core.messages import ChannelState, LogoutReason, Status
@@ -36,6 +38,10 @@ log = logging.getLogger("igratech_ws.node")
 
 #: Settings requests a connection may have waiting while one is carried out.
 MAX_QUEUED_SETTINGS = 8
+#: Seconds between presence reports to the other nodes.
+PRESENCE_INTERVAL = 5.0
+#: Presence reports kept from other nodes (a bound on a map filled from the bus).
+MAX_PEERS = 1000
 
 _LOGOUT_CODES: dict[LogoutReason, CloseCode] = {
     "logged_in_elsewhere": CloseCode.LOGGED_IN_ELSEWHERE,
@@ -75,6 +81,8 @@ class Node:
         self._users: dict[str, set[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self._peers: dict[str, tuple[float, NodePresence]] = {}
         self._was_disconnected = False
         self.draining = False
         self.started_at = time.time()
@@ -87,10 +95,12 @@ class Node:
     async def start(self) -> None:
         await self.broker.start(self.hub.on_publication, self.on_control, self.on_broker_state)
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        self._reporter = asyncio.ensure_future(self._report_presence_forever())
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for timer in (self._sweeper, self._reporter):
+            if timer is not None:
+                timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         await self.hub.close()
@@ -115,7 +125,53 @@ class Node:
             "broker": self.broker.state.value,
             "draining": self.draining,
             "uptimeSeconds": round(time.time() - self.started_at, 1),
+            "cluster": self.cluster_presence(),
         }
+
+    # --- presence ----------------------------------------------------------------------------
+
+    def local_presence(self) -> NodePresence:
+        """This node's connections, users and followers per game, as reported to the others."""
+        games = {}
+        for channel in self.hub.channels():
+            if channel.startswith(channels.GAME_PREFIX):
+                games[channel[len(channels.GAME_PREFIX) :]] = self.hub.subscriber_count(channel)
+        return NodePresence(
+            origin=self.node_id,
+            connections=len(self._connections),
+            users=len(self._users),
+            games=games,
+            interval=PRESENCE_INTERVAL,
+        )
+
+    def cluster_presence(self, now: float | None = None) -> dict[str, Any]:
+        """Totals over this node and every peer whose last report is fresh.
+
+        `users` is a sum over nodes: with one session per user it counts each user once, except
+        for the moments while a second login is logging the first one out.
+        """
+        now = time.monotonic() if now is None else now
+        reports = [self.local_presence()]
+        for node, (received, report) in list(self._peers.items()):
+            if now - received > 3 * report.interval:
+                del self._peers[node]
+            else:
+                reports.append(report)
+        games: dict[str, int] = {}
+        for report in reports:
+            for game, count in report.games.items():
+                games[game] = games.get(game, 0) + count
+        return {
+            "nodes": sorted(r.origin for r in reports),
+            "connections": sum(r.connections for r in reports),
+            "users": sum(r.users for r in reports),
+            "games": games,
+        }
+
+    async def _report_presence_forever(self) -> None:
+        while True:
+            await self._tell_others(self.local_presence())
+            await asyncio.sleep(PRESENCE_INTERVAL)
 
     @property
     def connection_count(self) -> int:
@@ -333,6 +389,10 @@ class Node:
                     self.logout(connection, "logged_in_elsewhere")
         elif isinstance(message, UserLogout):
             self._logout_local(message.user_id, message.reason)
+        elif isinstance(message, NodePresence) and (
+            message.origin in self._peers or len(self._peers) < MAX_PEERS
+        ):
+            self._peers[message.origin] = (time.monotonic(), message)
 
     def on_broker_state(self, state: BrokerState) -> None:
         log.info("broker state", extra={"state": state.value})

@@ -77,7 +77,20 @@ class UserLogout(ControlMessage, frozen=True, tag="logout"):
     reason: Literal["forced", "token_expired"] = "forced"
 
 
-ControlKinds = UserLogin | UserLogout
+class NodePresence(ControlMessage, frozen=True, tag="presence"):
+    """A node's periodic report of who is connected to it, so that every node can tell totals.
+
+    Nodes send one every `interval` seconds; a report older than three intervals is stale (the node
+    is gone). `games` maps a game id to the connections following it on that node.
+    """
+
+    connections: int
+    users: int
+    games: dict[str, int]
+    interval: float
+
+
+ControlKinds = UserLogin | UserLogout | NodePresence
 
 PublicationHandler = Callable[[Publication], None]
 ControlHandler = Callable[[ControlKinds], None]
