@@ -68,7 +68,9 @@ async def running_app(
     extra_routes: Callable[[web.Application], None] | None = None,
 ) -> AsyncIterator[App]:
     """Start a node with `config`; drain and stop it on exit. Raises if a listener cannot bind."""
+    from igratech_ws import metrics
     from igratech_ws.contract import document_text
+    from igratech_ws.transport import console, docs_page
     from igratech_ws.transport.http_api import build_api_app
 
     problems = config.validate()
@@ -85,19 +87,28 @@ async def running_app(
     runner: web.AppRunner | None = None
     try:
         ws_server = await start_listener(node, build_verifier(config), config.host, config.port)
+        port = ws_server.sockets[0].getsockname()[1]
+
+        def routes(api_app: web.Application) -> None:
+            # Operator and developer pages: /metrics (API key), /docs and /console (public).
+            metrics.install(api_app, node)
+            docs_page.install(api_app)
+            console.install(api_app, node, config, ws_port=port)
+            if extra_routes is not None:
+                extra_routes(api_app)
+
         api = build_api_app(
             node,
             api_key=config.api_key,
             asyncapi_yaml=document_text(),
             max_body_bytes=config.max_publish_body_bytes,
             max_batch_items=config.max_batch_items,
-            extra_routes=extra_routes,
+            extra_routes=routes,
         )
         runner = web.AppRunner(api, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, config.api_host, config.api_port)
         await site.start()
-        port = ws_server.sockets[0].getsockname()[1]
         api_port = runner.addresses[0][1]
         app = App(config, node, ws_server, runner, port, api_port)
         log.info(

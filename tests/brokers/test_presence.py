@@ -27,7 +27,7 @@ class _Follower:
 
 async def _wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
-        while not check():
+        while not check():  # noqa: ASYNC110 - the state changes in broker callbacks
             await asyncio.sleep(0.02)
 
 
