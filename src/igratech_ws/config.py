@@ -43,9 +43,24 @@ class Config:
     max_publish_body_bytes: int = 1_048_576
     max_batch_items: int = 1000
     recovery_limit: int = 1000
+    #: Client messages per second per connection (token bucket), and the burst allowed.
+    max_message_rate: float = 20.0
+    message_burst: float = 40.0
+    #: Connections this node accepts (503 beyond), and per client address (closed 1013 beyond).
+    max_connections: int = 100_000
+    max_connections_per_ip: int = 1000
+    #: Browser origins allowed to open a WebSocket (comma-separated; empty: any origin).
+    allowed_origins: str = ""
     # demo
     demo: bool = False
     log_level: str = "info"
+
+    @property
+    def origin_allow_list(self) -> frozenset[str]:
+        """The allowed origins, lowercased, without trailing slashes (empty: any origin)."""
+        return frozenset(
+            o.strip().rstrip("/").lower() for o in self.allowed_origins.split(",") if o.strip()
+        )
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with every non-None value of `overrides` applied (unknown keys raise)."""
@@ -82,7 +97,11 @@ class Config:
             problems.append("idle_timeout must be greater than ping_interval, both positive")
         if not self.allow_anonymous and not (self.jwt_secret or self.jwt_public_key):
             problems.append("allow_anonymous is off but no jwt_secret or jwt_public_key is set")
+        if self.max_message_rate <= 0 or self.message_burst < 1:
+            problems.append("max_message_rate must be positive and message_burst at least 1")
         for name in (
+            "max_connections",
+            "max_connections_per_ip",
             "history_size",
             "max_frame_bytes",
             "max_games_per_connection",

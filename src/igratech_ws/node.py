@@ -31,6 +31,7 @@ from igratech_ws.core.close_codes import CloseCode, close_reason
 from igratech_ws.core.codec import ProtocolError, event_frame
 from igratech_ws.core.messages import ChannelState, LogoutReason, Status
 from igratech_ws.core.publishing import ValidatedPublication
+from igratech_ws.core.ratelimit import take
 from igratech_ws.core.session import Session, SessionState, SettingsPlan
 from igratech_ws.hub import Hub, JoinResult, Subscriber
 
@@ -38,6 +39,8 @@ log = logging.getLogger("igratech_ws.node")
 
 #: Settings requests a connection may have waiting while one is carried out.
 MAX_QUEUED_SETTINGS = 8
+#: Messages refused by the rate limit in a row before the connection is closed with 1008.
+RATE_LIMIT_STRIKES = 10
 #: Seconds between presence reports to the other nodes.
 PRESENCE_INTERVAL = 5.0
 #: Presence reports kept from other nodes (a bound on a map filled from the bus).
@@ -58,11 +61,16 @@ def utc_now() -> str:
 class Connection(Subscriber, Protocol):
     """What the node needs of a client connection, beyond what the hub needs.
 
-    `settings_queue` is owned by the node. `last_seen` is `time.monotonic()` of the last frame
-    received, kept up to date by the transport.
+    `settings_queue`, `rate_tokens`, `rate_at` and `rate_strikes` are owned by the node.
+    `last_seen` is `time.monotonic()` of the last frame received, kept up to date by the
+    transport. `address` is the client's IP address (for the per-address limit).
     """
 
     session: Session
+    address: str
+    rate_tokens: float
+    rate_at: float
+    rate_strikes: int
     expires_at: float | None
     connected_at: float
     last_seen: float
@@ -89,6 +97,10 @@ class Node:
         #: Closes by code, for metrics and logs.
         self.closes: dict[int, int] = {}
         self.connections_total = 0
+        self.rate_limited = 0
+        self.refused: dict[str, int] = {}
+        #: Open connections per client address (bounded: by the node's connection limit).
+        self._by_address: dict[str, int] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -182,14 +194,29 @@ class Node:
 
     # --- connections -------------------------------------------------------------------------
 
+    def count_refusal(self, reason: str) -> None:
+        """Count a handshake refused by the transport (for metrics); `reason` is a fixed word."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def at_capacity(self) -> bool:
+        """Whether this node already holds `max_connections` (new handshakes get 503)."""
+        return len(self._connections) >= self.config.max_connections
+
     def accept(self, connection: Connection, plan: SettingsPlan, answer: bool) -> None:
         """A client completed the handshake: greet it, enforce single session, start its plan.
 
         `plan` comes from the session's first `plan_settings` (the handshake `settings` parameter,
         or an empty request that just adds the user's own channel); `answer` says whether the
-        client asked for settings and so expects a `settings` answer.
+        client asked for settings and so expects a `settings` answer. A client over the
+        per-address limit is closed with 1013 before it is greeted.
         """
         session = connection.session
+        address = connection.address
+        if self._by_address.get(address, 0) >= self.config.max_connections_per_ip:
+            self.count_refusal("per_address_limit")
+            connection.close_with(CloseCode.TRY_AGAIN_LATER)
+            return
+        self._by_address[address] = self._by_address.get(address, 0) + 1
         self._connections.add(connection)
         self.connections_total += 1
         self.hub.send(
@@ -222,7 +249,33 @@ class Node:
             self._queue_settings(connection, plan, answer)
 
     def on_text(self, connection: Connection, frame: bytes) -> None:
-        """A text frame from the client."""
+        """A text frame from the client, after the rate limit."""
+        now = time.monotonic()
+        allowed, connection.rate_tokens = take(
+            connection.rate_tokens,
+            connection.rate_at,
+            now,
+            self.config.max_message_rate,
+            self.config.message_burst,
+        )
+        connection.rate_at = now
+        if not allowed:
+            connection.rate_strikes += 1
+            self.rate_limited += 1
+            if connection.rate_strikes > RATE_LIMIT_STRIKES:
+                connection.close_with(CloseCode.POLICY_VIOLATION)
+            else:
+                self.send_error(
+                    connection,
+                    ProtocolError(
+                        "rate_limited",
+                        f"Too many messages: at most {self.config.max_message_rate:g} per second "
+                        f"(bursts of {self.config.message_burst:g}); this one was dropped, and "
+                        "going on closes the connection (1008)",
+                    ),
+                )
+            return
+        connection.rate_strikes = 0
         action = connection.session.handle_frame(frame, server_time=utc_now())
         if action is None:
             return
@@ -239,6 +292,11 @@ class Node:
         if connection not in self._connections:
             return
         self._connections.discard(connection)
+        remaining = self._by_address.get(connection.address, 1) - 1
+        if remaining > 0:
+            self._by_address[connection.address] = remaining
+        else:
+            self._by_address.pop(connection.address, None)
         if code is not None:
             self.closes[code] = self.closes.get(code, 0) + 1
         session = connection.session

@@ -50,10 +50,14 @@ class ClientConnection(WSListener):
         "_node",
         "_plan",
         "_plan_answer",
+        "address",
         "connected_at",
         "expires_at",
         "last_seen",
         "pending",
+        "rate_at",
+        "rate_strikes",
+        "rate_tokens",
         "session",
         "settings_queue",
         "transport",
@@ -66,7 +70,10 @@ class ClientConnection(WSListener):
         self.session = session
         self.expires_at = principal.expires_at
         self.connected_at = time.time()
-        self.last_seen = time.monotonic()
+        self.last_seen = self.rate_at = time.monotonic()
+        self.rate_tokens = node.config.message_burst
+        self.rate_strikes = 0
+        self.address = ""
         self.pending: list[bytes] | None = None
         self.settings_queue: deque[tuple[SettingsPlan, bool]] | None = None
         self.transport: WSTransport | None = None
@@ -78,6 +85,8 @@ class ClientConnection(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        peer = transport.underlying_transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else ""
         self._node.accept(self, self._plan, self._plan_answer)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -166,6 +175,11 @@ class Handshake:
     def __init__(self, node: Node, verifier: TokenVerifier) -> None:
         self.node = node
         self.verifier = verifier
+        self.allowed_origins = node.config.origin_allow_list
+
+    def _refuse(self, status: int, code: str, message: str, field: str | None = None) -> Any:
+        self.node.count_refusal(code)
+        return _refuse(status, code, message, field)
 
     def __call__(self, request: WSUpgradeRequest) -> Any:
         try:
@@ -177,9 +191,16 @@ class Handshake:
     def _decide(self, request: WSUpgradeRequest) -> Any:
         target = urlsplit(request.path.decode("latin-1"))
         if target.path != PATH:
-            return _refuse(404, "not_found", f"The WebSocket endpoint is {PATH}")
+            return self._refuse(404, "not_found", f"The WebSocket endpoint is {PATH}")
         if self.node.draining:
-            return _refuse(503, "draining", "This node is restarting; connect again shortly")
+            return self._refuse(503, "draining", "This node is restarting; connect again shortly")
+        if self.node.at_capacity():
+            return self._refuse(503, "at_capacity", "This node is full; connect to another one")
+        allowed_origins = self.allowed_origins
+        if allowed_origins:
+            origin = (request.headers.get("Origin") or "").rstrip("/").lower()
+            if origin and origin not in allowed_origins:
+                return self._refuse(403, "origin_not_allowed", "This origin may not connect")
         query = parse_qs(target.query, max_num_fields=16)
         token = _first(query.get("token")) or _bearer(request.headers.get("Authorization"))
         principal = ANONYMOUS
@@ -187,9 +208,9 @@ class Handshake:
             try:
                 principal = self.verifier.verify(token)
             except AuthError as exc:
-                return _refuse(401, "unauthorized", str(exc))
+                return self._refuse(401, "unauthorized", str(exc))
         elif not self.node.config.allow_anonymous:
-            return _refuse(
+            return self._refuse(
                 401,
                 "unauthorized",
                 "A token is required (query `token` or `Authorization: Bearer`)",
@@ -208,7 +229,7 @@ class Handshake:
         except ProtocolError as exc:
             field = exc.field.replace("data.", "settings.", 1) if exc.field else "settings"
             status = 403 if exc.code == "forbidden_channel" else 400
-            return _refuse(status, exc.code, exc.message, field)
+            return self._refuse(status, exc.code, exc.message, field)
         return ClientConnection(self.node, session, principal, plan, bool(raw_settings))
 
 
@@ -249,6 +270,4 @@ async def start_listener(
     )
 
 
-# Re-exported so callers can name the close code of a frame too big without importing picows.
-MESSAGE_TOO_BIG = CloseCode.MESSAGE_TOO_BIG
 __all__ = ["PATH", "ClientConnection", "Handshake", "start_listener"]
