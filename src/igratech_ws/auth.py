@@ -1,19 +1,47 @@
 """Token verification: a JWT in, a principal (user id and expiry) out.
 
 The only module that imports PyJWT. Algorithms are pinned per key: an HS256 secret never accepts an
-RS256 token and the reverse, which closes the classic algorithm-confusion attack.
+RS256 token and the reverse, which closes the classic algorithm-confusion attack. Public keys come
+from a PEM (`jwt_public_key`: RS256 for an RSA key, ES256 for a P-256 key) and/or a JWKS file
+(`jwt_jwks_file`): there the token's `kid` header picks the key, and each key accepts only the one
+algorithm its JWK names (`alg`, or the default of its `kty`/`crv`). The JWKS file is read once, at
+start: rotate keys by adding the new key, restarting, then removing the old one.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import jwt
 import jwt.types
 
 from igratech_ws.core.channels import is_valid_id
+
+if TYPE_CHECKING:
+    from igratech_ws.config import Config
+
+#: Keys a JWKS file may hold (a bound on a map filled from a file an operator may get wrong).
+MAX_JWKS_KEYS = 100
+#: Largest JWKS file read, in bytes.
+MAX_JWKS_BYTES = 1_048_576
+#: Asymmetric algorithms a JWK may name, and the key type each needs. Symmetric (`oct`) keys are
+#: refused: a shared secret belongs in `jwt_secret`, not in a key set that is often published.
+_JWK_ALGORITHMS: dict[str, str] = {
+    "RS256": "RSA",
+    "RS384": "RSA",
+    "RS512": "RSA",
+    "PS256": "RSA",
+    "PS384": "RSA",
+    "PS512": "RSA",
+    "ES256": "EC",
+    "ES384": "EC",
+    "ES512": "EC",
+    "EdDSA": "OKP",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +59,96 @@ class AuthError(Exception):
     """The token cannot be accepted; the handshake is refused with HTTP 401 and this message."""
 
 
+class JwksError(ValueError):
+    """A JWKS file cannot be used; the message names the file and the key at fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class JwksKey:
+    """One key of a JWKS: the only algorithm it accepts and the key object PyJWT verifies with."""
+
+    kid: str
+    algorithm: str
+    key: Any = field(repr=False)
+
+
+def parse_jwks(text: str, *, source: str = "JWKS") -> dict[str, JwksKey]:
+    """The keys of a JWKS document (``{"keys": [...]}``) by `kid`. Raises `JwksError`.
+
+    Every key needs a unique `kid` and an asymmetric type; its algorithm is its `alg` (which must
+    fit its `kty`) or, without `alg`, RS256 for RSA and ES256/384/512 for EC by curve.
+    """
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise JwksError(f"{source}: not JSON: {exc}") from None
+    raw_keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(raw_keys, list) or not raw_keys:
+        raise JwksError(f'{source}: expected {{"keys": [...]}} with at least one key')
+    if len(raw_keys) > MAX_JWKS_KEYS:
+        raise JwksError(f"{source}: {len(raw_keys)} keys, at most {MAX_JWKS_KEYS} are accepted")
+    keys: dict[str, JwksKey] = {}
+    for index, raw in enumerate(raw_keys):
+        where = f"{source}: keys[{index}]"
+        if not isinstance(raw, dict):
+            raise JwksError(f"{where}: not an object")
+        kid = raw.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise JwksError(f"{where}: a `kid` is required to select the key")
+        if kid in keys:
+            raise JwksError(f"{where}: duplicate kid {kid!r}")
+        kty = raw.get("kty")
+        if raw.get("use") not in (None, "sig"):
+            raise JwksError(f"{where}: `use` must be 'sig'")
+        alg = raw.get("alg")
+        if alg is not None and _JWK_ALGORITHMS.get(alg) != kty:
+            raise JwksError(f"{where}: alg {alg!r} is not an accepted algorithm for kty {kty!r}")
+        if kty not in ("RSA", "EC", "OKP"):
+            raise JwksError(f"{where}: kty {kty!r} is not accepted (RSA, EC or OKP keys only)")
+        if any(name in raw for name in ("d", "p", "q")):
+            raise JwksError(f"{where}: holds a private key; publish only the public part")
+        try:
+            jwk = jwt.PyJWK(raw)
+        except jwt.PyJWTError as exc:
+            raise JwksError(f"{where}: {exc}") from None
+        if _JWK_ALGORITHMS.get(jwk.algorithm_name) != kty:
+            raise JwksError(f"{where}: algorithm {jwk.algorithm_name!r} is not accepted")
+        keys[kid] = JwksKey(kid, jwk.algorithm_name, jwk.key)
+    return keys
+
+
+def load_jwks(path: str) -> dict[str, JwksKey]:
+    """The keys of the JWKS file at `path` (see `parse_jwks`). Raises `JwksError` or `OSError`."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read(MAX_JWKS_BYTES + 1)
+    if len(text) > MAX_JWKS_BYTES:
+        raise JwksError(f"{path}: larger than {MAX_JWKS_BYTES} bytes")
+    return parse_jwks(text, source=path)
+
+
+def pem_algorithms(public_key: str) -> tuple[str, ...]:
+    """The algorithms a PEM public key may verify: RS256 for RSA, ES256 for a P-256 EC key.
+
+    Raises `ValueError` for a key that is not PEM, or of another type or curve.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(public_key.encode())
+    if isinstance(key, rsa.RSAPublicKey):
+        return ("RS256",)
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return ("ES256",)
+    raise ValueError("jwt_public_key must be an RSA or P-256 EC public key in PEM")
+
+
 @dataclass(frozen=True, slots=True)
 class TokenVerifier:
-    """Verifies JWTs with a shared secret (HS256) and/or a public key (RS256 / ES256).
+    """Verifies JWTs with a shared secret (HS256), a PEM public key and/or a JWKS.
 
     `leeway` seconds are allowed on `exp` and `nbf` for clock skew; `audience` and `issuer` are
-    checked when set.
+    checked when set. A token with a `kid` header is verified with that key of `jwks` (unknown
+    `kid`: refused); a token without one uses the PEM key, or the JWKS's only key when it has one.
     """
 
     secret: str | None = None
@@ -45,10 +157,46 @@ class TokenVerifier:
     audience: str | None = None
     issuer: str | None = None
     leeway: float = 5.0
+    jwks: Mapping[str, JwksKey] = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def from_config(cls, config: Config) -> TokenVerifier:
+        """The verifier `config` describes; reads the JWKS file. Raises `ValueError`/`OSError`."""
+        return cls(
+            secret=config.jwt_secret,
+            public_key=config.jwt_public_key,
+            public_key_algorithms=(
+                pem_algorithms(config.jwt_public_key) if config.jwt_public_key else ()
+            ),
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+            leeway=config.jwt_leeway,
+            jwks=load_jwks(config.jwt_jwks_file) if config.jwt_jwks_file else {},
+        )
 
     @property
     def enabled(self) -> bool:
-        return bool(self.secret or self.public_key)
+        return bool(self.secret or self.public_key or self.jwks)
+
+    def _key_for(self, header: dict[str, Any]) -> tuple[str, Any]:
+        algorithm = header.get("alg")
+        kid = header.get("kid")
+        if kid is not None and self.jwks:
+            entry = self.jwks.get(kid) if isinstance(kid, str) else None
+            if entry is None:
+                raise AuthError("token key id (kid) is not known")
+            if algorithm != entry.algorithm:
+                raise AuthError(f"token algorithm {algorithm!r} is not accepted for this key")
+            return entry.algorithm, entry.key
+        if algorithm == "HS256" and self.secret:
+            return algorithm, self.secret
+        if algorithm in self.public_key_algorithms and self.public_key:
+            return algorithm, self.public_key
+        if kid is None and len(self.jwks) == 1:
+            (entry,) = self.jwks.values()
+            if algorithm == entry.algorithm:
+                return entry.algorithm, entry.key
+        raise AuthError(f"token algorithm {algorithm!r} is not accepted")
 
     def verify(self, token: str) -> Principal:
         """Return the principal of `token`, or raise `AuthError` saying why it was refused."""
@@ -58,14 +206,7 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise AuthError(f"malformed token: {exc}") from None
-        algorithm = header.get("alg")
-        key: str
-        if algorithm == "HS256" and self.secret:
-            key = self.secret
-        elif algorithm in self.public_key_algorithms and self.public_key:
-            key = self.public_key
-        else:
-            raise AuthError(f"token algorithm {algorithm!r} is not accepted")
+        algorithm, key = self._key_for(header)
         options: jwt.types.Options = {"require": ["sub"], "verify_aud": self.audience is not None}
         try:
             claims = jwt.decode(

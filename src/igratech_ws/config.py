@@ -7,6 +7,7 @@ they stay out of process listings.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -26,6 +27,10 @@ class Config:
     # auth
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_public_key: str | None = field(default=None, repr=False)
+    #: Path of a JWKS file (public keys selected by the token's `kid`), read at start.
+    jwt_jwks_file: str | None = None
+    #: Seconds of clock skew allowed on a token's `exp` and `nbf`.
+    jwt_leeway: float = 5.0
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     allow_anonymous: bool = True
@@ -95,9 +100,15 @@ class Config:
                 problems.append(f"{name} must be between 0 and 65535, not {value}")
         if self.ping_interval <= 0 or self.idle_timeout <= self.ping_interval:
             problems.append("idle_timeout must be greater than ping_interval, both positive")
-        if not self.allow_anonymous and not (self.jwt_secret or self.jwt_public_key):
-            problems.append("allow_anonymous is off but no jwt_secret or jwt_public_key is set")
-        if self.max_message_rate <= 0 or self.message_burst < 1:
+        if not self.allow_anonymous and not (
+            self.jwt_secret or self.jwt_public_key or self.jwt_jwks_file
+        ):
+            problems.append(
+                "allow_anonymous is off but no jwt_secret, jwt_public_key or jwt_jwks_file is set"
+            )
+        if not 0 <= self.jwt_leeway <= 300:
+            problems.append("jwt_leeway must be between 0 and 300 seconds")
+        if not (self.max_message_rate > 0 and self.message_burst >= 1):  # also refuses NaN
             problems.append("max_message_rate must be positive and message_burst at least 1")
         for name in (
             "max_connections",
@@ -111,8 +122,8 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
-        if self.history_ttl <= 0:
-            problems.append("history_ttl must be positive")
+        if not (0 < self.history_ttl < math.inf):  # also refuses NaN
+            problems.append("history_ttl must be positive (seconds)")
         return problems
 
 

@@ -354,7 +354,7 @@ class Hub:
         delay = 0.2
         for _attempt in range(RESYNC_ATTEMPTS):
             try:
-                recovered, missed = await self._missed_since_last(channel)
+                recovered, missed, epoch = await self._missed_since_last(channel)
                 break
             except BrokerError as exc:
                 # Held publications stay held (bounded): releasing them would only re-detect the
@@ -372,12 +372,19 @@ class Hub:
         for publication in missed:
             self._deliver(publication)
         for publication in held:
-            self.on_publication(publication)
+            # A held publication of another epoch than the one history just confirmed is stale
+            # (an old stream's): feeding it back would start the same resync forever. If the
+            # stream was recreated since, its next publication triggers a resync that reads the
+            # new stream from its start, this one included.
+            if epoch is None or publication.epoch == epoch:
+                self.on_publication(publication)
 
-    async def _missed_since_last(self, channel: str) -> tuple[bool, list[Publication]]:
+    async def _missed_since_last(self, channel: str) -> tuple[bool, list[Publication], str | None]:
+        """Whether history fills the gap after the last delivered offset, what fills it, and the
+        epoch history is in (None when nothing was delivered yet)."""
         last = self._last.get(channel)
         if last is None:
-            return True, []
+            return True, [], None
         since, epoch = last
         page = await self.broker.history(channel, since, self.recovery_limit)
         if page.top.epoch != epoch:
@@ -387,7 +394,7 @@ class Hub:
         outcome = decide_recovery(
             since, page.top.epoch, page.top.epoch, page.top.offset, page.publications
         )
-        return outcome.recovered, outcome.missed
+        return outcome.recovered, outcome.missed, page.top.epoch
 
     def _give_up(self, channel: str, why: str) -> None:
         log.warning("followers must reconnect", extra={"channel": channel, "reason": why})

@@ -230,11 +230,11 @@ class Node:
         )
         user_id = session.user_id
         if user_id is not None:
-            others = self._users.setdefault(user_id, set())
-            for other in list(others):
+            for other in list(self._users.get(user_id, ())):
                 if _older(other, connection):
                     self.logout(other, "logged_in_elsewhere")
-            others.add(connection)
+            # Fetched again: logging the others out may have removed the user's entry.
+            self._users.setdefault(user_id, set()).add(connection)
             self._spawn(
                 self._tell_others(
                     UserLogin(
@@ -276,7 +276,12 @@ class Node:
                 )
             return
         connection.rate_strikes = 0
-        action = connection.session.handle_frame(frame, server_time=utc_now())
+        queue = connection.settings_queue
+        # The first queued request is the one being carried out; the others wait.
+        settings_allowed = queue is None or len(queue) <= MAX_QUEUED_SETTINGS
+        action = connection.session.handle_frame(
+            frame, server_time=utc_now(), settings_allowed=settings_allowed
+        )
         if action is None:
             return
         if isinstance(action, SettingsPlan):
@@ -333,20 +338,11 @@ class Node:
     # --- settings ----------------------------------------------------------------------------
 
     def _queue_settings(self, connection: Connection, plan: SettingsPlan, answer: bool) -> None:
+        """Carry out `plan` after those already queued (the caller checked the queue's bound)."""
         queue = connection.settings_queue
         if queue is None:
             connection.settings_queue = deque([(plan, answer)])
             self._spawn(self._run_settings(connection))
-        elif len(queue) >= MAX_QUEUED_SETTINGS:
-            self.send_error(
-                connection,
-                ProtocolError(
-                    "rate_limited",
-                    f"At most {MAX_QUEUED_SETTINGS} settings requests may wait; this one was "
-                    "dropped, send it again once the answers arrive",
-                    event="settings",
-                ),
-            )
         else:
             queue.append((plan, answer))
 

@@ -36,7 +36,7 @@ TARGETS_BY_EVENT: dict[str, frozenset[ChannelKind]] = {
 
 def is_valid_id(value: str) -> bool:
     """True if `value` may be a game or user id (the `Identifier` format of the contract)."""
-    return bool(_ID_RE.match(value))
+    return bool(_ID_RE.fullmatch(value))
 
 
 def game_channel(game_id: str) -> str:

@@ -22,7 +22,8 @@ from igratech_ws.core.messages import (
 )
 
 _encoder = msgspec.json.Encoder()
-_FIELD_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+# msgspec ends a validation message with "- at `$.path`", or "- at `key` in `$.path`" for a key.
+_FIELD_RE = re.compile(r" - at (?:`key` in )?`\$\.?(?P<path>[^`]*)`$")
 
 
 class ProtocolError(Exception):
@@ -82,6 +83,8 @@ def decode_client_frame(frame: bytes | str) -> tuple[str, Any]:
         raise ProtocolError("bad_message", f"Invalid envelope: {message}", field=field) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError("bad_json", f"Frame is not valid JSON: {exc}") from None
+    except UnicodeEncodeError:  # a str frame holding a lone surrogate cannot be UTF-8
+        raise ProtocolError("bad_json", "Frame is not valid UTF-8 text") from None
     event = envelope.event
     if event not in CLIENT_EVENTS:
         raise ProtocolError(

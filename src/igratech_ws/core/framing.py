@@ -22,5 +22,6 @@ def text_frame(payload: bytes) -> bytes:
 
 def close_frame(code: int, reason: str) -> bytes:
     """A close frame (section 5.5.1) with `code` and a UTF-8 `reason` cut to fit 125 bytes."""
-    body = code.to_bytes(2, "big") + reason.encode()[:123]
+    # Cut to 123 bytes without splitting a character: the reason must stay valid UTF-8.
+    body = code.to_bytes(2, "big") + reason.encode()[:123].decode(errors="ignore").encode()
     return bytes((0x88, len(body))) + body

@@ -26,7 +26,7 @@ Identifier = Annotated[
     Meta(
         min_length=1,
         max_length=64,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$(?!\n)",
         description="An opaque identifier: 1-64 of A-Z a-z 0-9 _ . - (starting alphanumeric).",
     ),
 ]
@@ -34,7 +34,7 @@ Identifier = Annotated[
 Money = Annotated[
     str,
     Meta(
-        pattern=r"^-?[0-9]{1,15}(\.[0-9]{1,8})?$",
+        pattern=r"^-?[0-9]{1,15}(\.[0-9]{1,8})?$(?!\n)",
         description='A decimal amount as a string, e.g. "125.50".',
     ),
 ]
@@ -42,19 +42,19 @@ Money = Annotated[
 Odds = Annotated[
     str,
     Meta(
-        pattern=r"^[1-9][0-9]{0,5}(\.[0-9]{1,4})?$",
+        pattern=r"^[1-9][0-9]{0,5}(\.[0-9]{1,4})?$(?!\n)",
         description='Decimal odds as a string, e.g. "2.10".',
     ),
 ]
 #: ISO 4217 code, or a platform token code for crypto currencies.
 Currency = Annotated[
-    str, Meta(pattern=r"^[A-Z][A-Z0-9]{2,7}$", description='Currency code, e.g. "EUR".')
+    str, Meta(pattern=r"^[A-Z][A-Z0-9]{2,7}$(?!\n)", description='Currency code, e.g. "EUR".')
 ]
 #: RFC 3339 timestamp in UTC with a trailing Z.
 Timestamp = Annotated[
     str,
     Meta(
-        pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$",
+        pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$(?!\n)",
         description='RFC 3339 timestamp in UTC, e.g. "2026-11-23T19:45:00Z".',
     ),
 ]
@@ -64,7 +64,7 @@ Keyword = Annotated[
     Meta(
         min_length=1,
         max_length=64,
-        pattern=r"^[a-z][a-z0-9_]*$",
+        pattern=r"^[a-z][a-z0-9_]*$(?!\n)",
         description="A lowercase snake_case word.",
     ),
 ]

@@ -102,8 +102,14 @@ class Session:
 
     # --- input -----------------------------------------------------------------------------------
 
-    def handle_frame(self, frame: bytes | str, *, server_time: str) -> Action | None:
-        """Decide what to do with one client text frame. Never raises."""
+    def handle_frame(
+        self, frame: bytes | str, *, server_time: str, settings_allowed: bool = True
+    ) -> Action | None:
+        """Decide what to do with one client text frame. Never raises.
+
+        `settings_allowed` False (the caller's queue of settings is full) answers a `settings`
+        request with ``rate_limited`` without changing anything, so it can be sent again.
+        """
         if self.state is not SessionState.OPEN:
             return None
         try:
@@ -112,6 +118,13 @@ class Session:
                 assert isinstance(payload, Ping)
                 return Reply(event_frame("pong", Pong(serverTime=server_time, ts=payload.ts)))
             assert isinstance(payload, SettingsRequest)
+            if not settings_allowed:
+                raise ProtocolError(
+                    "rate_limited",
+                    "Too many settings requests are waiting; this one changed nothing, send it "
+                    "again once the answers arrive",
+                    event="settings",
+                )
             return self.plan_settings(payload)
         except ProtocolError as error:
             return Reply(event_frame("error", error.to_data()))

@@ -1,0 +1,484 @@
+"""The node with fake connections on a real MemoryBroker: single session, control messages from
+other nodes, timers (driven by calling `sweep` with chosen clocks), the settings queue bound, info.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from igratech_ws.brokers.base import BrokerState, UserLogin, UserLogout
+from igratech_ws.config import Config
+from igratech_ws.contract import validate_frame
+from igratech_ws.core.close_codes import CloseCode
+from igratech_ws.core.messages import SettingsRequest
+from igratech_ws.core.session import Session, SettingsPlan
+from igratech_ws.node import MAX_QUEUED_SETTINGS, Node
+from tests.test_hub import RecordingBroker, settle, split_frames
+
+INCIDENT = json.dumps(
+    {"gameId": "g-1", "incidentId": "i-1", "type": "goal", "occurredAt": "2026-11-23T19:45:00Z"}
+).encode()
+NOW = 1_800_000_000.0  # wall clock of the tests (Unix seconds)
+MONO = 5_000.0  # monotonic clock of the tests
+
+
+class FakeConnection:
+    """A client connection as the node sees it; closes like the real transport does."""
+
+    def __init__(
+        self, node: Node, session: Session, *, connected_at: float, address: str = "10.0.0.1"
+    ) -> None:
+        self.node = node
+        self.session = session
+        self.connected_at = connected_at
+        self.address = address
+        # the rate limit runs on the real monotonic clock, as in the transport
+        self.rate_at = time.monotonic()
+        self.rate_tokens = node.config.message_burst
+        self.rate_strikes = 0
+        self.expires_at: float | None = None
+        self.last_seen = MONO
+        self.settings_queue: deque[tuple[SettingsPlan, bool]] | None = None
+        self.pending: list[bytes] | None = None
+        self.open = True
+        self.writes: list[bytes] = []
+        self.closes: list[CloseCode] = []
+
+    def __repr__(self) -> str:
+        return f"FakeConnection({self.session.user_id}, {self.connected_at})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.open
+
+    def write_wire(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close_with(self, code: CloseCode) -> None:
+        if not self.session.begin_close():
+            return
+        self.node.hub.flush_one(self)
+        self.open = False
+        self.closes.append(code)
+        self.node.on_closed(self, int(code))
+
+    def frames(self) -> list[dict[str, Any]]:
+        raw = split_frames(b"".join(self.writes) + b"".join(self.pending or []))
+        for payload in raw:
+            validate_frame(payload, sender="server")
+        return [json.loads(p) for p in raw]
+
+    def events(self) -> list[str]:
+        return [f["event"] for f in self.frames()]
+
+    def errors(self) -> list[str]:
+        return [f["data"]["code"] for f in self.frames() if f["event"] == "error"]
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[RecordingBroker]:
+    broker = RecordingBroker()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture
+async def node(broker: RecordingBroker) -> AsyncIterator[Node]:
+    config = Config(
+        idle_timeout=60, ping_interval=25, max_games_per_connection=50, message_burst=1000
+    )
+    node = Node(config, broker)
+    # Node.start would also start the once-a-second sweeper on the real clock; tests call sweep().
+    await broker.start(node.hub.on_publication, node.on_control, node.on_broker_state)
+    yield node
+    await node.close()
+
+
+def connect(
+    node: Node,
+    user: str | None,
+    *,
+    at: float = NOW,
+    settings: dict[str, Any] | None = None,
+    session_id: str | None = None,
+    address: str = "10.0.0.1",
+) -> FakeConnection:
+    """What the transport does after a successful handshake."""
+    session = Session(
+        session_id or uuid.uuid4().hex, user, max_games=node.config.max_games_per_connection
+    )
+    plan = session.plan_settings(SettingsRequest(**(settings or {})))
+    connection = FakeConnection(node, session, connected_at=at, address=address)
+    node.accept(connection, plan, settings is not None)
+    return connection
+
+
+def text(node: Node, connection: FakeConnection, event: str, data: Any) -> None:
+    node.on_text(connection, json.dumps({"event": event, "data": data}).encode())
+
+
+# --- accept -----------------------------------------------------------------------------------
+
+
+async def test_accept_greets_and_subscribes_the_user_channel(
+    node: Node, broker: RecordingBroker
+) -> None:
+    a = connect(node, "u-1")
+    await settle()
+    assert a.events() == ["connected"]
+    assert node.hub.subscriber_count("user:u-1") == 1
+    broker.publish_now(
+        "user:u-1",
+        "balance",
+        b'{"balance":"1.00","currency":"EUR","updatedAt":"2026-11-23T19:45:00Z"}',
+    )
+    await settle()
+    assert a.events() == ["connected", "balance"]
+
+
+async def test_handshake_settings_are_answered_before_any_push(
+    node: Node, broker: RecordingBroker
+) -> None:
+    a = connect(node, "u-1", settings={"games": ["g-1"], "stats": True})
+    await settle()
+    frames = a.frames()
+    assert [f["event"] for f in frames] == ["connected", "settings"]
+    answer = frames[1]["data"]
+    assert answer["games"] == ["g-1"] and answer["stats"] is True
+    assert [c["channel"] for c in answer["channels"]] == ["user:u-1", "game:g-1", "global"]
+
+
+async def test_settings_through_text_frames(node: Node) -> None:
+    a = connect(node, None)
+    text(node, a, "settings", {"games": ["g-1", "g-2"]})
+    await settle()
+    text(node, a, "settings", {"unfollow": ["g-1"]})
+    await settle()
+    answers = [f["data"] for f in a.frames() if f["event"] == "settings"]
+    assert [[c["channel"] for c in ans["channels"]] for ans in answers] == [
+        ["game:g-1", "game:g-2"],
+        ["game:g-2"],
+    ]
+    assert node.hub.subscriber_count("game:g-1") == 0
+    assert node.hub.subscriber_count("game:g-2") == 1
+
+
+async def test_ping_and_errors_go_back_in_order(node: Node) -> None:
+    a = connect(node, None)
+    text(node, a, "ping", {"ts": 1})
+    node.on_text(a, b"garbage")
+    text(node, a, "ping", {"ts": 2})
+    await settle()
+    assert a.events() == ["connected", "pong", "error", "pong"]
+    assert a.errors() == ["bad_json"]
+
+
+# --- single session ---------------------------------------------------------------------------
+
+
+async def test_newest_login_wins_locally(node: Node) -> None:
+    old = connect(node, "u-1", at=NOW)
+    new = connect(node, "u-1", at=NOW + 1)
+    other = connect(node, "u-2", at=NOW + 2)
+    await settle()
+    assert old.closes == [CloseCode.LOGGED_IN_ELSEWHERE]
+    logout = old.frames()[-1]
+    assert logout["event"] == "logout"
+    assert logout["data"]["reason"] == "logged_in_elsewhere"
+    assert logout["data"]["code"] == 4001
+    assert new.closes == [] and new.open
+    assert other.closes == []
+    assert node.connection_count == 2
+    assert node.hub.subscriber_count("user:u-1") == 1
+
+
+async def test_single_session_holds_across_three_logins(node: Node) -> None:
+    first = connect(node, "u-1", at=NOW)
+    second = connect(node, "u-1", at=NOW + 1)
+    assert node.user_connection_count("u-1") == 1
+    third = connect(node, "u-1", at=NOW + 2)
+    await settle()
+    assert first.closes == [CloseCode.LOGGED_IN_ELSEWHERE]
+    assert second.closes == [CloseCode.LOGGED_IN_ELSEWHERE]
+    assert third.closes == []
+    assert await node.logout_user("u-1") == 1
+
+
+async def test_anonymous_connections_are_not_single_session(node: Node) -> None:
+    connections = [connect(node, None) for _ in range(3)]
+    await settle()
+    assert all(c.closes == [] for c in connections)
+    assert node.connection_count == 3
+
+
+async def test_user_login_elsewhere_logs_out_older_local_connections(node: Node) -> None:
+    older = connect(node, "u-1", at=NOW, session_id="s-b")
+    node.on_control(
+        UserLogin(origin="n-other", user_id="u-1", session_id="s-x", connected_at=NOW + 1)
+    )
+    await settle()
+    assert older.closes == [CloseCode.LOGGED_IN_ELSEWHERE]
+    assert older.events()[-1] == "logout"
+
+
+async def test_user_login_elsewhere_keeps_newer_local_connections(node: Node) -> None:
+    newer = connect(node, "u-1", at=NOW + 10)
+    node.on_control(UserLogin(origin="n-other", user_id="u-1", session_id="s-x", connected_at=NOW))
+    await settle()
+    assert newer.closes == []
+
+
+async def test_simultaneous_logins_are_settled_by_session_id(node: Node) -> None:
+    mine = connect(node, "u-1", at=NOW, session_id="s-m")
+    node.on_control(UserLogin(origin="n-other", user_id="u-1", session_id="s-a", connected_at=NOW))
+    await settle()
+    assert mine.closes == []  # ("s-m") > ("s-a"): mine is the newer one
+    node.on_control(UserLogin(origin="n-other", user_id="u-1", session_id="s-z", connected_at=NOW))
+    await settle()
+    assert mine.closes == [CloseCode.LOGGED_IN_ELSEWHERE]
+
+
+async def test_own_control_messages_are_ignored(node: Node) -> None:
+    a = connect(node, "u-1", at=NOW)
+    node.on_control(
+        UserLogin(origin=node.node_id, user_id="u-1", session_id="s", connected_at=NOW + 5)
+    )
+    node.on_control(UserLogout(origin=node.node_id, user_id="u-1"))
+    await settle()
+    assert a.closes == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [("forced", CloseCode.FORCED_LOGOUT), ("token_expired", CloseCode.TOKEN_EXPIRED)],
+)
+async def test_user_logout_from_another_node(node: Node, reason: Any, code: CloseCode) -> None:
+    a = connect(node, "u-1")
+    b = connect(node, "u-2")
+    node.on_control(UserLogout(origin="n-other", user_id="u-1", reason=reason))
+    await settle()
+    assert a.closes == [code]
+    logout = a.frames()[-1]
+    assert (logout["event"], logout["data"]["reason"], logout["data"]["code"]) == (
+        "logout",
+        reason,
+        int(code),
+    )
+    assert b.closes == []
+    assert node.user_connection_count("u-1") == 0
+
+
+async def test_logout_user_through_the_api(node: Node) -> None:
+    a = connect(node, "u-1")
+    assert await node.logout_user("u-1") == 1
+    assert await node.logout_user("u-1") == 0
+    assert a.closes == [CloseCode.FORCED_LOGOUT]
+
+
+async def test_logout_of_a_closing_connection_sends_nothing(node: Node) -> None:
+    a = connect(node, "u-1")
+    await settle()
+    a.session.begin_close()
+    node.logout(a, "forced")
+    await settle()
+    assert a.events() == ["connected"]
+
+
+# --- timers -----------------------------------------------------------------------------------
+
+
+async def test_sweep_closes_idle_connections(node: Node) -> None:
+    idle = connect(node, None)
+    busy = connect(node, None)
+    edge = connect(node, None)
+    idle.last_seen = MONO - 61
+    busy.last_seen = MONO - 1
+    edge.last_seen = MONO - 60  # exactly the timeout: not yet
+    node.sweep(MONO, NOW)
+    assert idle.closes == [CloseCode.IDLE_TIMEOUT]
+    assert busy.closes == [] and edge.closes == []
+    assert node.connection_count == 2
+    node.sweep(MONO + 0.5, NOW)
+    assert edge.closes == [CloseCode.IDLE_TIMEOUT]
+
+
+async def test_sweep_logs_out_expired_tokens(node: Node) -> None:
+    expired = connect(node, "u-1")
+    fresh = connect(node, "u-2")
+    edge = connect(node, "u-3")
+    expired.expires_at = NOW - 1
+    fresh.expires_at = NOW + 100
+    edge.expires_at = NOW
+    node.sweep(MONO, NOW)
+    await settle()
+    assert expired.closes == [CloseCode.TOKEN_EXPIRED]
+    assert expired.frames()[-1]["data"]["reason"] == "token_expired"
+    assert edge.closes == [CloseCode.TOKEN_EXPIRED]
+    assert fresh.closes == []
+
+
+async def test_expiry_wins_over_idleness(node: Node) -> None:
+    a = connect(node, "u-1")
+    a.expires_at = NOW - 1
+    a.last_seen = MONO - 1000
+    node.sweep(MONO, NOW)
+    assert a.closes == [CloseCode.TOKEN_EXPIRED]
+
+
+# --- settings queue ---------------------------------------------------------------------------
+
+
+async def _flood(node: Node, broker: RecordingBroker, count: int) -> FakeConnection:
+    """`count` settings requests while the first is held inside the broker."""
+    a = connect(node, None)
+    await settle()
+    broker.gate.clear()
+    for i in range(count):
+        text(node, a, "settings", {"follow": [f"g-{i}"]})
+        await settle()
+    return a
+
+
+async def test_settings_queue_is_bounded(node: Node, broker: RecordingBroker) -> None:
+    a = await _flood(node, broker, 30)
+    errors = a.errors()
+    assert errors and set(errors) == {"rate_limited"}
+    assert len(errors) >= 30 - (MAX_QUEUED_SETTINGS + 1)
+    broker.gate.set()
+    await settle(100)
+    answers = [f for f in a.frames() if f["event"] == "settings"]
+    assert len(answers) == 30 - len(errors)
+    assert a.closes == []
+
+
+async def test_the_ninth_waiting_settings_request_is_rate_limited(
+    node: Node, broker: RecordingBroker
+) -> None:
+    a = await _flood(node, broker, 1 + MAX_QUEUED_SETTINGS)  # one in progress, 8 waiting
+    assert a.errors() == []
+    text(node, a, "settings", {"follow": ["g-last"]})
+    await settle()
+    assert a.errors() == ["rate_limited"]
+    broker.gate.set()
+
+
+async def test_a_rate_limited_request_can_be_sent_again(
+    node: Node, broker: RecordingBroker
+) -> None:
+    a = await _flood(node, broker, 20)
+    assert "rate_limited" in a.errors()
+    broker.gate.set()
+    await settle(100)
+    text(node, a, "settings", {"follow": ["g-19"]})  # the last one was refused: send it again
+    await settle()
+    broker.publish_now("game:g-19", "incident", INCIDENT.replace(b"g-1", b"g-19"))
+    await settle()
+    assert node.hub.subscriber_count("game:g-19") == 1
+    assert "incident" in a.events()
+
+
+# --- broker state, drain, info ----------------------------------------------------------------
+
+
+async def test_broker_reconnect_resyncs_followers(node: Node, broker: RecordingBroker) -> None:
+    a = connect(node, None, settings={"games": ["g-1"]})
+    await settle()
+    broker.publish_now("game:g-1", "incident", INCIDENT)
+    broker.lose_subscription("game:g-1")
+    broker.publish_now("game:g-1", "incident", INCIDENT)
+    broker.publish_now("game:g-1", "incident", INCIDENT)
+    broker.restore_subscription("game:g-1")
+    node.on_broker_state(BrokerState.DISCONNECTED)
+    node.on_broker_state(BrokerState.CONNECTED)
+    await settle()
+    assert [f["offset"] for f in a.frames() if f["event"] == "incident"] == [1, 2, 3]
+
+
+async def test_a_connected_state_without_a_disconnect_does_not_resync(node: Node) -> None:
+    connect(node, None, settings={"games": ["g-1"]})
+    await settle()
+    node.on_broker_state(BrokerState.CONNECTED)
+    assert node.hub.resyncs == 0
+
+
+async def test_drain_closes_everyone_with_1012(node: Node) -> None:
+    connections = [connect(node, "u-1"), connect(node, None)]
+    node.drain()
+    assert node.draining and not node.ready
+    assert [c.closes for c in connections] == [[CloseCode.SERVICE_RESTART]] * 2
+    assert node.connection_count == 0
+
+
+async def test_info_counts(node: Node) -> None:
+    assert node.ready
+    a = connect(node, "u-1", settings={"games": ["g-1"]})
+    connect(node, "u-2")
+    connect(node, None, settings={"games": ["g-1", "g-2"]})
+    await settle()
+    info = node.info()
+    assert info["node"] == node.node_id
+    assert (info["connections"], info["users"], info["channels"]) == (3, 2, 4)
+    assert info["broker"] == "connected" and info["draining"] is False
+    assert info["uptimeSeconds"] >= 0
+    a.close_with(CloseCode.NORMAL)
+    await settle()
+    info = node.info()
+    assert (info["connections"], info["users"], info["channels"]) == (2, 1, 3)
+    assert node.closes == {1000: 1}
+    assert node.connections_total == 3
+
+
+async def test_closed_connections_are_forgotten_once(node: Node) -> None:
+    a = connect(node, "u-1", settings={"games": ["g-1"]})
+    await settle()
+    node.on_closed(a, 1000)
+    node.on_closed(a, 1000)
+    assert node.closes == {1000: 1}
+    assert node.hub.subscriber_count("game:g-1") == 0
+    assert node.user_connection_count("u-1") == 0
+
+
+# --- inbound limits ---------------------------------------------------------------------------
+
+
+async def test_per_address_limit_closes_with_1013(broker: RecordingBroker) -> None:
+    node = Node(Config(max_connections_per_ip=2), broker)
+    await broker.start(node.hub.on_publication, node.on_control, node.on_broker_state)
+    try:
+        first = [connect(node, None, address="10.0.0.9") for _ in range(2)]
+        refused = connect(node, None, address="10.0.0.9")
+        elsewhere = connect(node, None, address="10.0.0.10")
+        await settle()
+        assert refused.closes == [CloseCode.TRY_AGAIN_LATER]
+        assert refused.writes == []  # closed before it is greeted
+        assert [c.closes for c in [*first, elsewhere]] == [[], [], []]
+        first[0].close_with(CloseCode.NORMAL)
+        again = connect(node, None, address="10.0.0.9")
+        assert again.closes == []
+    finally:
+        await node.close()
+
+
+async def test_message_rate_limit_errors_then_closes_with_1008(broker: RecordingBroker) -> None:
+    # a refill of 0.001 token/s: nothing refills during the test however slow the machine is
+    node = Node(Config(max_message_rate=0.001, message_burst=2), broker)
+    await broker.start(node.hub.on_publication, node.on_control, node.on_broker_state)
+    try:
+        a = connect(node, None)
+        for i in range(2 + 10):
+            text(node, a, "ping", {"ts": i})
+        await settle()
+        assert a.events() == ["connected", "pong", "pong", *["error"] * 10]
+        assert set(a.errors()) == {"rate_limited"}
+        assert a.closes == []
+        text(node, a, "ping", {"ts": 99})
+        assert a.closes == [CloseCode.POLICY_VIOLATION]
+    finally:
+        await node.close()
