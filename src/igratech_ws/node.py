@@ -98,6 +98,8 @@ class Node:
         self.closes: dict[int, int] = {}
         self.connections_total = 0
         self.rate_limited = 0
+        #: Client messages accepted past the rate limit, by what they were.
+        self.messages_in: dict[str, int] = {"ping": 0, "settings": 0, "invalid": 0}
         self.refused: dict[str, int] = {}
         #: Open connections per client address (bounded: by the node's connection limit).
         self._by_address: dict[str, int] = {}
@@ -285,8 +287,11 @@ class Node:
         if action is None:
             return
         if isinstance(action, SettingsPlan):
+            self.messages_in["settings"] += 1
             self._queue_settings(connection, action, True)
         else:
+            kind = "ping" if action.frame.startswith(b'{"event":"pong"') else "invalid"
+            self.messages_in[kind] += 1
             self.hub.send(connection, action.frame)
 
     def send_error(self, connection: Connection, error: ProtocolError) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import uuid
 from collections import deque
@@ -267,6 +268,8 @@ async def start_listener(
         enable_auto_pong=True,
         logger_name="ws",
         reuse_port=reuse_port or None,
+        # asyncio's default backlog of 100 drops handshakes when many clients reconnect at once.
+        backlog=socket.SOMAXCONN,
     )
 
 
