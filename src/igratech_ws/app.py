@@ -53,12 +53,8 @@ class App:
 
 
 def build_verifier(config: Config) -> TokenVerifier:
-    return TokenVerifier(
-        secret=config.jwt_secret,
-        public_key=config.jwt_public_key,
-        audience=config.jwt_audience,
-        issuer=config.jwt_issuer,
-    )
+    """The token verifier `config` describes (reads the JWKS file, if any)."""
+    return TokenVerifier.from_config(config)
 
 
 @contextlib.asynccontextmanager
@@ -86,7 +82,9 @@ async def running_app(
     ws_server: asyncio.Server | None = None
     runner: web.AppRunner | None = None
     try:
-        ws_server = await start_listener(node, build_verifier(config), config.host, config.port)
+        ws_server = await start_listener(
+            node, build_verifier(config), config.host, config.port, reuse_port=config.reuse_port
+        )
         port = ws_server.sockets[0].getsockname()[1]
 
         def routes(api_app: web.Application) -> None:
@@ -107,7 +105,9 @@ async def running_app(
         )
         runner = web.AppRunner(api, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, config.api_host, config.api_port)
+        site = web.TCPSite(
+            runner, config.api_host, config.api_port, reuse_port=config.reuse_port or None
+        )
         await site.start()
         api_port = runner.addresses[0][1]
         app = App(config, node, ws_server, runner, port, api_port)

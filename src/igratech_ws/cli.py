@@ -27,6 +27,7 @@ DEMO_GAMES = ["g-1001", "g-1002", "g-1003"]
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a TOML configuration file (or IGRATECH_WS_CONFIG)")
     parser.add_argument("--host", help="WebSocket listener address (default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="WebSocket listener port (default 8080)")
     parser.add_argument("--api-host", help="internal API address (default 127.0.0.1)")
@@ -48,7 +49,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         "node_id": args.node_id,
         "log_level": args.log_level,
     }
-    return Config.from_env().with_overrides(overrides)
+    return Config.load(file=args.config, flags=overrides)
 
 
 def _run(coroutine: Any) -> None:
@@ -61,17 +62,64 @@ def _run(coroutine: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from igratech_ws.app import serve_forever
-
     config = _config_from(args)
     problems = config.validate()
+    if args.workers < 1:
+        problems.append("--workers must be at least 1")
+    elif args.workers > 1:
+        if config.broker.startswith("memory:"):
+            problems.append(
+                "--workers needs a shared broker (redis:// or nats://): with memory:// each "
+                "worker would be a separate node that sees only its own publications"
+            )
+        if config.port == 0 or config.api_port == 0:
+            problems.append("--workers needs fixed ports (the workers share them)")
     if problems:
         for problem in problems:
             print(f"igratech-ws: {problem}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        return _serve_workers(config, args.workers)
+    _serve_one(config)
+    return 0
+
+
+def _serve_one(config: Config) -> None:
+    from igratech_ws.app import serve_forever
+
     logs.configure(config.log_level)
     _run(serve_forever(config))
-    return 0
+
+
+def _serve_workers(config: Config, workers: int) -> int:
+    """Run `workers` processes sharing the ports with SO_REUSEPORT; the kernel spreads the
+    connections. SIGTERM/SIGINT are passed on, so every worker drains; returns the worst exit."""
+    import multiprocessing
+    import signal
+
+    base = config.node_id or secrets.token_hex(4)
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_serve_one,
+            args=(config.with_overrides({"reuse_port": True, "node_id": f"{base}-w{index}"}),),
+            name=f"igratech-ws-worker-{index}",
+        )
+        for index in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in processes:
+        process.join()
+    return max(abs(process.exitcode or 0) for process in processes)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -228,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a gateway node")
     _add_server_flags(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the ports with SO_REUSEPORT (needs redis:// or nats://)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run a node with a simulated betting platform")

@@ -1,14 +1,17 @@
-"""One frozen settings object for a node, from defaults, environment variables and flags.
+"""One frozen settings object for a node, from defaults, a TOML file, environment and flags.
 
-Precedence (lowest to highest): built-in defaults, environment variables ``IGRATECH_WS_*``, command
-line flags. Secrets come only from the environment (or a file named by it), never from flags, so
-they stay out of process listings.
+Precedence (lowest to highest): built-in defaults, the TOML file (``--config`` or
+``IGRATECH_WS_CONFIG``; top-level keys named like the fields), environment variables
+``IGRATECH_WS_<FIELD>``, command line flags. Secrets come only from the environment (or a file
+named by ``IGRATECH_WS_<SECRET>_FILE``), never from the TOML file or flags, so they stay out of
+process listings and configuration repositories.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -59,6 +62,8 @@ class Config:
     # demo
     demo: bool = False
     log_level: str = "info"
+    #: Listen with SO_REUSEPORT so that several worker processes share the ports (`--workers`).
+    reuse_port: bool = False
 
     @property
     def origin_allow_list(self) -> frozenset[str]:
@@ -76,9 +81,63 @@ class Config:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
+    def load(
+        cls,
+        *,
+        file: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        flags: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """Defaults, then the TOML `file` (or ``IGRATECH_WS_CONFIG``), then the environment,
+        then `flags` (None values ignored). Raises `ValueError` naming the offending setting."""
+        env = os.environ if environ is None else environ
+        path = file or env.get("IGRATECH_WS_CONFIG")
+        config = cls.from_toml(path) if path else cls()
+        config = config.with_overrides(cls._env_values(env))
+        return config.with_overrides(dict(flags or {}))
+
+    @classmethod
+    def from_toml(cls, path: str) -> Config:
+        """Defaults overridden by the settings of the TOML file at `path` (top-level keys named
+        like the fields, e.g. ``port = 8080``). Secrets are refused there: keep them in the
+        environment. Raises `ValueError` for unknown keys, wrong types and secrets."""
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as exc:
+            raise ValueError(f"cannot read the configuration file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"{path}: unknown setting {key!r}")
+            if name in _SECRETS:
+                variable = "IGRATECH_WS_" + name.upper()
+                raise ValueError(f"{path}: {key} is a secret; set {variable} instead")
+            expected = type(getattr(defaults, name))
+            if getattr(defaults, name) is None:
+                expected = str
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ValueError(
+                    f"{path}: {key} must be {expected.__name__}, not {type(value).__name__}"
+                )
+            values[name] = value
+        return defaults.with_overrides(values)
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
         """Defaults overridden by ``IGRATECH_WS_<NAME>`` variables (``..._FILE`` for secrets)."""
         env = os.environ if environ is None else environ
+        return cls().with_overrides(cls._env_values(env))
+
+    @classmethod
+    def _env_values(cls, env: Mapping[str, str]) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for item in fields(cls):
             name = "IGRATECH_WS_" + item.name.upper()
@@ -89,7 +148,7 @@ class Config:
             if raw is None:
                 continue
             values[item.name] = _parse(item.name, raw, getattr(cls(), item.name))
-        return cls().with_overrides(values)
+        return values
 
     def validate(self) -> list[str]:
         """Every problem with this configuration, as sentences naming the setting."""

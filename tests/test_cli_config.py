@@ -1,0 +1,111 @@
+"""Configuration precedence (defaults < TOML < environment < flags) and the CLI that shows it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from igratech_ws.cli import main
+from igratech_ws.config import Config
+
+
+def test_precedence_is_defaults_then_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('port = 9000\napi_port = 9001\nbroker = "redis://r:6379/0"\nhistory_ttl = 60\n')
+    env = {"IGRATECH_WS_API_PORT": "9101", "IGRATECH_WS_HISTORY_SIZE": "50"}
+    config = Config.load(file=str(path), environ=env, flags={"broker": "nats://n:4222", "host": None})
+    assert config.port == 9000  # file
+    assert config.api_port == 9101  # environment over file
+    assert config.broker == "nats://n:4222"  # flag over file
+    assert config.history_ttl == 60.0 and config.history_size == 50
+    assert config.host == "0.0.0.0"  # a None flag changes nothing
+
+
+def test_the_file_can_come_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("idle_timeout = 90\n")
+    assert Config.load(environ={"IGRATECH_WS_CONFIG": str(path)}).idle_timeout == 90
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prot = 1\n", "unknown setting 'prot'"),
+        ('port = "eighty"\n', "port must be int, not str"),
+        ("allow_anonymous = 1\n", "allow_anonymous must be bool"),
+        ('api_key = "k"\n', "api_key is a secret; set IGRATECH_WS_API_KEY instead"),
+        ("port = \n", "is not valid TOML"),
+    ],
+)
+def test_bad_files_are_explained(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Config.from_toml(str(path))
+
+
+def test_config_command_masks_secrets_and_explains_invalid_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IGRATECH_WS_API_KEY", "very-secret-key")
+    monkeypatch.setenv("IGRATECH_WS_IDLE_TIMEOUT", "10")
+    monkeypatch.setenv("IGRATECH_WS_PING_INTERVAL", "20")
+    assert main(["config", "--port", "70000"]) == 2
+    out, err = capsys.readouterr()
+    assert "api_key = '***'" in out and "very-secret-key" not in out
+    assert "port must be between 0 and 65535, not 70000" in err
+    assert "idle_timeout must be greater than ping_interval" in err
+    monkeypatch.setenv("IGRATECH_WS_PORT", "eighty")
+    assert main(["config"]) == 2
+    assert "IGRATECH_WS_PORT must be an integer, not 'eighty'" in capsys.readouterr().err
+
+
+def test_workers_need_a_shared_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--workers", "2", "--port", "18555", "--api-port", "18556"]) == 2
+    assert "--workers needs a shared broker" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_workers_share_the_ports_and_drain_on_sigterm(redis_url: str) -> None:
+    port, api_port = _free_port(), _free_port()
+    env = {**os.environ, "IGRATECH_WS_API_KEY": "k", "IGRATECH_WS_JWT_SECRET": "s" * 32}
+    broker = redis_url + "?prefix=igws-workers-test:"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "igratech_ws.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
+         "--port", str(port), "--api-port", str(api_port), "--broker", broker],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        nodes: set[str] = set()
+        deadline = time.monotonic() + 20
+        while len(nodes) < 2 and time.monotonic() < deadline:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{api_port}/api/v1/info", headers={"Authorization": "Bearer k"}
+            )
+            try:
+                # A new connection each time: the kernel picks a worker per connection.
+                with urllib.request.urlopen(request, timeout=2) as answer:
+                    nodes.add(__import__("json").loads(answer.read())["node"])
+            except OSError:
+                time.sleep(0.1)
+        assert len(nodes) == 2, nodes
+        assert all(node.endswith(("-w0", "-w1")) for node in nodes)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
