@@ -26,6 +26,11 @@ from igratech_ws.transport.websocket import start_listener
 
 log = logging.getLogger("igratech_ws.app")
 
+#: How long the API may take to finish the requests in flight when the node stops.
+API_SHUTDOWN_SECONDS = 5.0
+#: How long close frames get to leave after the drain, before the loop stops.
+DRAIN_FLUSH_SECONDS = 0.2
+
 
 @dataclass
 class App:
@@ -103,7 +108,9 @@ async def running_app(
             max_batch_items=config.max_batch_items,
             extra_routes=routes,
         )
-        runner = web.AppRunner(api, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            api, access_log=None, handle_signals=False, shutdown_timeout=API_SHUTDOWN_SECONDS
+        )
         await runner.setup()
         site = web.TCPSite(
             runner, config.api_host, config.api_port, reuse_port=config.reuse_port or None
@@ -122,13 +129,16 @@ async def running_app(
         )
         yield app
     finally:
-        node.drain()
+        # Drain order: stop taking clients; let the API finish the publishes it accepted (they
+        # reach the clients still connected); then tell every client to reconnect (1012) after
+        # flushing what it is owed; give the close frames a moment to leave; stop the broker.
+        node.draining = True
         if ws_server is not None:
             ws_server.close()
-        # Let the close frames of the drain go out before the loop stops.
-        await asyncio.sleep(0.05)
         if runner is not None:
             await runner.cleanup()
+        node.drain()
+        await asyncio.sleep(DRAIN_FLUSH_SECONDS)
         await node.close()
 
 

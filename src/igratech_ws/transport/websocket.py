@@ -41,6 +41,8 @@ from igratech_ws.node import Node
 log = logging.getLogger("igratech_ws.websocket")
 
 PATH = "/wspublic"
+#: Initial read buffer per connection (picows's minimum is 2 KB).
+READ_BUFFER_BYTES = 2048
 
 
 class ClientConnection(WSListener):
@@ -270,6 +272,9 @@ async def start_listener(
         reuse_port=reuse_port or None,
         # asyncio's default backlog of 100 drops handshakes when many clients reconnect at once.
         backlog=socket.SOMAXCONN,
+        # Clients send small frames; picows grows the buffer when one does not fit. The default
+        # 16 KB per connection would be most of an idle connection's memory.
+        read_buffer_init_size=READ_BUFFER_BYTES,
     )
 
 
