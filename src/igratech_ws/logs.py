@@ -44,6 +44,36 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(entry).decode()
 
 
+class RateLimitFilter(logging.Filter):
+    """Lets at most `burst` records through per `period` seconds, then one summary of the rest.
+
+    Put on loggers that outside input can trigger (picows logs every client protocol error), so a
+    misbehaving client cannot flood the logs.
+    """
+
+    def __init__(self, burst: int = 20, period: float = 10.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.period = period
+        self._window_start = 0.0
+        self._passed = 0
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.created - self._window_start >= self.period:
+            if self._suppressed:
+                record.msg = f"{record.getMessage()} ({self._suppressed} similar suppressed)"
+                record.args = None
+            self._window_start = record.created
+            self._passed = 0
+            self._suppressed = 0
+        if self._passed < self.burst:
+            self._passed += 1
+            return True
+        self._suppressed += 1
+        return False
+
+
 def configure(level: str = "info", *, stream: Any = None) -> None:
     """Send every `igratech_ws` log record, as JSON, to `stream` (stderr by default)."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -52,4 +82,14 @@ def configure(level: str = "info", *, stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # picows logs every refused handshake at info; keep those at warning and above.
-    logging.getLogger("picows").setLevel(max(logging.WARNING, root.level))
+    picows_log = logging.getLogger("picows")
+    picows_log.setLevel(max(logging.WARNING, root.level))
+    # Filters on a logger do not apply to its children's records; picows logs as children.
+    handler.addFilter(_PicowsRateLimit())
+
+
+class _PicowsRateLimit(RateLimitFilter):
+    """Rate-limits only records from picows (a client's bad frames are logged there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("picows") or super().filter(record)

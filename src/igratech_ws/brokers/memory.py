@@ -6,11 +6,15 @@ history bounded by `HistoryLimits.size` and `HistoryLimits.ttl`. The number of s
 starts over with a new epoch, so a client holding an old position is told recovery failed rather
 than receiving a wrong sequence.
 
-Appending and delivering happen in one synchronous step, so they are atomic per channel.
+Appending and delivering happen in one synchronous step, so they are atomic per channel. History
+past its age is dropped when a channel is used, and by a sweep every quarter of the ttl for the
+channels nobody uses any more, so memory follows the age bound and not only the channel bound.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -54,6 +58,7 @@ class MemoryBroker:
         self._subscribed: set[str] = set()
         self._on_publication: PublicationHandler | None = None
         self._state = BrokerState.CONNECTING
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> BrokerState:
@@ -71,10 +76,37 @@ class MemoryBroker:
     ) -> None:
         self._on_publication = on_publication
         self._state = BrokerState.CONNECTED
+        self._sweeper = asyncio.ensure_future(self._sweep_forever())
         if on_state is not None:
             on_state(self._state)
 
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.limits.ttl / 4, 0.05))
+            await self.sweep()
+
+    async def sweep(self, chunk: int = 1000) -> int:
+        """Drop expired history of every channel; yields to the loop every `chunk` channels.
+
+        Returns how many publications were dropped.
+        """
+        dropped = 0
+        for index, channel in enumerate(list(self._streams)):
+            stream = self._streams.get(channel)
+            if stream is not None and stream.history:
+                before = len(stream.history)
+                self._expire(stream, time.time())
+                dropped += before - len(stream.history)
+            if index % chunk == chunk - 1:
+                await asyncio.sleep(0)
+        return dropped
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         self._state = BrokerState.CLOSED
         self._on_publication = None
         self._subscribed.clear()

@@ -81,7 +81,7 @@ def decode_client_frame(frame: bytes | str) -> tuple[str, Any]:
     except msgspec.ValidationError as exc:
         message, field = split_validation_error(exc)
         raise ProtocolError("bad_message", f"Invalid envelope: {message}", field=field) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"Frame is not valid JSON: {exc}") from None
     except UnicodeEncodeError:  # a str frame holding a lone surrogate cannot be UTF-8
         raise ProtocolError("bad_json", "Frame is not valid UTF-8 text") from None
@@ -115,7 +115,7 @@ def decode_payload(
         message, path = split_validation_error(exc)
         field = f"data.{path}" if path else "data"
         raise ProtocolError(bad_code, f"{message} at {field}", event=event, field=field) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"Payload is not valid JSON: {exc}", event=event) from None
 
 

@@ -58,7 +58,7 @@ def parse_publish_body(body: bytes) -> PublishRequest:
     except msgspec.ValidationError as exc:
         message, field = split_validation_error(exc)
         raise _invalid(f"{message}" + (f" at {field}" if field else ""), field) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"Body is not valid JSON: {exc}") from None
 
 
@@ -69,7 +69,7 @@ def parse_batch_body(body: bytes, max_items: int) -> list[PublishRequest]:
     except msgspec.ValidationError as exc:
         message, field = split_validation_error(exc)
         raise _invalid(f"{message}" + (f" at {field}" if field else ""), field) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"Body is not valid JSON: {exc}") from None
     if not batch.items:
         raise _invalid("A batch needs at least one item", "items")
