@@ -32,5 +32,16 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
+
+# The peers of `make bench`: Node servers into bench/peers/ (ignored), python-socketio and
+# matplotlib into the virtualenv. Skipped peers are named in the report.
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	mkdir -p bench/peers
+	cp bench/peer_servers/package.json bench/peers/package.json
+	cd bench/peers && npm install --no-audit --no-fund --loglevel=error
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

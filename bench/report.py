@@ -1,0 +1,542 @@
+# ruff: noqa: RUF001 - the report is typeset for people: its signs and dashes are meant.
+"""Turns the figures of one run (bench/results/latest.json) into docs/benchmarks.md and PNG plots.
+
+``python -m bench.report [results.json]`` rewrites the report from saved figures without rerunning.
+Plots need matplotlib (the ``bench`` extra); without it the report has tables only and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.servers import NODE_MODULES, RESULTS, ROOT
+
+Row = dict[str, Any]
+OURS = "igratech-ws"
+PICOWS = "picows-coalesce"
+CLIENT_BOUND = 0.85  # the load client used this share of its CPU or more
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        if digits == 0:
+            return f"{value:,.0f}"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def _table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*lines, ""]
+
+
+def _pick(rows: list[Row], scenario: str, **match: Any) -> list[Row]:
+    return [
+        r for r in rows if r["scenario"] == scenario and all(r.get(k) == v for k, v in match.items())
+    ]
+
+
+def _one(rows: list[Row], scenario: str, **match: Any) -> Row | None:
+    found = _pick(rows, scenario, **match)
+    return found[0] if found else None
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def machine(results_load: dict[str, Any] | None = None) -> dict[str, str]:
+    results_load = results_load or {}
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["cores"] = str(os.cpu_count())
+    try:
+        with open("/proc/meminfo") as handle:
+            kb = int(handle.readline().split()[1])
+            info["memory"] = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    info["kernel"] = platform.release()
+    load = results_load.get("load")
+    if load:
+        info["load average at start / end"] = load
+    info["python"] = platform.python_version()
+    if shutil.which("node"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            info["node"] = subprocess.run(
+                ["node", "--version"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+    try:
+        import resource
+
+        info["open files limit"] = str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ImportError, OSError):
+        pass
+    versions = []
+    from importlib import metadata
+
+    for dist in ("picows", "uvloop", "msgspec", "aiohttp", "python-socketio", "matplotlib"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(f"{dist} {metadata.version(dist)}")
+    for package in ("ws", "socket.io", "@soketi/soketi", "uWebSockets.js"):
+        path = NODE_MODULES / package / "package.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            versions.append(f"{package} {json.loads(path.read_text())['version']}")
+    info["packages"] = ", ".join(versions)
+    return info
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def _plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Draw the PNGs; {name: path relative to docs/}. Empty without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = results["rows"]
+    servers: list[str] = results["servers"]
+    labels: dict[str, str] = results["labels"]
+    made: dict[str, str] = {}
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made[name] = f"benchmarks/{name}.png"
+
+    bursts = _pick(rows, "burst")
+    sizes = sorted({r["clients"] for r in bursts})
+    if bursts:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        width = 0.8 / max(1, len(servers))
+        for i, server in enumerate(servers):
+            xs, rate, cpu = [], [], []
+            for j, size in enumerate(sizes):
+                row = _one(rows, "burst", server=server, clients=size)
+                if row:
+                    xs.append(j + i * width)
+                    rate.append(row["msgs_per_s"] / 1000)
+                    cpu.append(row["us_per_msg"] or 0)
+            axes[0].bar(xs, rate, width, label=labels.get(server, server))
+            axes[1].bar(xs, cpu, width, label=labels.get(server, server))
+        for ax, title in zip(
+            axes, ("delivered messages/s (thousands)", "server CPU µs per delivered message"),
+            strict=True,
+        ):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))])
+            ax.set_xticklabels([f"{s:,} clients" for s in sizes])
+            ax.set_title(title)
+            ax.grid(axis="y", alpha=0.3)
+        axes[1].set_yscale("log")
+        axes[0].legend(fontsize=8)
+        save(fig, "burst")
+
+    paced = _pick(rows, "paced")
+    if paced:
+        rates = sorted({r["rate"] for r in paced})
+        fig, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4.5), squeeze=False)
+        for ax, rate in zip(axes[0], rates, strict=True):
+            names, p50, p99, p999 = [], [], [], []
+            for server in servers:
+                row = _one(rows, "paced", server=server, rate=rate)
+                if row and row.get("p50_ms") is not None:
+                    names.append(labels.get(server, server).split(" (")[0])
+                    p50.append(row["p50_ms"])
+                    p99.append(row["p99_ms"])
+                    p999.append(row["p999_ms"])
+            pos = list(range(len(names)))
+            ax.bar([x - 0.27 for x in pos], p50, 0.27, label="p50")
+            ax.bar(pos, p99, 0.27, label="p99")
+            ax.bar([x + 0.27 for x in pos], p999, 0.27, label="p99.9")
+            ax.set_xticks(pos)
+            ax.set_xticklabels(names, rotation=20, fontsize=8)
+            ax.set_yscale("log")
+            ax.set_title(f"publish-to-receive ms, {rate:g} events/s, 5,000 clients")
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
+        save(fig, "paced")
+
+    simple = [
+        ("idle", "kb_per_conn", "RSS per idle connection (KB), 10,000 connections"),
+        ("storm", "handshakes_per_s", "handshakes/s, 5,000 clients connecting at once"),
+    ]
+    for scenario, key, title in simple:
+        found = [(s, _one(rows, scenario, server=s)) for s in servers]
+        got = [(s, r) for s, r in found if r is not None and r.get(key) is not None]
+        if not got:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([labels.get(s, s).split(" (")[0] for s, _ in got], [r[key] for _, r in got])
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        save(fig, scenario)
+    return made
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def _bound(row: Row) -> str:
+    notes = []
+    if not row.get("complete", True):
+        notes.append("incomplete (time limit)")
+    frac = row.get("client_cpu_frac")
+    if frac is not None and frac >= CLIENT_BOUND:
+        notes.append("client-bound")
+    return ", ".join(notes)
+
+
+def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the issue's goals."""
+    out: list[tuple[str, str, str]] = []
+    # burst CPU vs the coalescing broadcaster
+    parts, ok = [], True
+    for ours in _pick(rows, "burst", server=OURS):
+        peer = _one(rows, "burst", server=PICOWS, clients=ours["clients"])
+        if peer and ours["us_per_msg"] and peer["us_per_msg"]:
+            ratio = ours["us_per_msg"] / peer["us_per_msg"]
+            ok = ok and ratio <= 1.3
+            parts.append(f"{ours['clients']:,}: {ratio:.2f}×")
+    out.append((
+        "burst CPU per delivery ≤ 1.3× the coalescing broadcaster",
+        "; ".join(parts) or "not measured",
+        ("met" if ok else "NOT met") if parts else "–",
+    ))
+    # msgs/s at 5000 clients
+    ours5 = _one(rows, "burst", server=OURS, clients=5000)
+    for peer_name, factor in (("node-ws", 5), ("soketi", 5), ("python-socketio", 20)):
+        peer = _one(rows, "burst", server=peer_name, clients=5000)
+        if ours5 and peer:
+            ratio = ours5["msgs_per_s"] / peer["msgs_per_s"]
+            note = " (ours client-bound)" if _bound(ours5) else ""
+            out.append((f"msgs/s at 5,000 clients ≥ {factor}× {peer_name}",
+                        f"{ratio:.2f}×{note}", "met" if ratio >= factor else "NOT met"))
+        else:
+            out.append((f"msgs/s at 5,000 clients ≥ {factor}× {peer_name}", "not measured", "–"))
+    ours_p = _one(rows, "paced", server=OURS, rate=50.0)
+    soketi_p = _one(rows, "paced", server="soketi", rate=50.0)
+    if ours_p and soketi_p and ours_p.get("p99_ms") is not None and soketi_p.get("p99_ms"):
+        out.append(("paced p99 at 50 ev/s, 5,000 clients ≤ soketi's",
+                    f"{ours_p['p99_ms']:.1f} ms vs {soketi_p['p99_ms']:.1f} ms",
+                    "met" if ours_p["p99_ms"] <= soketi_p["p99_ms"] else "NOT met"))
+    else:
+        out.append(("paced p99 at 50 ev/s, 5,000 clients ≤ soketi's", "not measured", "–"))
+    idle = _one(rows, "idle", server=OURS)
+    if idle and idle.get("kb_per_conn") is not None:
+        out.append(("idle memory ≤ 12 KB/conn at 10,000", f"{idle['kb_per_conn']:.1f} KB",
+                    "met" if idle["kb_per_conn"] <= 12 else "NOT met"))
+    else:
+        out.append(("idle memory ≤ 12 KB/conn at 10,000", "not measured", "–"))
+    st = _one(rows, "storm", server=OURS)
+    if st and st.get("per_core_capacity"):
+        best = max(st["handshakes_per_s"], 0)
+        cap = st["per_core_capacity"]
+        out.append(("≥ 5,000 JWT handshakes/s on one core",
+                    f"observed {best:,.0f}/s; server CPU allows {cap:,.0f}/s per core",
+                    "met" if cap >= 5000 else "NOT met"))
+    else:
+        out.append(("≥ 5,000 JWT handshakes/s on one core", "not measured", "–"))
+    return out
+
+
+def render(results: dict[str, Any], plots: dict[str, str]) -> str:
+    rows: list[Row] = results["rows"]
+    servers: list[str] = results["servers"]
+    labels: dict[str, str] = results["labels"]
+    name = {s: labels.get(s, s) for s in servers}
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results["started"]))
+    took = results["finished"] - results["started"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` (`python -m bench.run{' --quick' if results['quick'] else ''}`)"
+        f" on {when}, in {took / 60:.1f} minutes. Do not edit by hand: rerun the bench.",
+        "",
+        "## The machine",
+        "",
+    ]
+    for key, value in machine(results).items():
+        lines.append(f"- **{key}**: {value}")
+    lines += [
+        f"- **pinning**: every server on CPU {results['server_cpu']}, the load client (and the "
+        f"publisher) on CPU {results['client_cpu']}",
+        "",
+        "## How it is measured",
+        "",
+        "Each server runs alone, freshly started, pinned to one core; the load client is picows "
+        "(`bench/loadclient.py`), one or more processes pinned to the other core, each holding at "
+        "most 12,000 connections. All traffic is on 127.0.0.1. The same ~250-byte incident frame "
+        "goes to every server's clients: igratech-ws builds it from a publish through its HTTP "
+        "API (`/api/v1/publish/batch` for bursts, `/api/v1/publish` when paced); soketi gets it "
+        "through the Pusher HTTP API (10 events per batch request, its limit); the other peers "
+        "receive it on a publisher WebSocket and relay it.",
+        "",
+        "- **server CPU µs per delivered message**: the server's CPU time over the measurement "
+        "(the sum of `/proc/<pid>/task/*/schedstat` run time, in ns; the coarser `utime+stime` "
+        "of `/proc/<pid>/stat` is kept in the raw figures and agrees) divided by the messages "
+        "the clients counted. It does not depend on how fast the client is.",
+        "- **delivered messages/s**: messages counted by all clients ÷ (time the last client got "
+        "its last message − time the publish began). When the load client's CPU was ≥ "
+        f"{CLIENT_BOUND:.0%} busy, the figure is marked *client-bound*: the server could go "
+        "faster, and the CPU figure is the one to compare.",
+        "- **ratios** are igratech-ws's figure divided by the other server's, in the same run.",
+        "- A run that did not deliver everything within its time limit is measured on what was "
+        "delivered and marked *incomplete*.",
+        "",
+    ]
+    if results["skipped"]:
+        lines += ["**Peers not run:**", ""]
+        lines += [f"- {k}: {v}" for k, v in results["skipped"].items()]
+        lines.append("")
+    if results["notes"]:
+        lines += ["**Notes from the run:**", ""]
+        lines += [f"- {n}" for n in results["notes"]]
+        lines.append("")
+
+    lines += ["## Targets", ""]
+    lines += _table(["target", "measured", "verdict"], [list(t) for t in targets(rows)])
+
+    bursts = _pick(rows, "burst")
+    if bursts:
+        lines += [
+            "## 1. Burst fan-out",
+            "",
+            "N clients follow one game; 200 incidents are published at once.",
+            "",
+        ]
+        if "burst" in plots:
+            lines += [f"![burst]({plots['burst']})", ""]
+        for size in sorted({r["clients"] for r in bursts}):
+            ours = _one(rows, "burst", server=OURS, clients=size)
+            lines += [f"### {size:,} clients", ""]
+            body = []
+            for server in servers:
+                row = _one(rows, "burst", server=server, clients=size)
+                if not row:
+                    continue
+                body.append([
+                    name[server], _num(row["msgs_per_s"]),
+                    _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
+                    _num(row["us_per_msg"], 2),
+                    _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
+                    f"{row['delivered']:,}/{row['expected']:,}",
+                    f"{row['client_cpu_frac']:.0%}", _bound(row),
+                ])
+            lines += _table(
+                ["server", "delivered msgs/s", "ours ÷ this", "CPU µs/msg", "ours ÷ this",
+                 "delivered", "client CPU", "note"], body,
+            )
+
+    paced = _pick(rows, "paced")
+    if paced:
+        lines += [
+            "## 2. Paced latency",
+            "",
+            "5,000 clients follow one game; incidents are published one by one at a steady rate. "
+            "Latency is publish-to-receive: the publisher's `time.time_ns()` travels in the "
+            "payload and every k-th client (about 1,000 of them) subtracts it from its own clock "
+            "on receipt. It includes the publish request and the client's own queueing.",
+            "",
+        ]
+        if "paced" in plots:
+            lines += [f"![paced]({plots['paced']})", ""]
+        body = []
+        for rate in sorted({r["rate"] for r in paced}):
+            for server in servers:
+                row = _one(rows, "paced", server=server, rate=rate)
+                if not row:
+                    continue
+                body.append([
+                    f"{rate:g}/s", name[server], _num(row["p50_ms"], 2), _num(row["p99_ms"], 2),
+                    _num(row["p999_ms"], 2), _num(row["max_ms"], 1),
+                    f"{row['delivered'] / max(1, row['expected']):.1%}",
+                    _num(row["us_per_msg"], 2), f"{row['server_cpu_frac']:.0%}",
+                ])
+        lines += _table(
+            ["rate", "server", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "delivered",
+             "CPU µs/msg", "server CPU"], body,
+        )
+
+    idle = _pick(rows, "idle")
+    if idle:
+        lines += [
+            "## 3. Idle memory",
+            "",
+            "10,000 connections, each following one of 100 games, then idle for 2 s. Memory is "
+            "the growth of the server's RSS (`VmRSS`) over its idle size before the clients came.",
+            "",
+        ]
+        if "idle" in plots:
+            lines += [f"![idle]({plots['idle']})", ""]
+        ours = _one(rows, "idle", server=OURS)
+        body = []
+        for server in servers:
+            row = _one(rows, "idle", server=server)
+            if row:
+                body.append([
+                    name[server], f"{row['subscribed']:,}", _num(row["kb_per_conn"], 1),
+                    _ratio(ours["kb_per_conn"], row["kb_per_conn"]) if ours else "–",
+                    _num(row["rss_before_kb"] / 1024, 1), _num(row["rss_after_kb"] / 1024, 1),
+                ])
+        lines += _table(
+            ["server", "connections", "KB/conn", "ours ÷ this", "RSS before MiB",
+             "RSS after MiB"], body,
+        )
+        most = _one(rows, "max_conns", server=OURS)
+        if most:
+            fails = ", ".join(f"{k}: {v}" for k, v in most["failures"].items()) or "none"
+            lines += [
+                f"**Most connections one igratech-ws node held:** {most['held']:,} of "
+                f"{most['attempted']:,} attempted (failures: {fails}), "
+                f"{_num(most['kb_per_conn'], 1)} KB each. The ceiling here is the open-file "
+                "limit of the server process (20,000 on this machine), not memory or CPU; "
+                "raise `ulimit -n` to go further.",
+                "",
+            ]
+
+    storms = _pick(rows, "storm")
+    if storms:
+        lines += [
+            "## 4. Connect storm",
+            "",
+            "5,000 clients connect at once (500 handshakes in flight), each then subscribes to a "
+            "game. igratech-ws clients carry a distinct HS256 JWT each (verified on the "
+            "handshake); the peers have no token check. *Per core* is 1 ÷ the server's CPU "
+            "seconds per handshake (handshake + subscription): what one fully busy core would "
+            "sustain; the observed rate is limited by the single-process client too.",
+            "",
+        ]
+        if "storm" in plots:
+            lines += [f"![storm]({plots['storm']})", ""]
+        body = []
+        for server in servers:
+            row = _one(rows, "storm", server=server)
+            if row:
+                body.append([
+                    name[server], _num(row["jwt"]), f"{row['connected']:,}/{row['clients']:,}",
+                    _num(row["handshakes_per_s"]), _num(row["us_per_handshake"], 1),
+                    _num(row["per_core_capacity"]),
+                ])
+        lines += _table(
+            ["server", "JWT", "connected", "handshakes/s", "CPU µs/handshake", "per core/s"],
+            body,
+        )
+
+    pubs = _pick(rows, "publish_api")
+    if pubs:
+        lines += [
+            "## 5. Publish API throughput",
+            "",
+            "Publish requests over HTTP from 32 concurrent aiohttp clients (on the client core) "
+            "for 4 s, to 100 games without subscribers: the cost of taking a publication in. "
+            "igratech-ws batches hold 100 events, soketi's 10 (its limit). The client is usually "
+            "the limit here; the CPU column is the server's cost.",
+            "",
+        ]
+        body = [
+            [str(labels.get(r["server"]) or r["server"]), _num(r["batch"]), _num(r["events_per_s"]),
+             _num(r["us_per_event"], 1), f"{r['server_cpu_frac']:.0%}", _num(r["failures"])]
+            for r in pubs
+        ]
+        lines += _table(
+            ["server", "events per request", "events/s", "CPU µs/event", "server CPU",
+             "failed requests"], body,
+        )
+
+    many = _pick(rows, "many_games")
+    if many:
+        lines += [
+            "## 6. Many games",
+            "",
+            "100 games × 100 clients (10,000 connections); 20 incidents per game published at "
+            "once, interleaved across games (2,000 publications, 200,000 deliveries).",
+            "",
+        ]
+        ours = _one(rows, "many_games", server=OURS)
+        body = []
+        for server in servers:
+            row = _one(rows, "many_games", server=server)
+            if row:
+                body.append([
+                    name[server], _num(row["msgs_per_s"]),
+                    _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
+                    _num(row["us_per_msg"], 2),
+                    _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
+                    f"{row['delivered']:,}/{row['expected']:,}",
+                    f"{row['client_cpu_frac']:.0%}", _bound(row),
+                ])
+        lines += _table(
+            ["server", "delivered msgs/s", "ours ÷ this", "CPU µs/msg", "ours ÷ this",
+             "delivered", "client CPU", "note"], body,
+        )
+    if not plots:
+        lines += ["*Plots were not drawn: matplotlib is not installed (`make bench-peers`).*", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "```sh",
+        "make bench-peers   # once: Node peers into bench/peers/, python-socketio + matplotlib",
+        "make bench         # about 15 minutes; writes this file and docs/benchmarks/*.png",
+        ".venv/bin/python -m bench.run --quick   # 1,000 clients, igratech-ws vs the limit",
+        "```",
+        "",
+        "Raw figures of the last run: `bench/results/latest.json` (not committed).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    """Write the report to `out` and its plots to a `benchmarks/` folder beside it."""
+    plots = _plots(results, out.parent / "benchmarks")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results, plots))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    source = Path(args[0]) if args else RESULTS / "latest.json"
+    write(json.loads(source.read_text()), ROOT / "docs" / "benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
