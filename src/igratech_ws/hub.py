@@ -308,6 +308,8 @@ class Hub:
 
     async def _ensure_broker_subscription(self, channel: str) -> None:
         task = self._broker_subs.get(channel)
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            return  # already subscribed: the common case, without a shield future per join
         if task is None:
             task = asyncio.ensure_future(self.broker.subscribe(channel))
             self._broker_subs[channel] = task

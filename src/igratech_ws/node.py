@@ -237,16 +237,17 @@ class Node:
                     self.logout(other, "logged_in_elsewhere")
             # Fetched again: logging the others out may have removed the user's entry.
             self._users.setdefault(user_id, set()).add(connection)
-            self._spawn(
-                self._tell_others(
-                    UserLogin(
-                        origin=self.node_id,
-                        user_id=user_id,
-                        session_id=session.session_id,
-                        connected_at=connection.connected_at,
+            if self.broker.shared:
+                self._spawn(
+                    self._tell_others(
+                        UserLogin(
+                            origin=self.node_id,
+                            user_id=user_id,
+                            session_id=session.session_id,
+                            connected_at=connection.connected_at,
+                        )
                     )
                 )
-            )
         if plan.add or plan.remove or answer:
             self._queue_settings(connection, plan, answer)
 
@@ -367,9 +368,13 @@ class Node:
         for channel in plan.remove:
             self.hub.leave(connection, channel)
         try:
-            results = await asyncio.gather(
-                *(self.hub.join(connection, ch, plan.recover.get(ch)) for ch in plan.add)
-            )
+            if len(plan.add) == 1:  # the usual case (a user channel, one game): no gather tasks
+                channel = plan.add[0]
+                results = [await self.hub.join(connection, channel, plan.recover.get(channel))]
+            else:
+                results = await asyncio.gather(
+                    *(self.hub.join(connection, ch, plan.recover.get(ch)) for ch in plan.add)
+                )
         except BrokerError as exc:
             log.warning("settings failed: broker unavailable", extra={"error": str(exc)})
             for channel in plan.add:

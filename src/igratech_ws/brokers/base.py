@@ -127,6 +127,8 @@ class Broker(Protocol):
 
     node_id: str
     limits: HistoryLimits
+    #: Whether other nodes can share this broker (False for memory: control messages are moot).
+    shared: bool
 
     @property
     def state(self) -> BrokerState: ...

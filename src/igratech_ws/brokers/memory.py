@@ -52,6 +52,7 @@ class MemoryBroker:
         max_channels: int = 100_000,
     ) -> None:
         self.node_id = node_id
+        self.shared = False
         self.limits = limits or HistoryLimits()
         self.max_channels = max_channels
         self._streams: OrderedDict[str, _Stream] = OrderedDict()

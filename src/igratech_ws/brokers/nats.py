@@ -375,6 +375,7 @@ class NatsBroker:
 
     def __init__(self, url: str, *, node_id: str, limits: HistoryLimits | None = None) -> None:
         self.node_id = node_id
+        self.shared = True
         self.limits = limits or HistoryLimits()
         self._server, options = parse_url(url)
         self.prefix = check_prefix(options.get("prefix") or DEFAULT_PREFIX)

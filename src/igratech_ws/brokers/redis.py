@@ -317,6 +317,7 @@ class RedisBroker:
         backoff_max: float = 5.0,
     ) -> None:
         self.node_id = node_id
+        self.shared = True
         self.limits = limits or HistoryLimits()
         redis_url, self.prefix = split_prefix(url)
         self._op_timeout = op_timeout
