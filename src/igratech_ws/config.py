@@ -51,6 +51,9 @@ class Config:
     max_publish_body_bytes: int = 1_048_576
     max_batch_items: int = 1000
     recovery_limit: int = 1000
+    #: Longest a flush of queued frames waits under load (seconds; see hub.py): the latency
+    #: traded for throughput when one flush of the fan-out takes longer than 2 ms.
+    max_flush_delay: float = 0.05
     #: Client messages per second per connection (token bucket), and the burst allowed.
     max_message_rate: float = 20.0
     message_burst: float = 40.0
@@ -181,6 +184,8 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if not (0 <= self.max_flush_delay <= 1):
+            problems.append("max_flush_delay must be between 0 and 1 second")
         if not (0 < self.history_ttl < math.inf):  # also refuses NaN
             problems.append("history_ttl must be positive (seconds)")
         return problems

@@ -8,6 +8,11 @@ that position. How:
 - A publication is encoded once into a complete WebSocket frame and the same bytes are queued for
   every subscriber. Each connection's queued frames are written in one system call per loop tick
   (the flush is scheduled once per tick for all connections), which is what makes fan-out cheap.
+- Under load the flush waits: as long as the previous flush took (capped by `max_flush_delay`),
+  when that was more than `FLUSH_COST_FREE`. Writing is the cost of fan-out (one system call per
+  connection, whatever it carries), so publications arriving meanwhile share those calls, and the
+  writes take at most about half the loop. Lightly loaded, nothing waits; overloaded, latency
+  stays near twice the cost of one flush instead of growing without bound.
 - A connection joining a channel is first *joining*: live publications are buffered for it while
   the broker reports the position (or the history to recover); then the answer, the missed
   publications and the buffered ones newer than its start go out in one synchronous step.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +41,9 @@ from igratech_ws.core.messages import ChannelState
 from igratech_ws.core.recovery import decide_recovery
 
 log = logging.getLogger("igratech_ws.hub")
+
+#: A flush cheaper than this (seconds) lets the next one run on the next loop tick.
+FLUSH_COST_FREE = 0.002
 
 #: How many times a resync asks the broker for history before the followers must reconnect.
 RESYNC_ATTEMPTS = 8
@@ -86,6 +95,7 @@ class Hub:
         *,
         recovery_limit: int = 1000,
         join_buffer_limit: int = 10_000,
+        max_flush_delay: float = 0.05,
     ) -> None:
         self.broker = broker
         self.recovery_limit = recovery_limit
@@ -98,6 +108,8 @@ class Hub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
+        self._flush_cost = 0.0
+        self.max_flush_delay = max_flush_delay
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Counters read by metrics: frames queued to connections, publications received.
         self.frames_out = 0
@@ -143,7 +155,11 @@ class Hub:
                 self._flush_scheduled = True
                 if self._loop is None:
                     self._loop = asyncio.get_running_loop()
-                self._loop.call_soon(self.flush)
+                cost = self._flush_cost
+                if cost < FLUSH_COST_FREE:
+                    self._loop.call_soon(self.flush)
+                else:
+                    self._loop.call_later(min(cost, self.max_flush_delay), self.flush)
         else:
             pending.append(wire)
 
@@ -151,8 +167,10 @@ class Hub:
         """Write every connection's queued frames, one write per connection."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
+        started = time.perf_counter()
         for subscriber in dirty:
             self.flush_one(subscriber)
+        self._flush_cost = time.perf_counter() - started
 
     def flush_one(self, subscriber: Subscriber) -> None:
         """Write `subscriber`'s queued frames now (before closing it, for instance)."""

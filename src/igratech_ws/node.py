@@ -84,7 +84,9 @@ class Node:
         self.config = config
         self.broker = broker
         self.node_id = broker.node_id
-        self.hub = Hub(broker, recovery_limit=config.recovery_limit)
+        self.hub = Hub(
+            broker, recovery_limit=config.recovery_limit, max_flush_delay=config.max_flush_delay
+        )
         self._connections: set[Connection] = set()
         self._users: dict[str, set[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
