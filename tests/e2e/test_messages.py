@@ -35,7 +35,7 @@ async def test_connected_greets_an_authenticated_client(gateway: App) -> None:
 async def test_connected_greets_an_anonymous_client_without_user(gateway: App) -> None:
     async with connect(gateway) as ws:
         frame = await recv_event(ws, "connected")
-    assert "userId" not in frame["data"] or frame["data"]["userId"] is None
+    assert frame["data"]["userId"] is None  # explicitly null, as the protocol says
 
 
 async def test_ping_is_answered_with_pong_echoing_the_timestamp(gateway: App) -> None:

@@ -23,7 +23,7 @@ def from_url(
         from igratech_ws.brokers.memory import MemoryBroker
 
         return MemoryBroker(node_id=node_id, limits=limits)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
         from igratech_ws.brokers.redis import RedisBroker
 
         return RedisBroker(url, node_id=node_id, limits=limits)

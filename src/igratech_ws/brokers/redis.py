@@ -5,6 +5,18 @@ The ``prefix`` query parameter (default ``igws:``) is removed before the URL is 
 redis-py; every key and pub/sub channel name starts with it, so several deployments (or tests) can
 share one Redis database.
 
+Sentinel URL: ``redis+sentinel://[user:password@]host1:26379,host2:26379/<service>/<db>?prefix=``
+(``rediss+sentinel://`` for TLS to the sentinels and the master; port defaults to 26379, db to 0;
+see `parse_sentinel_url`). The user and password are the master's; ``sentinel_username`` and
+``sentinel_password`` query parameters authenticate to the sentinels. Both the command pool and the
+listener's connection are redis-py `SentinelConnectionPool`s: every new connection asks the
+sentinels for the current master, so after a failover the listener's reconnect loop (below) lands
+on the promoted replica and resubscribes, and each pooled command connection fails at most once
+(`BrokerError`) before it reconnects there. Sentinel itself closes the client connections of a
+demoted master, so a node never keeps writing to a replica. Replication is asynchronous: the
+publications the old master acknowledged last may be missing on the new one, under the same
+epoch (the same hazard as partial persistence; see docs/deployment.md).
+
 Keys and pub/sub channels, for a channel ``C`` (``P`` = prefix):
 
 - ``P meta:{C}``: hash, fields ``epoch`` (the stream's epoch, a random string chosen when the
@@ -54,12 +66,14 @@ import random
 import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -211,6 +225,105 @@ def split_prefix(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=urlencode(kept))), prefix
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+DEFAULT_SENTINEL_PORT = 26379
+# Query parameters of a sentinel URL meant for the sentinels rather than the master.
+_SENTINEL_AUTH_PARAMS = {"sentinel_username": "username", "sentinel_password": "password"}
+# Options of a connection pool, not of a connection: the listener's pool must not pass them on.
+_POOL_ONLY_OPTIONS = ("max_connections", "timeout")
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """What a ``redis+sentinel://`` URL names: where the sentinels are, and how to reach the master.
+
+    `master_kwargs` are redis-py connection options for the master (db, credentials, ``ssl`` and
+    every other query parameter, parsed as redis-py parses a ``redis://`` query);
+    `sentinel_kwargs` are the options for the sentinels themselves (credentials and TLS).
+    """
+
+    sentinels: list[tuple[str, int]]
+    service_name: str
+    master_kwargs: dict[str, Any] = field(default_factory=dict)
+    sentinel_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_sentinel_host(item: str) -> tuple[str, int]:
+    host, port = item, ""
+    if item.startswith("["):  # IPv6 literal: [::1]:26379
+        host, _, rest = item[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad sentinel address {item!r}")
+        port = rest[1:]
+    elif ":" in item:
+        host, _, port = item.rpartition(":")
+    if not host:
+        raise ValueError(f"bad sentinel address {item!r}")
+    try:
+        number = int(port) if port else DEFAULT_SENTINEL_PORT
+    except ValueError:
+        raise ValueError(f"bad sentinel port in {item!r}") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"bad sentinel port in {item!r}")
+    return unquote(host), number
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Parse ``redis+sentinel://[user:password@]h1[:port],h2[:port]/<service>[/<db>][?query]``.
+
+    The caller must have removed ``prefix`` (see `split_prefix`). ``rediss+sentinel://`` turns on
+    TLS for both the sentinels and the master, with the same ``ssl_*`` query parameters.
+    Raises ValueError for a malformed URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in SENTINEL_SCHEMES:
+        raise ValueError(f"not a sentinel URL: scheme {parts.scheme!r}")
+    tls = parts.scheme == "rediss+sentinel"
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    sentinels = [_parse_sentinel_host(item) for item in hosts.split(",") if item]
+    if not sentinels:
+        raise ValueError("a sentinel URL needs at least one sentinel host")
+    segments = parts.path.strip("/").split("/") if parts.path.strip("/") else []
+    if not segments or len(segments) > 2 or not segments[0]:
+        raise ValueError("a sentinel URL path is /<service_name> or /<service_name>/<db>")
+    service_name = unquote(segments[0])
+    db = segments[1] if len(segments) == 2 else "0"
+    if not db.isdigit():
+        raise ValueError(f"bad database number {db!r} in sentinel URL")
+
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    sentinel_kwargs: dict[str, Any] = {
+        _SENTINEL_AUTH_PARAMS[name]: value for name, value in query if name in _SENTINEL_AUTH_PARAMS
+    }
+    kept = [(name, value) for name, value in query if name not in _SENTINEL_AUTH_PARAMS]
+    # redis-py's own query parsing, so the options mean what they mean in a redis:// URL.
+    master_kwargs: dict[str, Any] = dict(
+        parse_url(urlunsplit(("redis", "placeholder", f"/{db}", urlencode(kept), "")))
+    )
+    master_kwargs.pop("host", None)
+    master_kwargs.pop("port", None)
+    user, has_password, password = userinfo.partition(":")
+    if user:
+        master_kwargs["username"] = unquote(user)
+    if has_password and password:
+        master_kwargs["password"] = unquote(password)
+    # The sentinels share the socket and TLS settings; the master's other options are its own.
+    for name, value in master_kwargs.items():
+        if name.startswith("socket_") or (tls and name.startswith("ssl_")):
+            sentinel_kwargs.setdefault(name, value)
+    if tls:
+        master_kwargs["ssl"] = True
+        sentinel_kwargs["ssl"] = True
+    return SentinelTarget(sentinels, service_name, master_kwargs, sentinel_kwargs)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A `SentinelConnectionPool` that waits (bounded by ``timeout``) for a free connection.
+
+    The plain URL uses a `BlockingConnectionPool`; this keeps the same behaviour under load.
+    """
+
+
 def meta_key(prefix: str, channel: str) -> str:
     return f"{prefix}meta:{{{channel}}}"
 
@@ -334,18 +447,49 @@ class RedisBroker:
             # RESP2 so pub/sub messages and script replies have one plain shape.
             "protocol": 2,
         }
-        pool = BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=max_connections,
-            timeout=op_timeout,
-            client_name=self.client_name,
-            **common,
-        )
+        self._sentinel: Sentinel | None = None
+        pool: ConnectionPool
+        if urlsplit(redis_url).scheme in SENTINEL_SCHEMES:
+            target = parse_sentinel_url(redis_url)
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]  # untyped in redis-py
+                target.sentinels, sentinel_kwargs={**common, **target.sentinel_kwargs}
+            )
+            # As with from_url below, options in the URL win over the defaults.
+            pool_options = {
+                "max_connections": max_connections,
+                "timeout": op_timeout,
+                **common,
+                **target.master_kwargs,
+            }
+            pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]  # untyped in redis-py
+                target.service_name,
+                self._sentinel,
+                client_name=self.client_name,
+                **pool_options,
+            )
+            connection_options = {
+                k: v for k, v in pool_options.items() if k not in _POOL_ONLY_OPTIONS
+            }
+            # Each connection made from it asks the sentinels for the current master.
+            self._sub_factory: ConnectionPool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+                target.service_name,
+                self._sentinel,
+                client_name=self.pubsub_client_name,
+                **connection_options,
+            )
+        else:
+            pool = BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=max_connections,
+                timeout=op_timeout,
+                client_name=self.client_name,
+                **common,
+            )
+            # Used only as a factory of the listener's dedicated connection.
+            self._sub_factory = ConnectionPool.from_url(
+                redis_url, client_name=self.pubsub_client_name, **common
+            )
         self._redis = Redis.from_pool(pool)
-        # Used only as a factory of the listener's dedicated connection.
-        self._sub_factory = ConnectionPool.from_url(
-            redis_url, client_name=self.pubsub_client_name, **common
-        )
         self._publish_script = self._redis.register_script(PUBLISH_SCRIPT)
         self._history_script = self._redis.register_script(HISTORY_SCRIPT)
         self._control_name = control_channel(self.prefix).encode()
@@ -427,6 +571,8 @@ class RedisBroker:
         self._wanted.clear()
         try:
             await self._redis.aclose()
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
         except _CONNECTION_ERRORS:
             log.debug("error closing Redis connections", exc_info=True)
 

@@ -146,7 +146,8 @@ class Client:
 
     @property
     def user_id(self) -> str | None:
-        return self.session.userId if self.session else None
+        user_id = self.session.userId if self.session else None
+        return user_id if isinstance(user_id, str) else None
 
     # --- lifecycle ------------------------------------------------------------------------
 

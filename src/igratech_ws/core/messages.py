@@ -89,7 +89,8 @@ class Status(_Payload, kw_only=True):
     status: Literal["connected", "logout"]
     serverTime: Timestamp
     sessionId: str | None = None
-    userId: str | None = None
+    #: Null for an anonymous connection in `connected` (sent explicitly); absent in `logout`.
+    userId: str | None | msgspec.UnsetType = msgspec.UNSET
     pingInterval: int | None = None
     idleTimeout: int | None = None
     protocolVersion: str | None = None
