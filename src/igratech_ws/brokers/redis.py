@@ -12,10 +12,13 @@ see `parse_sentinel_url`). The user and password are the master's; ``sentinel_us
 listener's connection are redis-py `SentinelConnectionPool`s: every new connection asks the
 sentinels for the current master, so after a failover the listener's reconnect loop (below) lands
 on the promoted replica and resubscribes, and each pooled command connection fails at most once
-(`BrokerError`) before it reconnects there. Sentinel itself closes the client connections of a
-demoted master, so a node never keeps writing to a replica. Replication is asynchronous: the
-publications the old master acknowledged last may be missing on the new one, under the same
-epoch (the same hazard as partial persistence; see docs/deployment.md).
+(`BrokerError`) before it reconnects there. A dead master breaks the connections by itself; a live
+one (manual failover, healed partition) stays writable until the sentinels demote it seconds
+later, so a watcher task also asks the sentinels every ``sentinel_check_interval`` and, when they
+name another master, resets the listener and stops the command pool from reusing connections to
+the old one. Replication is asynchronous: the publications the old master acknowledged last may be
+missing on the new one, under the same epoch (the same hazard as partial persistence; see
+docs/deployment.md).
 
 Keys and pub/sub channels, for a channel ``C`` (``P`` = prefix):
 
@@ -317,11 +320,24 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(sentinels, service_name, master_kwargs, sentinel_kwargs)
 
 
+def _address_of(connection: AbstractConnection) -> tuple[Any, Any]:
+    return getattr(connection, "host", None), getattr(connection, "port", None)
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """A `SentinelConnectionPool` that waits (bounded by ``timeout``) for a free connection.
 
     The plain URL uses a `BlockingConnectionPool`; this keeps the same behaviour under load.
     """
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        # redis-py drops only *idle* connections when it learns of a new master; one that was in
+        # use then still leads to the old master, which stays writable until the sentinels
+        # demote it (seconds after the switch): writes there would be lost. Reconnect it instead.
+        known = self.master_address
+        if connection.is_connected and known is not None and _address_of(connection) != known:
+            await connection.disconnect()
+        await super().ensure_connection(connection)
 
 
 def meta_key(prefix: str, channel: str) -> str:
@@ -414,7 +430,8 @@ class RedisBroker:
     `op_timeout` bounds each Redis call (connect, send, read) and waiting for a pooled
     connection; `max_connections` bounds the command pool (the pub/sub connection is extra);
     `ping_interval` is how long the listener waits on a silent connection before it PINGs, and a
-    connection silent for two intervals is considered dead.
+    connection silent for two intervals is considered dead. With a sentinel URL, the sentinels are
+    asked for the current master every `sentinel_check_interval` seconds (see `_watch_sentinels`).
     """
 
     def __init__(
@@ -428,6 +445,7 @@ class RedisBroker:
         ping_interval: float = 5.0,
         backoff_min: float = 0.1,
         backoff_max: float = 5.0,
+        sentinel_check_interval: float = 1.0,
     ) -> None:
         self.node_id = node_id
         self.shared = True
@@ -437,6 +455,7 @@ class RedisBroker:
         self._ping_interval = ping_interval
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
+        self._sentinel_check_interval = sentinel_check_interval
         self.client_name = "igws-" + _CLIENT_NAME_UNSAFE.sub("_", node_id)
         self.pubsub_client_name = self.client_name + "-sub"
         common: dict[str, Any] = {
@@ -448,6 +467,7 @@ class RedisBroker:
             "protocol": 2,
         }
         self._sentinel: Sentinel | None = None
+        self._sentinel_pool: _BlockingSentinelPool | None = None
         pool: ConnectionPool
         if urlsplit(redis_url).scheme in SENTINEL_SCHEMES:
             target = parse_sentinel_url(redis_url)
@@ -461,7 +481,7 @@ class RedisBroker:
                 **common,
                 **target.master_kwargs,
             }
-            pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]  # untyped in redis-py
+            pool = self._sentinel_pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]
                 target.service_name,
                 self._sentinel,
                 client_name=self.client_name,
@@ -500,6 +520,7 @@ class RedisBroker:
         self._on_control: ControlHandler | None = None
         self._on_state: StateHandler | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
         self._reached_connected = False
 
@@ -549,6 +570,10 @@ class RedisBroker:
         self._on_control = on_control
         self._on_state = on_state
         self._listener = asyncio.create_task(self._listen_forever(), name="redis-broker-listener")
+        if self._sentinel_pool is not None:
+            self._watcher = asyncio.create_task(
+                self._watch_sentinels(self._sentinel_pool), name="redis-broker-sentinel-watch"
+            )
         try:
             async with asyncio.timeout(self._op_timeout * 2):
                 await self._first_attempt.wait()
@@ -562,11 +587,13 @@ class RedisBroker:
         self._state = BrokerState.CLOSED
         self._on_publication = None
         self._on_control = None
-        task, self._listener = self._listener, None
-        if task is not None:
+        tasks = [task for task in (self._listener, self._watcher) if task is not None]
+        self._listener = self._watcher = None
+        for task in tasks:
             task.cancel()
+        if tasks:
             # wait() rather than await: a cancellation of close() itself must still propagate.
-            await asyncio.wait([task])
+            await asyncio.wait(tasks)
         await self._drop_sub_connection()
         self._wanted.clear()
         try:
@@ -780,6 +807,33 @@ class RedisBroker:
                         self._reached_connected = True
                         self._set_state(BrokerState.CONNECTED)
                         self._first_attempt.set()
+
+    async def _watch_sentinels(self, pool: _BlockingSentinelPool) -> None:
+        """Move to a new master as soon as the sentinels name one, while the old one still runs.
+
+        A dead master breaks the connections by itself, but after a failover of a live one (manual
+        ``SENTINEL FAILOVER``, or a partition that healed) the old master keeps accepting writes
+        until the sentinels demote it, seconds later; what a node wrote there is then lost.
+        """
+        while not self._closed:
+            await asyncio.sleep(self._sentinel_check_interval)
+            try:
+                async with asyncio.timeout(self._op_timeout * 2):
+                    # Also drops idle command connections if the master changed (redis-py).
+                    master = await pool.get_master_address()  # type: ignore[no-untyped-call]
+            except _CONNECTION_ERRORS:
+                # Sentinels unreachable (or no master now): the connections fail on their own if
+                # the master is gone, so keep what works.
+                log.debug("sentinel query failed", exc_info=True)
+                continue
+            except Exception:
+                # A bug must not end the watch silently: log it and keep watching.
+                log.exception("sentinel watch failed")
+                continue
+            conn = self._sub_conn
+            if conn is not None and conn.is_connected and _address_of(conn) != master:
+                log.warning("Redis sentinels name a new master %s:%s; reconnecting", *master)
+                await self._abort_connection(conn)
 
     def _on_subscribed(self, name: bytes) -> None:
         remaining = self._inflight.get(name, 0) - 1

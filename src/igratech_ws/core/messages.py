@@ -90,7 +90,7 @@ class Status(_Payload, kw_only=True):
     serverTime: Timestamp
     sessionId: str | None = None
     #: Null for an anonymous connection in `connected` (sent explicitly); absent in `logout`.
-    userId: str | None | msgspec.UnsetType = msgspec.UNSET
+    userId: str | msgspec.UnsetType | None = msgspec.UNSET
     pingInterval: int | None = None
     idleTimeout: int | None = None
     protocolVersion: str | None = None
