@@ -1,10 +1,12 @@
 """Entry point: ``python -m bench.run [--smoke | --quick] [--scenarios burst,paced,...]``.
 
 Runs igratech-ws and the peers side by side (one at a time, each pinned to the server CPU, the
-load client on the other CPU), saves the raw figures to bench/results/latest.json and writes
+load client on the other CPU; ``--scenarios workers`` runs igratech-ws ``--workers 1`` and ``2``
+on Redis, unpinned), saves the raw figures to bench/results/latest.json and writes
 docs/benchmarks.md with plots under docs/benchmarks/. ``--smoke`` is the tiny exact-count check
 the test suite runs: it prints one JSON line and exits 0 only if every client got every message.
-Only 127.0.0.1 is ever contacted; every server and load process is killed on the way out.
+Only loopback is ever contacted (servers on 127.0.0.1; the 30,000-connection run's load
+processes connect from 127.0.0.2-4); every server and load process is killed on the way out.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from bench.servers import (
     missing_reason,
 )
 
-SCENARIOS = ("burst", "paced", "idle", "storm", "publish", "many")
+SCENARIOS = ("burst", "paced", "idle", "storm", "publish", "many", "workers")
+# Run only when named in --scenarios: the default run already fills its ~14-minute budget, and
+# `workers` (igratech-ws --workers 1 vs 2 on Redis, 30,000 idle connections) needs ~2 more.
+OPT_IN = ("workers",)
 DEFAULT_BUDGET_S = 14 * 60
 
 
@@ -92,6 +97,9 @@ async def _guard(
             "handshakes_per_s",
             "events_per_s",
             "held",
+            "conns_per_worker",
+            "redis_us_per_msg",
+            "machine_busy_frac",
             "complete",
         )
         if k in row
@@ -126,7 +134,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     chosen = (
         args.scenarios.split(",")
         if args.scenarios
-        else (["burst"] if args.quick else list(SCENARIOS))
+        else (["burst"] if args.quick else [s for s in SCENARIOS if s not in OPT_IN])
     )
     rows: list[dict[str, Any]] = []
     started = time.time()
@@ -209,8 +217,28 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                     need=40,
                 )
+    if "workers" in chosen:
+        if OURS not in kinds:
+            ctx.notes.append("skipped workers: igratech-ws is not among the servers run")
+        else:
+            for count in (1, 2):
+                await _guard(
+                    ctx,
+                    rows,
+                    f"workers burst igratech-ws --workers {count}",
+                    functools.partial(scenarios.workers_burst, ctx, count),
+                    need=60,
+                )
+            await _guard(
+                ctx,
+                rows,
+                "workers idle igratech-ws --workers 2 30000",
+                functools.partial(scenarios.workers_idle, ctx, 2, 30_000),
+                need=120,
+            )
     return {
         "started": started,
+        "scenarios": chosen,
         "finished": time.time(),
         "quick": args.quick,
         "servers": [k.name for k in kinds],
@@ -247,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="igratech-ws vs the picows broadcaster, 1,000 clients, burst",
     )
-    parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument(
+        "--scenarios",
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all but "
+        f"{','.join(OPT_IN)}, which run only when named)",
+    )
     parser.add_argument("--servers", help=f"comma-separated subset of {','.join(KINDS)}")
     parser.add_argument(
         "--budget",

@@ -1,5 +1,7 @@
 """The benchmark scenarios. Each runs one server at a time, pinned to the server CPU, with the load
-client pinned to the other, and returns rows of figures (plain dicts, JSON-ready).
+client pinned to the other, and returns rows of figures (plain dicts, JSON-ready). The exception is
+``workers`` (igratech-ws ``--workers N`` on a Redis broker): nothing is pinned there, since the
+workers must be free to use both cores.
 
 Every wait is bounded: a server that cannot finish a burst within its time limit is measured on
 what it delivered by then, and its row says ``complete: false``.
@@ -9,7 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
+import os
+import secrets
+import socket
+import sys
 import time
 from array import array
 from collections.abc import AsyncIterator, Callable
@@ -17,18 +24,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.pool import PER_WORKER_MAX, LoadPool
+from bench.pool import PER_WORKER_MAX, LoadPool, WorkerProc
 from bench.servers import (
     JWT_SECRET,
+    LIVE_GROUPS,
     OURS,
+    ROOT,
     SOKETI,
     CpuMeter,
     Kind,
     Ports,
     Publisher,
     Server,
+    TreeCpu,
+    find_redis_pid,
+    process_tree,
     publisher_for,
+    redis_clean,
     rss_kb,
+    socket_inodes,
     ws_url,
 )
 
@@ -377,6 +391,252 @@ async def many_games(
         )
 
 
+# --- 7. workers: igratech-ws --workers N on a shared Redis broker --------------------------------
+
+REDIS_HOST_PORT = ("127.0.0.1", 6379)
+REDIS_DB_URL = "redis://127.0.0.1:6379/12"
+# Handshakes in flight across the load processes. Each subscription reads the channel's position
+# from Redis through a 32-connection pool that gives up after 3 s; at 200 in flight the storm of
+# settings on one busy worker overruns it ("settings failed: broker unavailable") and clients are
+# left unsubscribed. 50 keeps every subscription and is not what these runs measure.
+WORKERS_CONNECT_CONCURRENCY = 50
+
+
+def sourced_loadclient(argv: list[str]) -> int:
+    """Entry of a load worker whose connections leave from the loopback address ``argv[0]``
+    (e.g. 127.0.0.3); the rest of `argv` goes to `bench.loadclient.main`.
+
+    Why: every connection from 127.0.0.1 to one server port needs its own ephemeral source port,
+    and the range (``net.ipv4.ip_local_port_range``, 32768-60999 here) holds ~28,000: fewer than the
+    30,000 connections of the idle run. A distinct source address per load process lifts that
+    without touching the machine's settings. The load client's ``picows.ws_connect`` is wrapped to
+    pass a `socket_factory` that binds the source address (the port is left to connect time)."""
+    import picows
+
+    from bench import loadclient
+
+    source = argv[0]
+
+    def bound_socket(_url: Any) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with contextlib.suppress(OSError, AttributeError):
+            # IP_BIND_ADDRESS_NO_PORT: pick the port at connect(), by the full 4-tuple.
+            sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24), 1)
+        sock.bind((source, 0))
+        return sock
+
+    setattr(  # noqa: B010 - loadclient looks the function up on the module at each call
+        picows, "ws_connect", functools.partial(picows.ws_connect, socket_factory=bound_socket)
+    )
+    return loadclient.main(argv[1:])
+
+
+_SOURCED_ENTRY = (
+    "import sys; from bench.scenarios import sourced_loadclient; "
+    "sys.exit(sourced_loadclient(sys.argv[1:]))"
+)
+
+
+async def _sourced_pool(sources: list[str]) -> LoadPool:
+    """One unpinned load worker per source address (each its own process group)."""
+    workers: list[WorkerProc] = []
+    try:
+        for source in sources:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _SOURCED_ENTRY, source,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(ROOT),
+                start_new_session=True, limit=1 << 22,
+            )
+            LIVE_GROUPS.add(proc.pid)
+            worker = WorkerProc(proc)
+            workers.append(worker)
+            hello = await worker._read(30)
+            if "hello" not in hello:
+                raise RuntimeError(f"load worker did not start: {hello}")
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+    return LoadPool(workers)
+
+
+@contextlib.asynccontextmanager
+async def running_workers(
+    ctx: Context, workers: int, pool_factory: Callable[[], Any]
+) -> AsyncIterator[tuple[Server, LoadPool, Publisher, int | None]]:
+    """igratech-ws ``--workers N`` (not pinned) on Redis db 12 under a fresh random key prefix,
+    a load pool from `pool_factory`, an open publisher and the Redis server's pid (None if not
+    found); all torn down, and the prefix's keys deleted, on the way out."""
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex(REDIS_HOST_PORT) != 0:
+            raise RuntimeError("Redis is not reachable at 127.0.0.1:6379")
+    prefix = f"igws-bench-{secrets.token_hex(4)}:"
+    port = ctx.ports.take()
+    api_port = ctx.ports.take()
+    server = Server(
+        OURS, port, api_port, None, ctx.log_dir,
+        workers=workers, broker=f"{REDIS_DB_URL}?prefix={prefix}",
+        # The load client never sends a message after subscribing; building 30,000 connections
+        # and measuring must not race the default 60 s idle timeout.
+        extra_env={"IGRATECH_WS_IDLE_TIMEOUT": "600"},
+    )
+    pool: LoadPool | None = None
+    publisher: Publisher | None = None
+    try:
+        await server.start()
+        pool = await pool_factory()
+        publisher = publisher_for(server)
+        await publisher.open()
+        yield server, pool, publisher, find_redis_pid(REDIS_HOST_PORT[1])
+    finally:
+        if publisher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(publisher.close(), 5)
+        server.stop()
+        if pool is not None:
+            pool.stop()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(redis_clean, REDIS_DB_URL, prefix), 30)
+        except Exception as exc:
+            ctx.notes.append(f"could not delete the Redis keys {prefix}*: {exc}"[:300])
+
+
+def _socket_counts(pids: list[int]) -> list[int]:
+    return [len(socket_inodes(pid)) for pid in pids]
+
+
+def _open_files_limit(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    return None
+
+
+async def workers_burst(
+    ctx: Context, workers: int, clients: int = 5000, events: int = 200, rounds: int = 3,
+    load_procs: int = 2, limit: float = 25.0,
+) -> Row:
+    """Burst fan-out against ``--workers N`` on Redis: `clients` follow one game, `events`
+    incidents are published at once, `rounds` times (the median round by server CPU per message
+    is the row). Server CPU is the sum over the server's process tree (the parent, its workers
+    and multiprocessing's resource tracker); the Redis server's and the load client's CPU are
+    measured over the same window and reported separately. Nothing is pinned: `load_procs` load
+    processes and the workers share both cores, as the scheduler decides."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    async def make_pool() -> LoadPool:
+        return await LoadPool.start(load_procs, None)
+
+    async with running_workers(ctx, workers, make_pool) as (server, pool, publisher, redis_pid):
+        pids = server.worker_pids()
+        sockets0 = _socket_counts(pids)
+        # In steps of 1,000, so that a storm of subscriptions never piles up on one worker.
+        ready = 0
+        for first in range(0, clients, 1000):
+            answer = await pool.connect(
+                ws_url(server), OURS.proto, min(1000, clients - first), ["g-1"], limit=15,
+                first_index=first, concurrency=WORKERS_CONNECT_CONCURRENCY,
+            )
+            ready = answer["ready"]  # each load process answers with its running total
+        if ready < clients:
+            ctx.progress(f"  --workers {workers}: only {ready}/{clients} subscribed")
+        conn = {"ready": ready}
+        per_worker = [b - a for a, b in zip(sockets0, _socket_counts(pids), strict=True)]
+        results = []
+        for r in range(rounds):
+            items = [("g-1", r * events + i + 1) for i in range(events)]
+            tree = process_tree(server.pid)
+            server_meter = TreeCpu(tree)
+            worker_meter = TreeCpu(pids)
+            redis_meter = TreeCpu([redis_pid] if redis_pid else [])
+            self_cpu0 = time.process_time()
+            row = await _burst_once(server, pool, publisher, items, events, limit)
+            server_cpu = sum(server_meter.read())
+            redis_cpu = sum(redis_meter.read()) if redis_pid else None
+            publisher_cpu = time.process_time() - self_cpu0
+            delivered = row["delivered"]
+            elapsed = row["elapsed_s"]
+            client_cpu = row["client_cpu_frac"] * elapsed
+            busy = server_cpu + (redis_cpu or 0.0) + client_cpu + publisher_cpu
+            row.update(
+                cpu_s=server_cpu,
+                cpu_stat_s=None,  # the parent's /proc stat alone would mislead: see cpu_s
+                us_per_msg=(server_cpu * 1e6 / delivered) if delivered else None,
+                us_per_msg_stat=None,
+                worker_cpu_s=worker_meter.read(),
+                redis_cpu_s=redis_cpu,
+                redis_us_per_msg=(redis_cpu * 1e6 / delivered)
+                if delivered and redis_cpu is not None else None,
+                client_cpu_s=client_cpu,
+                # Per load process: each is one thread, so >= 85% of a core is client-bound.
+                client_cpu_frac=row["client_cpu_frac"] / load_procs,
+                publisher_cpu_s=publisher_cpu,
+                machine_busy_frac=busy / (elapsed * (cores or 1)),
+            )
+            results.append(row)
+            if not row["complete"]:
+                break
+            await asyncio.sleep(0.2)
+        chosen = _median_row(results)
+        return _row(
+            "workers_burst", OURS, workers=workers, clients=clients, subscribed=conn["ready"],
+            events=events, load_procs=load_procs, cores=cores, conns_per_worker=per_worker,
+            redis_found=redis_pid is not None, **chosen,
+        )
+
+
+async def workers_idle(
+    ctx: Context, workers: int = 2, clients: int = 30_000, games: int = 100, step: int = 15_000,
+) -> Row:
+    """Hold `clients` idle subscribed connections against ``--workers N`` on Redis. Load
+    processes hold at most `PER_WORKER_MAX` each and leave from distinct loopback addresses
+    (127.0.0.2, .3, ...: see `sourced_loadclient`). Memory is the growth of the workers' summed
+    RSS over their idle size; per-worker connection counts are the growth of their open sockets."""
+    procs = max(1, math.ceil(clients / PER_WORKER_MAX))
+    sources = [f"127.0.0.{2 + i}" for i in range(procs)]
+
+    async def make_pool() -> LoadPool:
+        return await _sourced_pool(sources)
+
+    async with running_workers(ctx, workers, make_pool) as (server, pool, _publisher, _redis):
+        await asyncio.sleep(0.5)
+        pids = server.worker_pids()
+        rss0 = [rss_kb(pid) for pid in pids]
+        sockets0 = _socket_counts(pids)
+        names = [f"g-{i}" for i in range(games)]
+        failures: dict[str, int] = {}
+        opened = 0
+        t0 = time.monotonic()
+        while opened < clients and ctx.time_left() > 30:
+            n = min(step, clients - opened)
+            answer = await pool.connect(
+                # A connection whose subscription failed is waited for until `limit`: keep it short.
+                ws_url(server), OURS.proto, n, names, limit=45, first_index=opened,
+                concurrency=WORKERS_CONNECT_CONCURRENCY,
+            )
+            opened += n
+            for k, v in answer["fail_reasons"].items():
+                failures[k] = failures.get(k, 0) + v
+            ctx.progress(f"  workers idle: {answer['ready']:,} of {opened:,} subscribed")
+            if answer["failed"]:
+                break
+        connect_s = time.monotonic() - t0
+        await asyncio.sleep(2.0)
+        held, _cpu = await pool.arm(0)  # each load process: its subscribed connections now
+        rss1 = [rss_kb(pid) for pid in pids]
+        per_worker = [b - a for a, b in zip(sockets0, _socket_counts(pids), strict=True)]
+        grown = sum(rss1) - sum(rss0)
+        return _row(
+            "workers_idle", OURS, workers=workers, clients=clients, attempted=opened, held=held,
+            failures=failures, connect_s=connect_s, load_procs=procs,
+            conns_per_worker=per_worker, rss_before_kb=sum(rss0), rss_after_kb=sum(rss1),
+            rss_after_per_worker_kb=rss1, kb_per_conn=(grown / held) if held else None,
+            open_files_limit=[_open_files_limit(pid) for pid in pids],
+        )
+
+
 # --- the smoke run -------------------------------------------------------------------------------
 
 
@@ -400,4 +660,6 @@ __all__ = [
     "publish_api",
     "smoke",
     "storm",
+    "workers_burst",
+    "workers_idle",
 ]

@@ -1,7 +1,8 @@
 """The servers under test: how to start each one on 127.0.0.1, publish to it, and measure it.
 
-Every server runs in its own process group pinned to the server CPU (``taskset``); `Server.stop`
-kills the group. Publishers are the bench's side of each server's publish path: igratech-ws and
+Every server runs in its own process group pinned to the server CPU (``taskset``), except the
+multi-worker igratech-ws of the ``workers`` scenario, which is not pinned; `Server.stop` kills the
+group (the workers too). Publishers are the bench's side of each server's publish path: igratech-ws and
 soketi take HTTP requests, the others a publisher WebSocket connection.
 """
 
@@ -142,6 +143,111 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (every thread's ``children`` list), [] once it is gone."""
+    found: list[int] = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError, ValueError), open(path) as handle:
+            found.extend(int(p) for p in handle.read().split())
+    return sorted(set(found))
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (bounded: a tree of more than 256 processes is cut)."""
+    tree = [pid]
+    index = 0
+    while index < len(tree) and len(tree) < 256:
+        tree.extend(c for c in children(tree[index]) if c not in tree)
+        index += 1
+    return tree
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets `pid` holds open (its fds that link to ``socket:[N]``)."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+                if link.startswith("socket:["):
+                    found.add(int(link[8:-1]))
+    return found
+
+
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on `port` (IPv4 and IPv6) in this network namespace."""
+    found: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as handle:
+            next(handle, None)
+            for line in handle:
+                fields = line.split()
+                # local address "ADDR:PORT" in hex; state 0A = LISTEN; inode is field 9.
+                listening = len(fields) > 9 and fields[3] == "0A"
+                if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found.add(int(fields[9]))
+    return found
+
+
+def find_redis_pid(port: int = 6379) -> int | None:
+    """The pid of the local redis-server listening on `port`, or None (not ours to control: it
+    is only read, for its CPU time)."""
+    wanted = listening_inodes(port)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as handle:
+                if not handle.read().startswith("redis-server"):
+                    continue
+        except OSError:
+            continue
+        if not wanted or socket_inodes(int(entry)) & wanted:
+            return int(entry)
+    return None
+
+
+def redis_clean(url: str, prefix: str) -> int:
+    """Delete every key of `url`'s database that starts with `prefix`; how many were deleted.
+    The caller's duty: pass a prefix no one else uses (the bench draws a random one)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(client.unlink(*batch))
+                batch = []
+        if batch:
+            deleted += int(client.unlink(*batch))
+    finally:
+        client.close()
+    return deleted
+
+
+class TreeCpu:
+    """CPU time of a fixed set of processes over a window (scheduler ns), each one separately."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.ns0 = [cpu_ns(p) for p in self.pids]
+
+    def read(self) -> list[float]:
+        """Seconds each process ran since construction (0 for one that is gone)."""
+        return [max(0, cpu_ns(p) - n0) / 1e9 for p, n0 in zip(self.pids, self.ns0, strict=True)]
+
+
 class CpuMeter:
     """Server CPU over a window: scheduler ns (fine-grained) and /proc stat ticks (coarse)."""
 
@@ -158,13 +264,24 @@ class CpuMeter:
 
 
 class Server:
-    """One running server process (its own process group, pinned to `cpu`)."""
+    """One running server process (its own process group, pinned to `cpu` unless None).
 
-    def __init__(self, kind: Kind, port: int, api_port: int, cpu: int | None, log_dir: Path) -> None:
+    `workers` and `broker` apply to igratech-ws only: ``serve --workers N --broker URL``; with
+    ``workers > 1`` the parent spawns the worker processes and `start` returns once every one of
+    them listens on both ports.
+    """
+
+    def __init__(
+        self, kind: Kind, port: int, api_port: int, cpu: int | None, log_dir: Path,
+        *, workers: int = 0, broker: str | None = None, extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.kind = kind
         self.port = port
         self.api_port = api_port
         self.cpu = cpu
+        self.workers = workers
+        self.broker = broker
+        self.extra_env = dict(extra_env or {})
         self.log_path = log_dir / f"{kind.name}-{port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -173,8 +290,13 @@ class Server:
         kind = self.kind
         if kind is OURS:
             exe = str(Path(sys.executable).parent / "igratech-ws")
-            return [exe, "serve", "--host", "127.0.0.1", "--port", port,
-                    "--api-port", str(self.api_port), "--log-level", "warning"]
+            cmd = [exe, "serve", "--host", "127.0.0.1", "--port", port,
+                   "--api-port", str(self.api_port), "--log-level", "warning"]
+            if self.workers:
+                cmd += ["--workers", str(self.workers)]
+            if self.broker:
+                cmd += ["--broker", self.broker]
+            return cmd
         if kind is PICOWS:
             return [sys.executable, str(PEER_SCRIPTS / "picows_broadcaster.py"), port]
         if kind is PY_SIO:
@@ -204,6 +326,7 @@ class Server:
                 "SOKETI_CLUSTER_PORT": str(self.api_port + 1),
             }
         )
+        env.update(self.extra_env)
         return env
 
     async def start(self, limit: float = 30.0) -> None:
@@ -215,11 +338,32 @@ class Server:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind.name} exited: {self.tail()}")
-            if all(_port_open(p) for p in ports):
+            if all(_port_open(p) for p in ports) and self._workers_listening(ports):
                 await asyncio.sleep(0.3 if self.kind.needs_node else 0.1)
                 return
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{self.kind.name} did not listen within {limit}s: {self.tail()}")
+
+    def _workers_listening(self, ports: list[int]) -> bool:
+        # With SO_REUSEPORT the port answers as soon as the first worker binds; connections made
+        # before the others bind would all land on it, so wait for every worker's listeners.
+        if self.workers <= 1:
+            return True
+        pids = self.worker_pids()
+        if len(pids) < self.workers:
+            return False
+        for port in ports:
+            listeners = listening_inodes(port)
+            if not all(socket_inodes(pid) & listeners for pid in pids):
+                return False
+        return True
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve: the children of a multi-worker parent (not multiprocessing's
+        resource tracker), else the server process itself."""
+        if self.workers <= 1:
+            return [self.pid]
+        return [c for c in children(self.pid) if "resource_tracker" not in cmdline(c)]
 
     def _spawn(self) -> None:
         cmd = self.command()

@@ -541,3 +541,23 @@ async def test_a_stale_publication_of_an_old_epoch_does_not_resync_forever(
     hub.on_publication(stale)
     await settle(50)
     assert hub.resyncs <= 2
+
+
+async def test_joining_a_live_channel_needs_no_broker_round_trip(
+    hub: Hub, broker: RecordingBroker
+) -> None:
+    first, others = FakeSubscriber("first"), [FakeSubscriber(f"s{i}") for i in range(50)]
+    await join(hub, first)
+    publish(broker, 3)
+    await settle()
+    epoch = (await broker.position(CH)).epoch
+    broker.gate.clear()  # a broker call would now block: the joins below must not make one
+    async with asyncio.timeout(2):
+        for subscriber in others:
+            result = await join(hub, subscriber)
+            assert (result.state.offset, result.state.epoch) == (3, epoch)
+    broker.gate.set()
+    publish(broker, 2)
+    await settle()
+    assert all(s.offsets() == [4, 5] for s in others)
+    assert first.offsets() == [1, 2, 3, 4, 5]

@@ -271,6 +271,12 @@ class Hub:
         self._joining.setdefault(channel, {})[subscriber] = _Join()
         await self._ensure_broker_subscription(channel)
         if recover is None:
+            last = self._last.get(channel)
+            if last is not None and channel not in self._syncing:
+                # This node has delivered the channel up to `last`, in order, and everything
+                # newer reaches the join buffer: an exact start without asking the broker, which
+                # is what keeps a storm of clients joining one game off the broker.
+                return JoinResult(ChannelState(channel=channel, offset=last[0], epoch=last[1]), [])
             top = await self.broker.position(channel)
             return JoinResult(ChannelState(channel=channel, offset=top.offset, epoch=top.epoch), [])
         offset, epoch = recover
