@@ -67,6 +67,9 @@ class Config:
     log_level: str = "info"
     #: Listen with SO_REUSEPORT so that several worker processes share the ports (`--workers`).
     reuse_port: bool = False
+    #: Serve WebSockets on aiofastnet's transports instead of uvloop's: less CPU per delivery,
+    #: about 5 KB more memory per connection (docs/benchmarks.md).
+    use_aiofastnet: bool = False
 
     @property
     def origin_allow_list(self) -> frozenset[str]:
