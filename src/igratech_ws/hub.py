@@ -8,20 +8,12 @@ that position. How:
 - A publication is encoded once into a complete WebSocket frame and the same bytes are queued for
   every subscriber. Each connection's queued frames are written in one system call per loop tick
   (the flush is scheduled once per tick for all connections), which is what makes fan-out cheap.
-- Under load the flush waits: as long as the previous flush took (capped by `max_flush_delay`),
-  when that was more than `FLUSH_COST_FREE`. Writing is the cost of fan-out (one system call per
-  connection, whatever it carries), so publications arriving meanwhile share those calls, and the
-  writes take at most about half the loop. Lightly loaded, nothing waits; overloaded, latency
-  stays near twice the cost of one flush instead of growing without bound.
-- A connection joining a channel is first *joining*: live publications are buffered for it while
-  the broker reports the position (or the history to recover); then the answer, the missed
-  publications and the buffered ones newer than its start go out in one synchronous step.
-- The node remembers the last offset it delivered per channel. A publication that skips offsets,
-  or a broker reconnect, triggers a *resync*: live publications are held while history fills the
-  gap. When history cannot fill it, the channel's connections are closed with 1012 so that they
-  reconnect and learn through recovery (`recovered: false`) that they must reload.
-- Broker subscriptions are reference-counted: the broker hears `subscribe` when the first local
-  connection joins a channel and `unsubscribe` when the last one leaves.
+- Under load the flush waits: it starts no sooner than the previous flush's end plus that
+  flush's duration (the wait capped by `max_flush_delay`), when that duration was over
+  `FLUSH_COST_FREE`. Writing is the cost of fan-out (one system call per connection, whatever it
+  carries), so publications arriving meanwhile share those calls, and the writes take at most
+  about half the loop. Lightly loaded, nothing waits; overloaded, latency stays near twice the
+  cost of one flush instead of growing without bound.
 """
 
 from __future__ import annotations
@@ -109,6 +101,7 @@ class Hub:
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
         self._flush_cost = 0.0
+        self._flush_end = 0.0
         self.max_flush_delay = max_flush_delay
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Counters read by metrics: frames queued to connections, publications received.
@@ -156,10 +149,13 @@ class Hub:
                 if self._loop is None:
                     self._loop = asyncio.get_running_loop()
                 cost = self._flush_cost
-                if cost < FLUSH_COST_FREE:
+                wait = 0.0
+                if cost >= FLUSH_COST_FREE:
+                    wait = self._flush_end + cost - time.perf_counter()
+                if wait <= 0:
                     self._loop.call_soon(self.flush)
                 else:
-                    self._loop.call_later(min(cost, self.max_flush_delay), self.flush)
+                    self._loop.call_later(min(wait, self.max_flush_delay), self.flush)
         else:
             pending.append(wire)
 
@@ -170,7 +166,8 @@ class Hub:
         started = time.perf_counter()
         for subscriber in dirty:
             self.flush_one(subscriber)
-        self._flush_cost = time.perf_counter() - started
+        self._flush_end = time.perf_counter()
+        self._flush_cost = self._flush_end - started
 
     def flush_one(self, subscriber: Subscriber) -> None:
         """Write `subscriber`'s queued frames now (before closing it, for instance)."""
