@@ -14,6 +14,17 @@ that position. How:
   carries), so publications arriving meanwhile share those calls, and the writes take at most
   about half the loop. Lightly loaded, nothing waits; overloaded, latency stays near twice the
   cost of one flush instead of growing without bound.
+- A connection joining a channel is first *joining*: live publications are buffered for it while
+  the broker reports the position (or the history to recover); then the answer, the missed
+  publications and the buffered ones newer than its start go out in one synchronous step. When
+  the channel is already live on this node, the node's last delivered position is the start and
+  the broker is not asked.
+- The node remembers the last offset it delivered per channel. A publication that skips offsets,
+  or a broker reconnect, triggers a *resync*: live publications are held while history fills the
+  gap. When history cannot fill it, the channel's connections are closed with 1012 so that they
+  reconnect and learn through recovery (`recovered: false`) that they must reload.
+- Broker subscriptions are reference-counted: the broker hears `subscribe` when the first local
+  connection joins a channel and `unsubscribe` when the last one leaves.
 """
 
 from __future__ import annotations
