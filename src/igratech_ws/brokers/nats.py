@@ -33,7 +33,10 @@ and the publisher reads again and retries (bounded). One stream holds every chan
 stream (and its server-side state and API calls) per game and user, which NATS does not scale to.
 
 Live delivery uses the stream's RePublish (NATS >= 2.9): the server republishes a message to
-``P.live.<token>`` only once it is stored, in stream order. A node holds one core subscription per
+``P.live.<token>`` only once it is stored, in stream order for one publishing connection; two
+messages stored from different connections were once seen republished swapped (CI, NATS 2.9.10),
+which the hub repairs as a gap (history fill, late duplicate dropped). A node holds one core
+subscription per
 channel its clients follow. Subscribing to the append subject instead would be wrong: core
 subscribers also receive publishes that the stream *refused*.
 
