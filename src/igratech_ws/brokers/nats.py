@@ -36,9 +36,8 @@ Live delivery uses the stream's RePublish (NATS >= 2.9): the server republishes 
 ``P.live.<token>`` only once it is stored, in stream order for one publishing connection; two
 messages stored from different connections were once seen republished swapped (CI, NATS 2.9.10),
 which the hub repairs as a gap (history fill, late duplicate dropped). A node holds one core
-subscription per
-channel its clients follow. Subscribing to the append subject instead would be wrong: core
-subscribers also receive publishes that the stream *refused*.
+subscription per channel its clients follow. Subscribing to the append subject instead would be
+wrong: core subscribers also receive publishes that the stream *refused*.
 
 Epochs. The first message of a channel's (empty) subject picks a random epoch, and every later
 message copies it. When the channel's messages are all gone (idle longer than ``MaxAge``, or the
