@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from igratech_ws.app import running_app
+from tests.brokers.conftest import _delete_nats_streams as _delete_nats_stream
+from tests.brokers.conftest import _delete_redis_keys
 from tests.e2e.conftest import base_config, connect, incident, publish, recv, recv_event
 from tests.e2e.conftest import settings as ws_settings
 
@@ -48,31 +50,6 @@ class Client:
     epoch: str = ""
     offset: int = 0
     top: int = 0  # offsets published so far on the channel
-
-
-async def _delete_redis_keys(url: str, prefix: str) -> None:
-    from redis.asyncio import Redis
-
-    client = Redis.from_url(url)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
-async def _delete_nats_stream(url: str, prefix: str) -> None:
-    import nats
-
-    from igratech_ws.brokers.nats import stream_name
-
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
-    try:
-        with contextlib.suppress(Exception):  # absent stream: nothing to clean
-            await nc.jetstream().delete_stream(stream_name(prefix))
-    finally:
-        await nc.close()
 
 
 def _broker_url(kind: str, base: str | None, namespace: str) -> str:
