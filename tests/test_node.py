@@ -20,7 +20,7 @@ from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.core.messages import SettingsRequest
 from igratech_ws.core.session import Session, SettingsPlan
 from igratech_ws.node import MAX_QUEUED_SETTINGS, Node
-from tests.test_hub import RecordingBroker, settle, split_frames
+from tests.test_hub import FakeSubscriber, RecordingBroker, settle, split_frames
 
 INCIDENT = json.dumps(
     {"gameId": "g-1", "incidentId": "i-1", "type": "goal", "occurredAt": "2026-11-23T19:45:00Z"}
@@ -29,12 +29,13 @@ NOW = 1_800_000_000.0  # wall clock of the tests (Unix seconds)
 MONO = 5_000.0  # monotonic clock of the tests
 
 
-class FakeConnection:
+class FakeConnection(FakeSubscriber):
     """A client connection as the node sees it; closes like the real transport does."""
 
     def __init__(
         self, node: Node, session: Session, *, connected_at: float, address: str = "10.0.0.1"
     ) -> None:
+        super().__init__(f"{session.user_id}@{connected_at}")
         self.node = node
         self.session = session
         self.connected_at = connected_at
@@ -46,20 +47,9 @@ class FakeConnection:
         self.expires_at: float | None = None
         self.last_seen = MONO
         self.settings_queue: deque[tuple[SettingsPlan, bool]] | None = None
-        self.pending: list[bytes] | None = None
-        self.open = True
-        self.writes: list[bytes] = []
-        self.closes: list[CloseCode] = []
 
     def __repr__(self) -> str:
         return f"FakeConnection({self.session.user_id}, {self.connected_at})"
-
-    @property
-    def is_open(self) -> bool:
-        return self.open
-
-    def write_wire(self, data: bytes) -> None:
-        self.writes.append(data)
 
     def close_with(self, code: CloseCode) -> None:
         if not self.session.begin_close():

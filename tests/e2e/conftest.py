@@ -7,7 +7,10 @@ also proves that the server's real output matches the contract.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -130,3 +133,37 @@ def balance(user: str, amount: str) -> dict[str, Any]:
         "userId": user,
         "data": {"balance": amount, "currency": "EUR", "updatedAt": NOW, "reason": "bet_settled"},
     }
+
+
+def raw_upgrade(port: int, *, query: str = "", rcvbuf: int | None = None) -> socket.socket:
+    """A blocking raw socket past a valid upgrade; the 101 answer is read byte by byte so that no
+    frame pushed right after it is consumed. `rcvbuf` (set before connecting) keeps the
+    advertised TCP window small, for a client that will stop reading."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /wspublic{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, head
+        head += byte
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def rss_kib() -> int:
+    """This process's resident memory (the in-process server's), in KiB."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")

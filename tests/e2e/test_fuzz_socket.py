@@ -9,7 +9,6 @@ its pushes. The close code each case gets is listed in docs/reliability.md.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import socket
 import struct
@@ -23,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from igratech_ws.app import App
-from tests.e2e.conftest import connect, incident, publish, recv_event, send
+from tests.e2e.conftest import connect, incident, publish, raw_upgrade, recv_event, rss_kib, send
 from tests.e2e.conftest import settings as ws_settings
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
@@ -58,21 +57,9 @@ CLIENT_CLOSE = frame(0x8, struct.pack("!H", 1000))
 
 
 def handshake(port: int) -> socket.socket:
-    """A raw socket past a valid upgrade (the 101 answer read byte by byte)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            "GET /wspublic HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        byte = sock.recv(1)
-        assert byte, head
-        head += byte
-    assert head.startswith(b"HTTP/1.1 101"), head
+    """A raw socket past a valid upgrade, with the test's timeout."""
+    sock = raw_upgrade(port)
+    sock.settimeout(WAIT_S)
     return sock
 
 
@@ -158,14 +145,6 @@ def raw_case(port: int, data: bytes) -> bytes:
         return answer + b"<still open>"
     finally:
         sock.close()
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 async def in_thread(function: Callable[..., Any], *args: Any) -> Any:

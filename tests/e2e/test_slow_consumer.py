@@ -10,9 +10,7 @@ game only the stuck client follows (in batches), while the shared game gets a st
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -23,7 +21,7 @@ import aiohttp
 import picows
 
 from igratech_ws.app import App
-from tests.e2e.conftest import API_KEY, incident
+from tests.e2e.conftest import API_KEY, incident, raw_upgrade, rss_kib
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
 
@@ -32,38 +30,11 @@ SHARED_MESSAGES = 200
 WAIT_S = 30.0  # bound of every wait; the test never asserts on speed
 
 
-def rss_kib() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 def stuck_client(app: App, games: list[str]) -> socket.socket:
-    """A blocking raw socket after a hand-made handshake; the caller must never read from it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    # Before connect, so the advertised window stays small.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(5)
-    sock.connect(("127.0.0.1", app.port))
-    query = quote(json.dumps({"games": games}))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /wspublic?settings={query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
+    """A raw socket following `games`, with a small receive window; the caller never reads it."""
+    return raw_upgrade(
+        app.port, query="?settings=" + quote(json.dumps({"games": games})), rcvbuf=4096
     )
-    # Read the 101 answer byte by byte so that no pushed frame is consumed with it.
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        byte = sock.recv(1)
-        assert byte, head
-        head += byte
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
 
 
 class Reader(picows.WSListener):
