@@ -109,3 +109,37 @@ def test_two_workers_share_the_ports_and_drain_on_sigterm(redis_url: str) -> Non
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_token_mints_a_token_the_server_accepts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from igratech_ws.auth import TokenVerifier
+
+    monkeypatch.setenv("IGRATECH_WS_JWT_SECRET", "t" * 40)
+    assert main(["token", "--user", "u-42", "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert TokenVerifier(secret="t" * 40).verify(token).user_id == "u-42"
+    monkeypatch.delenv("IGRATECH_WS_JWT_SECRET")
+    assert main(["token", "--user", "u-42"]) == 2
+
+
+async def test_publish_goes_through_the_api_and_reports_validation_errors(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import json
+
+    from igratech_ws.app import running_app
+
+    monkeypatch.setenv("IGRATECH_WS_API_KEY", "cli-key")
+    config = Config(host="127.0.0.1", port=0, api_port=0, api_key="cli-key")
+    data = {"balance": "10.00", "currency": "EUR", "updatedAt": "2026-11-23T19:45:00Z"}
+    async with running_app(config) as app:
+        args = ["publish", "--api", app.api_url, "--event", "balance", "--user", "u-1"]
+        assert await asyncio.to_thread(main, [*args, "--data", json.dumps(data)]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert (answer["channel"], answer["offset"]) == ("user:u-1", 1)
+        bad = {**data, "balance": 10}
+        assert await asyncio.to_thread(main, [*args, "--data", json.dumps(bad)]) == 1
+        assert '"field":"data.balance"' in capsys.readouterr().err
