@@ -1,4 +1,5 @@
-"""Resume decisions: recovered iff the epoch matches and history covers (client offset, top]."""
+"""Resume decisions: recovered iff history covers (client offset, top] in the client's epoch, or
+from offset 0 in any epoch (D1); paged replays agree with the whole-history decision."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igratech_ws.core.recovery import RecoveryOutcome, decide_recovery
+from igratech_ws.core.recovery import (
+    EMPTY_EPOCH,
+    RecoveryOutcome,
+    continues,
+    decide_recovery,
+    resumable,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,14 @@ def test_up_to_date_client_recovers_nothing() -> None:
 
 def test_empty_stream_from_zero() -> None:
     assert decide_recovery(0, "e", "e", 0, []) == RecoveryOutcome(True, [])
+
+
+def test_offset_zero_recovers_whatever_the_epoch() -> None:
+    # A client that joined before the stream existed holds (0, "none"): it has seen nothing.
+    assert decide_recovery(0, EMPTY_EPOCH, "e", 2, pubs(1, 2)) == RecoveryOutcome(True, pubs(1, 2))
+    assert decide_recovery(0, "old", "e", 0, []) == RecoveryOutcome(True, [])
+    # ... but only when history still holds offset 1.
+    assert decide_recovery(0, EMPTY_EPOCH, "e", 3, pubs(2, 3)) == RecoveryOutcome(False, [])
 
 
 def test_other_epoch_is_not_recovered() -> None:
@@ -73,7 +88,7 @@ def test_broker_windows(top: int, data: st.DataObject, same_epoch: bool) -> None
     outcome = decide_recovery(client, "e1", "e1" if same_epoch else "e2", top, history)
     wanted = list(range(client + 1, top + 1))
     covered = client <= top and (client + 1 >= low or client == top) and len(wanted) <= limit
-    assert outcome.recovered is (same_epoch and covered)
+    assert outcome.recovered is ((same_epoch or client == 0) and covered)
     if outcome.recovered:
         assert [p.offset for p in outcome.missed] == wanted
         assert all(p is q for p, q in zip(outcome.missed, history[: len(wanted)], strict=True))
@@ -96,7 +111,59 @@ def test_arbitrary_histories(
     outcome = decide_recovery(client, epochs[0], epochs[1], top, history)
     later = [o for o in offsets if o > client]
     expected = (
-        epochs[0] == epochs[1] and client <= top and later == list(range(client + 1, top + 1))
+        (epochs[0] == epochs[1] or client == 0)
+        and client <= top
+        and later == list(range(client + 1, top + 1))
     )
     assert outcome.recovered is expected
     assert [p.offset for p in outcome.missed] == (later if expected else [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    top=st.integers(0, 60),
+    data=st.data(),
+    epochs=st.sampled_from([("e", "e"), ("old", "e"), (EMPTY_EPOCH, "e")]),
+)
+def test_a_paged_replay_agrees_with_the_whole_history(
+    top: int, data: st.DataObject, epochs: tuple[str, str]
+) -> None:
+    """What the hub does (decide on the first page, check every next page with `continues`,
+    abandon when one does not) delivers exactly what `decide_recovery` on the whole history
+    would, or is abandoned, which the hub turns into a close (the next resume is not recovered).
+
+    History may be trimmed between pages (`trim_at`), as a broker's size or age bound does."""
+    low = data.draw(st.integers(1, top + 1), label="oldest kept offset")
+    client = data.draw(st.integers(0, top + 3), label="client offset")
+    limit = data.draw(st.integers(0, 80), label="recovery limit")
+    page_size = data.draw(st.integers(1, 7), label="page size")
+    trim_at = data.draw(st.integers(0, 10), label="pages before history is trimmed")
+    trimmed_low = data.draw(st.integers(low, top + 2), label="oldest kept after the trim")
+
+    def history(after: int, count: int, pages_read: int) -> list[Pub]:
+        oldest = trimmed_low if pages_read >= trim_at else low
+        return [Pub(o) for o in range(max(after + 1, oldest), top + 1)][:count]
+
+    whole = decide_recovery(client, epochs[0], epochs[1], top, history(client, limit, 0))
+    first = history(client, page_size, 0)
+    start = resumable(client, epochs[0], epochs[1], top, first[0].offset if first else None, limit)
+    assert start is whole.recovered
+    if not start:
+        return
+    delivered: list[int] = []
+    cursor, page, pages = client, first, 1
+    abandoned = False
+    while cursor < top:
+        if not page or not continues(cursor, page):
+            abandoned = True
+            break
+        delivered += [p.offset for p in page]
+        cursor = page[-1].offset
+        page = history(cursor, page_size, pages)
+        pages += 1
+    if abandoned:
+        # Never a silent hole: what was delivered is a gap-free prefix of what was missed.
+        assert delivered == [p.offset for p in whole.missed][: len(delivered)]
+        assert pages > trim_at  # only a trim abandons a replay that could start
+    else:
+        assert delivered == [p.offset for p in whole.missed]

@@ -2,14 +2,26 @@
 
 A stream position is (offset, epoch). Offsets grow by one per publication in a channel; the epoch
 names one life of the stream and changes when the stream is lost (broker restarted without
-persistence, history evicted). Recovery succeeds only within one epoch and only when history still
-holds every publication after the client's offset.
+persistence, history evicted). Recovery succeeds only when history still holds every publication
+after the client's offset, and within one epoch, except from offset 0: a client at offset 0 has
+seen nothing of any life of the stream, so whatever epoch it holds (`EMPTY_EPOCH` for a channel
+that had no stream when it joined), it recovers iff history holds offsets 1..top.
+
+A replay may be delivered in pages (the hub does, so that its memory stays bounded): the decision
+is taken on the first page (`resumable`), and every later page must continue the sequence exactly
+(`continues`); a page that does not means history was trimmed under the replay, which must then be
+abandoned (the client's next resume is told `recovered: false`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
+
+#: The epoch reported for a channel that has no stream (never published, or expired): position
+#: (0, EMPTY_EPOCH). A real stream's epoch is never this word.
+EMPTY_EPOCH = "none"
 
 
 class HasOffset(Protocol):
@@ -28,6 +40,41 @@ class RecoveryOutcome(Generic[P]):
     missed: list[P]
 
 
+def same_life(client_offset: int, client_epoch: str, stream_epoch: str) -> bool:
+    """Whether a client at (`client_offset`, `client_epoch`) can continue the stream of
+    `stream_epoch`: the epochs match, or the client has seen nothing yet (offset 0)."""
+    return client_offset == 0 or client_epoch == stream_epoch
+
+
+def resumable(
+    client_offset: int,
+    client_epoch: str,
+    stream_epoch: str,
+    stream_top: int,
+    first_offset: int | None,
+    limit: int,
+) -> bool:
+    """Whether a replay can bring a client at (`client_offset`, `client_epoch`) up to `stream_top`.
+
+    `first_offset` is the offset of the first publication history returned after `client_offset`
+    (None: it returned none); `limit` caps how many publications one replay may deliver. The caller
+    replays in pages and checks each with `continues`.
+    """
+    if not same_life(client_offset, client_epoch, stream_epoch):
+        return False
+    if client_offset > stream_top or stream_top - client_offset > limit:
+        return False
+    return client_offset == stream_top or first_offset == client_offset + 1
+
+
+def continues(cursor: int, publications: Sequence[HasOffset]) -> bool:
+    """Whether `publications` are exactly offsets `cursor`+1, `cursor`+2, ... (empty: True)."""
+    for expected, publication in enumerate(publications, start=cursor + 1):
+        if publication.offset != expected:
+            return False
+    return True
+
+
 def decide_recovery(
     client_offset: int,
     client_epoch: str,
@@ -41,14 +88,9 @@ def decide_recovery(
     `stream_top` (the offset of the newest publication). The caller sends `missed` before any live
     publication with a greater offset and drops live ones it already sent.
     """
-    if client_epoch != stream_epoch or client_offset > stream_top:
+    if not same_life(client_offset, client_epoch, stream_epoch) or client_offset > stream_top:
         return RecoveryOutcome(False, [])
     missed = [p for p in history if p.offset > client_offset]
-    expected = stream_top - client_offset
-    if len(missed) != expected:
+    if len(missed) != stream_top - client_offset or not continues(client_offset, missed):
         return RecoveryOutcome(False, [])
-    # History must be gap-free and ordered: offsets client_offset+1 .. stream_top.
-    for index, publication in enumerate(missed, start=client_offset + 1):
-        if publication.offset != index:
-            return RecoveryOutcome(False, [])
     return RecoveryOutcome(True, missed)
