@@ -20,8 +20,11 @@ from hypothesis import strategies as st
 from igratech_ws.contract import validate_frame
 from igratech_ws.core import channels
 from igratech_ws.core.codec import (
+    DECODE_FAILURES,
     ProtocolError,
     decode_client_frame,
+    decode_failure,
+    decode_json,
     decode_payload,
     encode,
     event_frame,
@@ -354,6 +357,129 @@ def test_decode_payload_of_bad_json() -> None:
     with pytest.raises(ProtocolError) as caught:
         decode_payload("incident", b"{not json")
     assert (caught.value.code, caught.value.event) == ("bad_json", "incident")
+
+
+# --- every decode failure is a documented error (issue 9, item 5) ----------------------------
+
+
+def _nested(depth: int, open_: bytes = b"[", close: bytes = b"]", inner: bytes = b"") -> bytes:
+    return open_ * depth + inner + close * depth
+
+
+@pytest.mark.parametrize("depth", [999, 1000, 5000, 30_000])
+@pytest.mark.parametrize(
+    ("template", "code", "event"),
+    [
+        (b'{"event":"ping","data":%s}', "bad_message", None),
+        (b'{"event":"ping","data":{"ts":%s}}', "bad_message", None),
+        (b'{"event":"settings","data":{"games":%s}}', "bad_message", None),
+        (b"%s", "bad_message", None),
+    ],
+)
+def test_deep_nesting_in_a_frame_is_an_error_event_not_a_crash(
+    depth: int, template: bytes, code: str, event: str | None
+) -> None:
+    """On main a 30,000-deep array escaped as RecursionError: the socket closed with 1011 and a
+    traceback was logged. Whatever the depth, it is an `error` the client can read."""
+    for body in (_nested(depth), _nested(depth, b'{"a":', b"}", b"1")):
+        frame = template % body
+        error = _error(frame)
+        assert error.code in ("bad_json", "bad_message", "invalid_settings"), error.code
+        assert len(error.to_data().message) <= 500
+
+
+@pytest.mark.parametrize("event", sorted(PUBLISHED_EVENTS))
+def test_deep_nesting_in_a_published_payload_is_bad_message(event: str) -> None:
+    """The HTTP API's payload validation goes through `decode_payload`: a 999-deep body is a 400
+    with `bad_message`, never an exception (main answered 500)."""
+    with pytest.raises(ProtocolError) as caught:
+        decode_payload(event, b'{"x":' + _nested(999) + b"}")
+    assert caught.value.code in ("bad_message", "bad_json")
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (RecursionError("maximum recursion depth exceeded"), "invalid_settings"),
+        (MemoryError(), "invalid_settings"),
+        (msgspec.DecodeError("JSON is malformed"), "bad_json"),
+        (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), "bad_json"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "bad_json"),
+    ],
+)
+def test_decode_failure_maps_every_failure_msgspec_raises(exc: Exception, code: str) -> None:
+    assert isinstance(exc, DECODE_FAILURES)
+    error = decode_failure(exc, what="Body", bad_code="invalid_settings", event="settings")
+    assert (error.code, error.event) == (code, "settings")
+
+
+def test_decode_json_names_the_field_with_its_prefix() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_json(
+            msgspec.json.Decoder(SettingsRequest),
+            b'{"games":[1]}',
+            what="Body",
+            bad_code="invalid_settings",
+            field_prefix="settings.",
+        )
+    assert (caught.value.code, caught.value.field) == ("invalid_settings", "settings.games[0]")
+    assert caught.value.message.endswith("at settings.games[0]")
+
+
+_JSONISH = st.lists(
+    st.sampled_from(
+        [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b'"',
+            b":",
+            b",",
+            b"1",
+            b"-",
+            b"e",
+            b"1e999999",
+            b"null",
+            b"true",
+            b'"\\ud800"',
+            b'"event"',
+            b'"data"',
+            b'"ping"',
+            b'"settings"',
+            b'"games"',
+            b"\xff",
+            b"\xed\xa0\x80",
+            b" ",
+            b"0.",
+            b"NaN",
+            b"[" * 1200,
+            b'{"a":' * 1200,
+            b"18446744073709551616",
+            b'"recover"',
+            b'"offset"',
+            b'"epoch"',
+            b'"ts"',
+        ]
+    ),
+    max_size=30,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=_JSONISH, as_text=st.booleans())
+def test_fuzzed_input_only_ever_raises_protocol_error(raw: bytes, as_text: bool) -> None:
+    """Whatever a client or the backend sends, decoding raises `ProtocolError` or succeeds."""
+    frame: bytes | str = raw.decode("utf-8", "surrogateescape") if as_text else raw
+    try:
+        decode_client_frame(frame)
+    except ProtocolError as error:
+        assert error.code in ("bad_json", "bad_message", "unknown_event", "invalid_settings")
+    for event in (*CLIENT_EVENTS, *PUBLISHED_EVENTS):
+        try:
+            decode_payload(event, frame)
+        except ProtocolError as error:
+            assert error.code in ("bad_json", "bad_message")
 
 
 def test_split_validation_error() -> None:

@@ -10,7 +10,7 @@ Server pushes of a channel are encoded once per publication (not once per subscr
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -22,6 +22,7 @@ from igratech_ws.core.messages import (
 )
 
 _encoder = msgspec.json.Encoder()
+T = TypeVar("T")
 # msgspec ends a validation message with "- at `$.path`", or "- at `key` in `$.path`" for a key.
 _FIELD_RE = re.compile(r" - at (?:`key` in )?`\$\.?(?P<path>[^`]*)`$")
 
@@ -70,21 +71,74 @@ def split_validation_error(error: msgspec.ValidationError) -> tuple[str, str | N
     return text[: match.start()], match.group("path") or None
 
 
+#: Every exception msgspec's JSON decoder raises for what it is given (found by fuzzing it with
+#: malformed, deeply nested and non-UTF-8 input; tests/core/test_codec.py keeps fuzzing it):
+#: `ValidationError` (valid JSON that breaks the type), `DecodeError` (not JSON), `UnicodeError`
+#: (a `str` holding a lone surrogate cannot be UTF-8), `RecursionError` (nesting deeper than the
+#: interpreter's recursion limit allows: about 1000 levels less the caller's stack depth, so it
+#: is not a fixed number), and `MemoryError`, which one oversized input must not turn into a
+#: crash of the request or connection that carried it.
+DECODE_FAILURES = (msgspec.DecodeError, UnicodeError, RecursionError, MemoryError)
+
+
+def decode_failure(
+    exc: BaseException,
+    *,
+    what: str,
+    bad_code: ErrorCode = "bad_message",
+    event: str | None = None,
+    field_prefix: str = "",
+) -> ProtocolError:
+    """The one mapping of a decode failure (an exception of `DECODE_FAILURES`) to the documented
+    error: ``bad_json`` for input that is not JSON (or not UTF-8), `bad_code` for JSON that breaks
+    the schema or is nested too deeply, with the offending field (`field_prefix` + msgspec's path).
+
+    `what` names the input in the messages of undecodable input ("Frame", "Body", "Payload").
+    Used by every decoder of untrusted input: client frames, the handshake `settings` parameter
+    and the HTTP API (through `decode_json`).
+    """
+    if isinstance(exc, msgspec.ValidationError):
+        message, path = split_validation_error(exc)
+        field = (field_prefix + path if path else field_prefix.rstrip(".")) or None
+        where = f" at {field}" if field else ""
+        return ProtocolError(bad_code, f"{message}{where}", event=event, field=field)
+    if isinstance(exc, (RecursionError, MemoryError)):
+        return ProtocolError(
+            bad_code,
+            f"{what} is nested too deeply (or too large) to decode",
+            event=event,
+        )
+    if isinstance(exc, UnicodeError):
+        return ProtocolError("bad_json", f"{what} is not valid UTF-8 text", event=event)
+    return ProtocolError("bad_json", f"{what} is not valid JSON: {exc}", event=event)
+
+
+def decode_json(
+    decoder: msgspec.json.Decoder[T],
+    data: bytes | str | msgspec.Raw,
+    *,
+    what: str,
+    bad_code: ErrorCode = "bad_message",
+    event: str | None = None,
+    field_prefix: str = "",
+) -> T:
+    """`decoder.decode(data)`, raising only `ProtocolError` (see `decode_failure`)."""
+    try:
+        return decoder.decode(data)
+    except DECODE_FAILURES as exc:
+        raise decode_failure(
+            exc, what=what, bad_code=bad_code, event=event, field_prefix=field_prefix
+        ) from None
+
+
 def decode_client_frame(frame: bytes | str) -> tuple[str, Any]:
     """Decode one client text frame into (event, typed payload).
 
-    Raises `ProtocolError` with code ``bad_json`` (not JSON), ``bad_message`` (not an envelope),
-    ``unknown_event``, or ``invalid_settings`` / ``bad_message`` (payload breaks its schema).
+    Raises `ProtocolError` with code ``bad_json`` (not JSON), ``bad_message`` (not an envelope,
+    or nested too deeply), ``unknown_event``, or ``invalid_settings`` / ``bad_message`` (payload
+    breaks its schema).
     """
-    try:
-        envelope = _envelope_decoder.decode(frame)
-    except msgspec.ValidationError as exc:
-        message, field = split_validation_error(exc)
-        raise ProtocolError("bad_message", f"Invalid envelope: {message}", field=field) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError("bad_json", f"Frame is not valid JSON: {exc}") from None
-    except UnicodeEncodeError:  # a str frame holding a lone surrogate cannot be UTF-8
-        raise ProtocolError("bad_json", "Frame is not valid UTF-8 text") from None
+    envelope = decode_json(_envelope_decoder, frame, what="Frame")
     event = envelope.event
     if event not in CLIENT_EVENTS:
         raise ProtocolError(
@@ -100,7 +154,7 @@ def _bad_code(event: str) -> ErrorCode:
 
 
 def decode_payload(
-    event: str, data: bytes | msgspec.Raw, *, bad_code: ErrorCode = "bad_message"
+    event: str, data: bytes | str | msgspec.Raw, *, bad_code: ErrorCode = "bad_message"
 ) -> Any:
     """Decode and validate the payload of `event` (a client or published event).
 
@@ -109,14 +163,9 @@ def decode_payload(
     decoder = _payload_decoders.get(event)
     if decoder is None:
         raise ProtocolError("unknown_event", f"Unknown event {event[:64]!r}", event=event[:64])
-    try:
-        return decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        message, path = split_validation_error(exc)
-        field = f"data.{path}" if path else "data"
-        raise ProtocolError(bad_code, f"{message} at {field}", event=event, field=field) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError("bad_json", f"Payload is not valid JSON: {exc}", event=event) from None
+    return decode_json(
+        decoder, data, what="Payload", bad_code=bad_code, event=event, field_prefix="data."
+    )
 
 
 def encode(value: Any) -> bytes:
