@@ -262,9 +262,32 @@ def test_games_replace_the_followed_set(anon: Session) -> None:
 
 
 def test_games_are_deduplicated_in_order(anon: Session) -> None:
-    plan = plan_of(anon, games=["g-2", "g-1", "g-2", "g-1", "g-3"])
+    plan = plan_of(anon, games=["g-2", "g-1", "g-2"])
+    assert anon.games == ["g-2", "g-1"]
+    assert plan.add == ("game:g-2", "game:g-1")
+    plan = plan_of(anon, follow=["g-3", "g-1", "g-3"])
     assert anon.games == ["g-2", "g-1", "g-3"]
-    assert plan.add == ("game:g-2", "game:g-1", "game:g-3")
+    assert plan.add == ("game:g-3",)
+
+
+@pytest.mark.parametrize("name", ["games", "follow", "unfollow"])
+def test_a_list_longer_than_the_game_limit_is_refused_before_any_work(
+    anon: Session, name: str
+) -> None:
+    """Duplicates included: the bound is on what the client sent, checked before the work."""
+    plan_of(anon, games=["g-1"])
+    before = snapshot(anon)
+    with pytest.raises(ProtocolError) as caught:
+        anon.plan_settings(SettingsRequest(**{name: ["g-1"] * 4}))
+    assert (caught.value.code, caught.value.field) == ("too_many_games", f"data.{name}")
+    assert snapshot(anon) == before
+
+
+def test_a_recover_map_longer_than_the_limit_is_refused(user: Session) -> None:
+    recover = {f"game:g-{i}": StreamPositionData(offset=1, epoch="e") for i in range(6)}
+    with pytest.raises(ProtocolError) as caught:
+        user.plan_settings(SettingsRequest(recover=recover))
+    assert (caught.value.code, caught.value.field) == ("too_many_games", "data.recover")
 
 
 def test_empty_games_unfollows_everything(anon: Session) -> None:
@@ -365,8 +388,9 @@ def test_too_many_games_through_follow(anon: Session) -> None:
 
 
 def test_the_limit_counts_distinct_games_after_unfollow(anon: Session) -> None:
-    plan_of(anon, games=["a", "b", "c", "a", "b"])
-    plan_of(anon, games=["a", "b", "c", "d"], unfollow=["d"])
+    # Each list is within the limit; the result is counted after follow and unfollow.
+    plan_of(anon, games=["a", "b", "a"])
+    plan_of(anon, games=["a", "b", "c"], follow=["d"], unfollow=["d"])
     assert anon.games == ["a", "b", "c"]
 
 

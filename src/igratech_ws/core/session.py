@@ -136,32 +136,38 @@ class Session:
         the user's own channel, which is why that channel can only be recovered there. Raises
         `ProtocolError`
         (``invalid_settings``, ``too_many_games``, ``forbidden_channel``, ``recover_too_late``).
+
+        The work is linear in the size of the request, and a request with more ids in one list
+        (or more positions in `recover`) than a connection may follow games is refused before
+        any of it: a client inside the rate limit must not be able to buy CPU by the square.
         """
-        games = (
-            list(dict.fromkeys(request.games)) if request.games is not None else list(self.games)
-        )
-        for game in request.follow or ():
-            if game not in games:
-                games.append(game)
+        limit = self.max_games
+        for name in ("games", "follow", "unfollow"):
+            ids = getattr(request, name)
+            if ids is not None and len(ids) > limit:
+                raise self._too_many(f"data.{name}", len(ids))
+        # The user channel and `global` may be recovered besides the games.
+        if request.recover is not None and len(request.recover) > limit + 2:
+            raise self._too_many("data.recover", len(request.recover))
+
+        # Dicts as ordered sets: membership in O(1), order of first mention kept.
+        games = dict.fromkeys(request.games if request.games is not None else self.games)
+        if request.follow:
+            games.update(dict.fromkeys(request.follow))
         if request.unfollow:
-            dropped = set(request.unfollow)
-            games = [g for g in games if g not in dropped]
-        if len(games) > self.max_games:
-            raise ProtocolError(
-                "too_many_games",
-                f"A connection may follow at most {self.max_games} games ({len(games)} asked)",
-                event="settings",
-                field="data.games",
-            )
+            for game in request.unfollow:
+                games.pop(game, None)
+        if len(games) > limit:
+            raise self._too_many("data.games", len(games))
         stats = self.stats if request.stats is None else request.stats
 
-        wanted = [*self.own_channels(), *(channels.game_channel(g) for g in games)]
+        wanted = dict.fromkeys(self.own_channels())
+        wanted.update((channels.game_channel(g), None) for g in games)
         if stats:
-            wanted.append(channels.GLOBAL_CHANNEL)
+            wanted[channels.GLOBAL_CHANNEL] = None
         current = set(self.subscribed)
-        add = tuple(ch for ch in wanted if ch not in current)
-        wanted_set = set(wanted)
-        remove = tuple(ch for ch in self.subscribed if ch not in wanted_set)
+        add = {ch: None for ch in wanted if ch not in current}
+        remove = tuple(ch for ch in self.subscribed if ch not in wanted)
 
         recover: dict[str, tuple[int, str]] = {}
         for channel, position in (request.recover or {}).items():
@@ -173,7 +179,7 @@ class Session:
                     event="settings",
                     field=where,
                 )
-            if channel not in wanted_set:
+            if channel not in wanted:
                 raise ProtocolError(
                     "invalid_settings",
                     f"Cannot recover {channel[:80]!r}: it is not followed by these settings",
@@ -190,10 +196,18 @@ class Session:
                 )
             recover[channel] = (position.offset, position.epoch)
 
-        self.games = games
+        self.games = list(games)
         self.stats = stats
-        self.subscribed = [ch for ch in self.subscribed if ch in wanted_set] + list(add)
-        return SettingsPlan(add=add, remove=remove, recover=recover)
+        self.subscribed = [ch for ch in self.subscribed if ch in wanted] + list(add)
+        return SettingsPlan(add=tuple(add), remove=remove, recover=recover)
+
+    def _too_many(self, field: str, asked: int) -> ProtocolError:
+        return ProtocolError(
+            "too_many_games",
+            f"A connection may follow at most {self.max_games} games ({asked} asked in {field})",
+            event="settings",
+            field=field,
+        )
 
     def settings_answer(self, states: list[ChannelState]) -> bytes:
         """The `settings` frame (AsyncAPI `publish-settings`) with the positions now in force."""
