@@ -24,20 +24,39 @@ from igratech_ws.brokers.base import (
 from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.core.codec import event_frame
-from igratech_ws.hub import Hub
+from igratech_ws.core.recovery import EMPTY_EPOCH
+from igratech_ws.hub import Hub, Outbox
 
 CH = "game:g-1"
 
 
 class FakeSubscriber:
-    """A connection as the hub sees it, recording every write and close."""
+    """A connection as the hub sees it, recording every write and close.
 
-    def __init__(self, name: str) -> None:
+    `backlog` plays the socket's write buffer: what `write_wire` wrote stays there (counted
+    against the budget) while `reading` is False; a reading client drains it at once.
+    """
+
+    def __init__(self, name: str, *, reading: bool = True) -> None:
         self.name = name
-        self.pending: list[bytes] | None = None
+        self.pending: Outbox | None = None
         self.open = True
         self.writes: list[bytes] = []
         self.closes: list[CloseCode] = []
+        self.reading = reading
+        self.backlog = 0
+
+    def backlog_bytes(self) -> int:
+        return self.backlog
+
+    def drain(self, hub: Hub | None = None) -> None:
+        """The client read everything: the socket buffer is empty (and the hub is told)."""
+        self.backlog = 0
+        if hub is not None:
+            hub.on_writable(self)
+
+    def queued(self) -> list[bytes]:
+        return [] if self.pending is None else list(self.pending.frames)
 
     def __repr__(self) -> str:
         return f"FakeSubscriber({self.name})"
@@ -48,6 +67,8 @@ class FakeSubscriber:
 
     def write_wire(self, data: bytes) -> None:
         self.writes.append(data)
+        if not self.reading:
+            self.backlog += len(data)
 
     def close_with(self, code: CloseCode) -> None:
         self.closes.append(code)
@@ -62,10 +83,13 @@ class FakeSubscriber:
 
 
 def split_frames(wire: bytes) -> list[bytes]:
+    """The payloads of the text frames in `wire` (RFC 6455 5.2, unmasked server frames); control
+    frames (a pong queued through `send_wire`) are skipped."""
     payloads = []
     at = 0
     while at < len(wire):
-        assert wire[at] == 0x81
+        opcode = wire[at] & 0x0F
+        assert wire[at] & 0x80 and opcode in (0x1, 0x8, 0x9, 0xA), wire[at : at + 8]
         length = wire[at + 1]
         at += 2
         if length == 126:
@@ -74,7 +98,8 @@ def split_frames(wire: bytes) -> list[bytes]:
         elif length == 127:
             length = int.from_bytes(wire[at : at + 8], "big")
             at += 8
-        payloads.append(wire[at : at + length])
+        if opcode == 0x1:
+            payloads.append(wire[at : at + length])
         at += length
     return payloads
 
@@ -166,11 +191,10 @@ async def test_one_encoding_per_publication_shared_by_all_subscribers(
     for sub in subs:
         await join(hub, sub)
     publish(broker, 2)
-    first = subs[0].pending
-    assert first is not None and len(first) == 2
+    first = subs[0].queued()
+    assert len(first) == 2
     for sub in subs[1:]:
-        assert sub.pending is not None
-        assert all(mine is theirs for mine, theirs in zip(sub.pending, first, strict=True))
+        assert all(mine is theirs for mine, theirs in zip(sub.queued(), first, strict=True))
     await settle()
     for sub in subs:
         assert sub.pending is None
@@ -264,15 +288,19 @@ async def test_join_with_recovery_delivers_missed_then_buffered_none_twice(
     broker.gate.set()
     result = await joining
     assert result.state.recovered is True
-    assert (result.state.offset, [p.offset for p in result.missed]) == (5, [2, 3, 4, 5])
-    publish(broker, 1)  # 6: after history was read, before the answer: buffered only
+    # The join reads one publication to decide; the rest is replayed after the answer.
+    assert (result.state.offset, [p.offset for p in result.missed]) == (5, [2])
+    publish(broker, 1)  # 6: after history was read, before the answer: in history
     hub.send(a, event_frame("settings", {"games": ["g-1"], "stats": False, "channels": []}))
     hub.finish_join(a, result)
-    publish(broker, 1)  # 7: live
+    publish(broker, 1)  # 7: live, while the replay reads history
     await settle()
     assert a.frames()[0]["event"] == "settings"
     assert a.offsets() == [2, 3, 4, 5, 6, 7]
     assert hub.position_of(a, CH) == (7, epoch)
+    publish(broker, 1)
+    await settle()
+    assert a.offsets() == [2, 3, 4, 5, 6, 7, 8]
 
 
 async def test_join_without_recovery_skips_what_was_buffered_before_the_top(
@@ -317,21 +345,28 @@ async def test_a_second_subscriber_joins_a_live_channel(hub: Hub, broker: Record
     assert broker.calls.count(("subscribe", CH)) == 1
 
 
-async def test_join_buffer_bound_closes_with_1013(broker: RecordingBroker) -> None:
-    hub = await make_hub(broker, join_buffer_limit=3)
+@pytest.mark.parametrize("bounds", [{"join_buffer_limit": 3}, {"join_buffer_bytes": 3 * (120 + 8)}])
+async def test_a_join_buffer_past_its_bound_is_dropped_and_replayed_from_history(
+    broker: RecordingBroker, bounds: dict[str, int]
+) -> None:
+    """What a join holds is bounded in count and in bytes; past the bound it holds nothing and
+    catches up from history after the answer: no close, no gap, no duplicate."""
+    hub = await make_hub(broker, **bounds)
     try:
         a, b = FakeSubscriber("a"), FakeSubscriber("b")
         await join(hub, b)
-        result = await hub.join(a, CH, None)  # answer not sent yet: publications are buffered
+        result = await hub.join(a, CH, None)  # answer not sent yet: publications are held
         publish(broker, 3)
-        assert a.closes == []
+        assert len(hub._joining[CH][a].buffer) == 3
+        publish(broker, 2)
+        assert hub._joining[CH][a].buffer == []  # overflowed: nothing held any more
+        hub.finish_join(a, result)
         publish(broker, 1)
-        assert a.closes[0] is CloseCode.TRY_AGAIN_LATER
-        hub.leave(a, CH)  # what the node does when the transport reports the close
-        hub.finish_join(a, result)  # late: ignored
         await settle()
-        assert a.writes == []
-        assert b.offsets() == [1, 2, 3, 4]
+        assert a.closes == []
+        assert a.offsets() == [1, 2, 3, 4, 5, 6]
+        assert b.offsets() == [1, 2, 3, 4, 5, 6]
+        assert hub.position_of(a, CH) == (6, result.state.epoch)
     finally:
         await hub.close()
 
@@ -561,3 +596,303 @@ async def test_joining_a_live_channel_needs_no_broker_round_trip(
     await settle()
     assert all(s.offsets() == [4, 5] for s in others)
     assert first.offsets() == [1, 2, 3, 4, 5]
+
+
+# --- the outbound budget (D7) -------------------------------------------------------------------
+
+
+BIG = 20_000  # bytes of payload per publication in the budget tests
+
+
+def publish_big(broker: MemoryBroker, count: int, channel: str = CH) -> list[Publication]:
+    body = json.dumps({"pad": "x" * BIG}).encode()
+    return [broker.publish_now(channel, "bet", body) for _ in range(count)]
+
+
+async def test_every_queued_byte_counts_against_the_budget_with_the_socket_backlog(
+    broker: RecordingBroker,
+) -> None:
+    """Queued frames plus the socket's buffer stay within `max_buffer_bytes`; the frame that
+    would pass it makes the connection a slow consumer: dropped, closed 1013 on the next tick
+    (never inside the fan-out loop), and the other followers are not affected."""
+    hub = await make_hub(broker, max_buffer_bytes=100_000)
+    try:
+        slow, fast = FakeSubscriber("slow", reading=False), FakeSubscriber("fast")
+        await join(hub, slow)
+        await join(hub, fast)
+        publish_big(broker, 3)  # 3 x ~20 KB: queued this tick
+        await settle()
+        assert slow.backlog > 60_000 and slow.closes == []
+        publish_big(broker, 2)  # 60 KB in the socket + 2 x 20 KB queued: over 100 KB
+        assert slow.closes == []  # not from inside the fan-out
+        await settle()
+        assert slow.closes == [CloseCode.TRY_AGAIN_LATER]
+        # The 4th fitted (what was queued went to the socket first); the 5th did not.
+        assert slow.offsets() == [1, 2, 3, 4]
+        assert slow.backlog <= 100_000
+        assert fast.offsets() == [1, 2, 3, 4, 5]
+        assert hub.slow_consumers == 1
+    finally:
+        await hub.close()
+
+
+async def test_send_wire_is_the_one_path_for_control_frames(broker: RecordingBroker) -> None:
+    """Pongs the transport builds go through `send_wire`: in order with pushes, and budgeted
+    (on main the automatic pongs of a client sending pings were written past the bound)."""
+    hub = await make_hub(broker, max_buffer_bytes=10_000)
+    try:
+        a = FakeSubscriber("a", reading=False)
+        await join(hub, a)
+        publish(broker, 1)
+        pong = b"\x8a\x04ping"
+        hub.send_wire(a, pong)
+        publish(broker, 1)
+        await settle()
+        assert b"".join(a.writes).count(pong) == 1
+        assert a.offsets() == [1, 2]
+        for _ in range(10_000 // len(pong)):
+            hub.send_wire(a, pong)
+        await settle()
+        assert a.closes == [CloseCode.TRY_AGAIN_LATER]
+        assert a.backlog <= 10_000
+    finally:
+        await hub.close()
+
+
+async def test_a_closed_slow_consumer_keeps_nothing_queued(broker: RecordingBroker) -> None:
+    hub = await make_hub(broker, max_buffer_bytes=30_000)
+    try:
+        a = FakeSubscriber("a", reading=False)
+        await join(hub, a)
+        publish_big(broker, 3)
+        assert a.queued() == []  # dropped at once, not when the close comes
+        written = list(a.writes)  # what fitted went to the socket first
+        await settle()
+        assert a.closes == [CloseCode.TRY_AGAIN_LATER]
+        publish_big(broker, 3)
+        await settle()
+        assert a.queued() == [] and a.writes == written
+    finally:
+        await hub.close()
+
+
+# --- recovery replayed in pages as the socket drains --------------------------------------------
+
+
+async def test_a_replay_to_a_client_that_does_not_read_stays_within_a_quarter_of_the_budget(
+    broker: RecordingBroker,
+) -> None:
+    """On main the whole replay was queued at once: 30 such clients recovering 1,000 large
+    publications grew the server by ~900 MB. Here a replay queues a page, waits for the socket
+    to drain below a quarter of the budget, and goes on: exactly once and in order."""
+    hub = await make_hub(broker, max_buffer_bytes=400_000, recovery_limit=1000)
+    try:
+        published = publish_big(broker, 100)  # ~2 MB of history
+        a = FakeSubscriber("a", reading=False)
+        result = await join(hub, a, CH, (0, published[0].epoch))
+        assert result.state.recovered is True and result.state.offset == 100
+        await settle(200)
+        stalled = a.offsets()
+        assert 0 < len(stalled) < 100
+        peak = a.backlog
+        assert peak < 100_000 + 300_000  # below low water, plus at most one page
+        for _ in range(100):  # the client reads, a little at a time
+            if len(a.offsets()) == 100:
+                break
+            a.drain(hub)
+            await settle(50)
+            peak = max(peak, a.backlog)
+        assert a.offsets() == list(range(1, 101))
+        assert peak <= hub.low_water + hub.page_bytes + BIG
+        assert a.closes == []
+        publish_big(broker, 1)  # then live
+        a.drain(hub)
+        await settle()
+        assert a.offsets() == list(range(1, 102))
+        assert hub._replays == {} and hub._writable_waiters == {}
+    finally:
+        await hub.close()
+
+
+async def test_live_publications_during_a_replay_are_handed_over_without_gap_or_duplicate(
+    broker: RecordingBroker,
+) -> None:
+    hub = await make_hub(broker, max_buffer_bytes=200_000)
+    try:
+        published = publish_big(broker, 30)
+        follower = FakeSubscriber("live")
+        await join(hub, follower)  # the channel is live on this node
+        a = FakeSubscriber("a", reading=False)
+        await join(hub, a, CH, (0, published[0].epoch))
+        for _ in range(60):
+            publish_big(broker, 1)  # live, while the replay waits for the socket
+            a.drain(hub)
+            await settle(10)
+        for _ in range(50):
+            a.drain(hub)
+            await settle(10)
+        assert a.offsets() == list(range(1, 91))
+        assert follower.offsets() == list(range(31, 91))
+        assert CH in hub._live and a in hub._live[CH]
+    finally:
+        await hub.close()
+
+
+async def test_a_replay_history_no_longer_holds_closes_the_connection(
+    broker: RecordingBroker,
+) -> None:
+    """History trimmed under a replay: the connection is closed so that its next resume tells
+    it `recovered: false`; what it received is a gap-free prefix."""
+    small = RecordingBroker(limits=HistoryLimits(size=40))
+    hub = await make_hub(small, max_buffer_bytes=200_000)
+    try:
+        published = publish_big(small, 30)
+        a = FakeSubscriber("a", reading=False)
+        await join(hub, a, CH, (0, published[0].epoch))
+        await settle(50)
+        received = a.offsets()
+        assert 0 < len(received) < 30
+        publish_big(small, 40)  # trims what the replay has not read yet
+        a.drain(hub)
+        await settle(50)
+        assert a.closes == [CloseCode.TRY_AGAIN_LATER]
+        assert a.offsets() == list(range(1, len(a.offsets()) + 1))
+        assert hub.replays_abandoned == 1
+    finally:
+        await hub.close()
+        await small.close()
+
+
+async def test_memory_of_a_replay_does_not_grow_with_the_recovery_limit(
+    broker: RecordingBroker,
+) -> None:
+    """One history read of a replay asks for at most PAGE_MAX_COUNT publications."""
+    reads: list[int] = []
+
+    class Counting(RecordingBroker):
+        async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
+            reads.append(limit)
+            return await super().history(channel, since_offset, limit)
+
+    counting = Counting(limits=HistoryLimits(size=5000))
+    hub = await make_hub(counting, recovery_limit=100_000)
+    try:
+        published = publish(counting, 3000)
+        a = FakeSubscriber("a")
+        await join(hub, a, CH, (0, published[0].epoch))
+        await settle(500)
+        assert a.offsets() == list(range(1, 3001))
+        assert max(reads) <= 64
+    finally:
+        await hub.close()
+        await counting.close()
+
+
+# --- D1: a stream nobody published, offset 0 -----------------------------------------------------
+
+
+class EmptyEpochBroker(RecordingBroker):
+    """A broker as D1 has them: a channel without a stream is (0, "none") and creates nothing."""
+
+    async def position(self, channel: str) -> StreamPosition:
+        if channel not in self._streams:
+            return StreamPosition(0, EMPTY_EPOCH)
+        return await super().position(channel)
+
+    async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
+        if channel not in self._streams:
+            return HistoryPage([], StreamPosition(0, EMPTY_EPOCH))
+        return await super().history(channel, since_offset, limit)
+
+
+async def test_a_follower_from_offset_0_continues_with_the_first_publications_epoch() -> None:
+    """On main the first publication of a new stream (an epoch other than the one reported at
+    join) closed a joining follower with 1012."""
+    empty = EmptyEpochBroker()
+    hub = await make_hub(empty)
+    try:
+        a, b = FakeSubscriber("a"), FakeSubscriber("b")
+        result = await join(hub, a)
+        assert (result.state.offset, result.state.epoch) == (0, EMPTY_EPOCH)
+        # b joins while nothing is delivered yet, and recovers from that position.
+        recovered = await join(hub, b, CH, (0, EMPTY_EPOCH))
+        assert recovered.state.recovered is True
+        first = publish(empty, 2)
+        await settle()
+        assert a.closes == [] and b.closes == []
+        assert a.offsets() == [1, 2] and b.offsets() == [1, 2]
+        assert {f["epoch"] for f in a.frames()} == {first[0].epoch}
+        assert hub.position_of(a, CH) == (2, first[0].epoch)
+    finally:
+        await hub.close()
+        await empty.close()
+
+
+async def test_recovery_from_offset_0_of_another_epoch_replays_the_whole_stream(
+    hub: Hub, broker: RecordingBroker
+) -> None:
+    publish(broker, 4)
+    a = FakeSubscriber("a")
+    result = await join(hub, a, CH, (0, "some-old-epoch"))
+    assert result.state.recovered is True
+    await settle()
+    assert a.offsets() == [1, 2, 3, 4]
+
+
+# --- bounds of everything keyed by client input --------------------------------------------------
+
+
+async def test_a_resync_holds_a_bounded_number_of_bytes(broker: RecordingBroker) -> None:
+    hub = await make_hub(broker, join_buffer_bytes=5 * (BIG + 200))
+    try:
+        a = FakeSubscriber("a")
+        await join(hub, a)
+        publish(broker, 1)
+        broker.lose_subscription(CH)
+        publish(broker, 1)
+        broker.restore_subscription(CH)
+        broker.gate.clear()
+        publish_big(broker, 1)  # a gap: the resync waits on history
+        publish_big(broker, 10)  # held: past the bytes bound, the followers must reconnect
+        assert a.closes == [CloseCode.SERVICE_RESTART]
+        assert CH not in hub._syncing and CH not in hub._syncing_bytes
+        broker.gate.set()
+        await settle()
+    finally:
+        await hub.close()
+
+
+async def test_nothing_is_left_after_everyone_leaves(hub: Hub, broker: RecordingBroker) -> None:
+    """Every map of the hub is keyed by a followed channel or by a connection: when the last
+    follower of every channel leaves, whatever it did (join, recover, replay, gap), all are
+    empty."""
+    subs = [FakeSubscriber(f"s{i}", reading=i % 2 == 0) for i in range(6)]
+    publish(broker, 5)
+    epoch = (await broker.position(CH)).epoch
+    for index, sub in enumerate(subs):
+        await join(hub, sub, f"game:made-up-{index}")
+        await join(hub, sub, CH, (index % 3, epoch))
+    publish_big(broker, 20)
+    broker.lose_subscription(CH)
+    publish(broker, 1)
+    broker.restore_subscription(CH)
+    publish(broker, 1)
+    await settle()
+    for index, sub in enumerate(subs):
+        sub.open = False
+        for channel in (CH, f"game:made-up-{index}"):
+            hub.leave(sub, channel)
+    await settle(50)
+    maps = {
+        "live": hub._live,
+        "joining": hub._joining,
+        "last": hub._last,
+        "syncing": hub._syncing,
+        "syncing_bytes": hub._syncing_bytes,
+        "broker_subs": hub._broker_subs,
+        "replays": hub._replays,
+        "writable_waiters": hub._writable_waiters,
+        "flush_waiters": hub._flush_waiters,
+    }
+    assert {name: len(value) for name, value in maps.items() if value} == {}
+    assert hub.channel_count == 0

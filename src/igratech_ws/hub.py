@@ -2,9 +2,15 @@
 
 The hub sits between the broker (publications in offset order per channel) and the connections of
 this node. Its guarantees, per connection and channel: every publication after the position the
-connection started from, exactly once, in offset order, after the `settings` answer that reported
-that position. How:
+connection started from, exactly once, in offset order, after the answer (`connected` or
+`settings`) that reported that position. How:
 
+- **Every byte queued to a client passes the hub** (`send`, `send_wire`: pushes, replies, pongs,
+  recovery replays) and counts against one budget per connection, `max_buffer_bytes`: the bytes
+  queued here plus the bytes in the socket's write buffer (`Subscriber.backlog_bytes`). A frame
+  that would pass it makes the connection a slow consumer: what is queued is dropped and it is
+  closed with 1013 through its one `close_with` path, on the next loop iteration (never from
+  inside a fan-out loop).
 - A publication is encoded once into a complete WebSocket frame and the same bytes are queued for
   every subscriber. Each connection's queued frames are written in one system call per loop tick
   (the flush is scheduled once per tick for all connections), which is what makes fan-out cheap.
@@ -14,17 +20,30 @@ that position. How:
   carries), so publications arriving meanwhile share those calls, and the writes take at most
   about half the loop. Lightly loaded, nothing waits; overloaded, latency stays near twice the
   cost of one flush instead of growing without bound.
-- A connection joining a channel is first *joining*: live publications are buffered for it while
-  the broker reports the position (or the history to recover); then the answer, the missed
-  publications and the buffered ones newer than its start go out in one synchronous step. When
-  the channel is already live on this node, the node's last delivered position is the start and
-  the broker is not asked.
+- A connection joining a channel is first *buffering*: live publications are held for it
+  (bounded in count and bytes) while the broker reports the position, or whether history can
+  recover it. When the channel is already live on this node, the node's last delivered position
+  is the start and the broker is not asked. Then, in one synchronous step with the answer, what
+  was held goes out and the connection goes live.
+- **A recovery is replayed in pages as the socket drains**: the join decides from one
+  publication whether history covers the gap; after the answer, one task per connection reads
+  history a page at a time (bounded in count and bytes), queues it, and reads the next only once
+  the page has reached the socket and the socket's buffer is below a quarter of the budget
+  (`on_writable` wakes it). Meanwhile live publications of that channel are not held for the
+  connection: history has them. When the replay reaches the node's live position the connection
+  goes live, without gap or duplicate. A replay that history can no longer continue (trimmed
+  under it, or the stream recreated) closes the connection, so that its next resume is told
+  `recovered: false`: never a silent hole. Memory per replaying connection is one page, whatever
+  `recovery_limit` is. A buffer that overflows, or a gap seen while joining, turns into such a
+  replay rather than a close.
 - The node remembers the last offset it delivered per channel. A publication that skips offsets,
-  or a broker reconnect, triggers a *resync*: live publications are held while history fills the
-  gap. When history cannot fill it, the channel's connections are closed with 1012 so that they
-  reconnect and learn through recovery (`recovered: false`) that they must reload.
+  or a broker reconnect, triggers a *resync*: live publications are held (bounded) while history
+  fills the gap, page by page. When history cannot fill it, the channel's connections are closed
+  with 1012 so that they reconnect and learn through recovery (`recovered: false`) that they must
+  reload.
 - Broker subscriptions are reference-counted: the broker hears `subscribe` when the first local
-  connection joins a channel and `unsubscribe` when the last one leaves.
+  connection joins a channel and `unsubscribe` when the last one leaves. Every map here is keyed
+  by a channel some local connection follows, or by a connection: none outlives its key.
 """
 
 from __future__ import annotations
@@ -32,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +61,7 @@ from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.core.codec import publication_frame
 from igratech_ws.core.framing import text_frame
 from igratech_ws.core.messages import ChannelState
-from igratech_ws.core.recovery import decide_recovery
+from igratech_ws.core.recovery import continues, resumable
 
 log = logging.getLogger("igratech_ws.hub")
 
@@ -51,46 +71,102 @@ FLUSH_COST_FREE = 0.002
 #: How many times a resync asks the broker for history before the followers must reconnect.
 RESYNC_ATTEMPTS = 8
 
+#: Publications one history read of a replay or resync asks for at most (the count adapts down
+#: to the page's byte bound from the sizes seen).
+PAGE_MAX_COUNT = 64
+#: Bytes of publications one page queues at most (also bounded by a quarter of the budget).
+PAGE_MAX_BYTES = 256 * 1024
+#: How often a waiting replay looks at the socket again without an `on_writable` call (seconds):
+#: a safety net for a transport that reports nothing, not the way replays normally advance.
+WRITABLE_POLL = 0.25
+#: Bytes counted per held publication besides its payload (object, channel, epoch).
+PUBLICATION_OVERHEAD = 120
+
 
 class Subscriber(Protocol):
     """What the hub needs of a connection (implemented by the WebSocket listener).
 
-    `pending` is owned by the hub: the frames queued this tick, or None. `write_wire` writes bytes
-    to the socket at once (and closes the connection as a slow consumer when its buffer is full);
-    `close_with` flushes what is pending and closes with `code`.
+    `pending` is owned by the hub: the frames queued this tick (an `Outbox`), or None.
+    `write_wire` writes bytes to the socket at once; `backlog_bytes` is what the socket's write
+    buffer holds (the hub counts it against the budget); `close_with` flushes what is pending and
+    closes with `code`, and the node then calls `leave` for every channel. The transport calls
+    `Node.on_writable` (so `Hub.on_writable`) when the socket's buffer drains after a pause, and
+    queues its own control frames (pongs) through `Hub.send_wire`.
     """
 
-    pending: list[bytes] | None
+    pending: Outbox | None
 
     @property
     def is_open(self) -> bool: ...
+
+    def backlog_bytes(self) -> int: ...
 
     def write_wire(self, data: bytes) -> None: ...
 
     def close_with(self, code: CloseCode) -> None: ...
 
 
-class _Join:
-    """A connection joining a channel: buffering until `start` is known, then filtering."""
+class Outbox:
+    """The frames queued to one connection this tick, and the bytes they and the socket's write
+    buffer hold (`size`, checked against the budget on every push)."""
 
-    __slots__ = ("buffer", "epoch", "start")
+    __slots__ = ("frames", "size")
+
+    def __init__(self, wire: bytes, size: int) -> None:
+        self.frames = [wire]
+        self.size = size
+
+
+#: The outbox of a connection that passed its budget: everything pushed to it is dropped until
+#: the close (scheduled) takes it away. It holds nothing, and its size passes any budget.
+_OVERFLOWED = Outbox(b"", 1 << 62)
+_OVERFLOWED.frames.clear()
+
+# How a joining connection receives a channel's live publications (`_Join.mode`).
+_BUFFERING = 0  # the start is not known yet: hold them (bounded)
+_OVERFLOWED_BUFFER = 1  # the hold passed its bound: drop them; history will replay them
+_REPLAYING = 2  # a replay from history feeds the connection: skip them
+_FILTERING = 3  # the start is known: queue those after it, go live once caught up
+
+
+class _Join:
+    """A connection joining a channel; see the module doc for the modes."""
+
+    __slots__ = ("buffer", "buffered_bytes", "epoch", "mode", "start")
 
     def __init__(self) -> None:
-        self.buffer: list[Publication] | None = []
+        self.mode = _BUFFERING
+        self.buffer: list[Publication] = []
+        self.buffered_bytes = 0
+        #: The last position queued to the connection (meaningful from _REPLAYING on).
         self.start = 0
         self.epoch = ""
 
 
 @dataclass(frozen=True, slots=True)
 class JoinResult:
-    """The position a connection starts a channel from, and what to send it first."""
+    """The position a connection starts a channel from, and what to send it first.
+
+    `missed` is the beginning of a recovery (at most one publication: the rest is replayed in
+    pages after the answer); `cursor` is the offset the connection holds once `missed` is sent.
+    """
 
     state: ChannelState
     missed: list[Publication]
+    cursor: int
+
+
+def _held_size(publication: Publication) -> int:
+    return len(publication.data) + PUBLICATION_OVERHEAD
 
 
 class Hub:
-    """Channel -> connections, with ordered, exactly-once, coalesced delivery. See module doc."""
+    """Channel -> connections, with ordered, exactly-once, coalesced, budgeted delivery.
+
+    See the module doc. `max_buffer_bytes` is each connection's outbound budget
+    (`max_write_buffer_bytes`); `join_buffer_limit` / `join_buffer_bytes` bound what is held for
+    one joining connection and for one channel's resync.
+    """
 
     def __init__(
         self,
@@ -98,16 +174,28 @@ class Hub:
         *,
         recovery_limit: int = 1000,
         join_buffer_limit: int = 10_000,
+        join_buffer_bytes: int | None = None,
+        max_buffer_bytes: int = 1_048_576,
         max_flush_delay: float = 0.05,
     ) -> None:
         self.broker = broker
         self.recovery_limit = recovery_limit
         self.join_buffer_limit = join_buffer_limit
+        self.max_buffer_bytes = max_buffer_bytes
+        self.join_buffer_bytes = join_buffer_bytes or max_buffer_bytes
+        #: A replay queues its next page only while the socket holds less than this.
+        self.low_water = max_buffer_bytes // 4
+        self.page_bytes = max(1, min(PAGE_MAX_BYTES, self.low_water))
         self._live: dict[str, set[Subscriber]] = {}
         self._joining: dict[str, dict[Subscriber, _Join]] = {}
         self._last: dict[str, tuple[int, str]] = {}
         self._syncing: dict[str, list[Publication]] = {}
+        self._syncing_bytes: dict[str, int] = {}
         self._broker_subs: dict[str, asyncio.Task[None]] = {}
+        #: Per connection with a replay: the joins waiting for the one replay task, in order.
+        self._replays: dict[Subscriber, deque[tuple[str, _Join]]] = {}
+        self._writable_waiters: dict[Subscriber, asyncio.Future[None]] = {}
+        self._flush_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
@@ -119,6 +207,9 @@ class Hub:
         self.frames_out = 0
         self.publications_in = 0
         self.resyncs = 0
+        self.slow_consumers = 0
+        self.replays = 0
+        self.replays_abandoned = 0
         self.on_delivered: Callable[[Publication, int], None] | None = None
 
     # --- queries ---------------------------------------------------------------------------------
@@ -139,36 +230,82 @@ class Hub:
         joining = self._joining.get(channel)
         join = joining.get(subscriber) if joining else None
         if join is not None:
-            return None if join.buffer is not None else (join.start, join.epoch)
+            if join.mode in (_BUFFERING, _OVERFLOWED_BUFFER):
+                return None
+            return join.start, join.epoch
         if subscriber in self._live.get(channel, ()):
             return self._last.get(channel)
         return None
 
+    def queued_bytes(self, subscriber: Subscriber) -> int:
+        """Bytes counted against `subscriber`'s budget: queued here and in its socket."""
+        pending = subscriber.pending
+        return subscriber.backlog_bytes() if pending is None else pending.size
+
     # --- writing ---------------------------------------------------------------------------------
 
     def send(self, subscriber: Subscriber, frame_payload: bytes) -> None:
-        """Queue one frame (a JSON payload) to `subscriber`, in order with its publications."""
-        self._push(subscriber, text_frame(frame_payload))
+        """Queue one text frame (a JSON payload) to `subscriber`, in order with its pushes."""
+        self.send_wire(subscriber, text_frame(frame_payload))
 
-    def _push(self, subscriber: Subscriber, wire: bytes) -> None:
+    def send_wire(self, subscriber: Subscriber, wire: bytes) -> None:
+        """Queue one complete WebSocket frame (`wire`: header and payload, e.g. a pong the
+        transport builds) to `subscriber`, in order with everything else queued to it, within its
+        budget. Past the budget the connection is closed as a slow consumer (1013) on the next
+        loop iteration, and this frame and everything queued with it are dropped."""
         pending = subscriber.pending
         if pending is None:
-            subscriber.pending = [wire]
+            size = subscriber.backlog_bytes() + len(wire)
+            if size > self.max_buffer_bytes:
+                self._overflow(subscriber)
+                return
+            subscriber.pending = Outbox(wire, size)
             self._dirty.append(subscriber)
             if not self._flush_scheduled:
-                self._flush_scheduled = True
-                if self._loop is None:
-                    self._loop = asyncio.get_running_loop()
-                cost = self._flush_cost
-                wait = 0.0
-                if cost >= FLUSH_COST_FREE:
-                    wait = self._flush_end + cost - time.perf_counter()
-                if wait <= 0:
-                    self._loop.call_soon(self.flush)
-                else:
-                    self._loop.call_later(min(wait, self.max_flush_delay), self.flush)
+                self._schedule_flush()
+            return
+        size = pending.size + len(wire)
+        if size > self.max_buffer_bytes:
+            if pending is _OVERFLOWED:
+                return
+            # Before calling the client slow, hand what is queued to the socket now: the kernel
+            # takes what it can, and only what stays in the socket's buffer counts.
+            self.flush_one(subscriber)
+            size = subscriber.backlog_bytes() + len(wire)
+            if size > self.max_buffer_bytes:
+                self._overflow(subscriber)
+                return
+            subscriber.pending = Outbox(wire, size)
+            self._dirty.append(subscriber)  # the flush this tick is already scheduled
+            return
+        pending.frames.append(wire)
+        pending.size = size
+
+    def _schedule_flush(self) -> None:
+        self._flush_scheduled = True
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        cost = self._flush_cost
+        wait = 0.0
+        if cost >= FLUSH_COST_FREE:
+            wait = self._flush_end + cost - time.perf_counter()
+        if wait <= 0:
+            loop.call_soon(self.flush)
         else:
-            pending.append(wire)
+            loop.call_later(min(wait, self.max_flush_delay), self.flush)
+
+    def _overflow(self, subscriber: Subscriber) -> None:
+        if subscriber.pending is _OVERFLOWED:
+            return
+        subscriber.pending = _OVERFLOWED  # drops what was queued: it will never be read
+        self.slow_consumers += 1
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        # Not now: the caller may be iterating over the channel's followers, which the close
+        # (through the node's `leave`) changes.
+        loop.call_soon(subscriber.close_with, CloseCode.TRY_AGAIN_LATER)
 
     def flush(self) -> None:
         """Write every connection's queued frames, one write per connection."""
@@ -179,15 +316,27 @@ class Hub:
             self.flush_one(subscriber)
         self._flush_end = time.perf_counter()
         self._flush_cost = self._flush_end - started
+        waiters, self._flush_waiters = self._flush_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def flush_one(self, subscriber: Subscriber) -> None:
         """Write `subscriber`'s queued frames now (before closing it, for instance)."""
         pending = subscriber.pending
-        if pending is None:
+        if pending is None or pending is _OVERFLOWED:
             return
         subscriber.pending = None
         if subscriber.is_open:
-            subscriber.write_wire(pending[0] if len(pending) == 1 else b"".join(pending))
+            frames = pending.frames
+            subscriber.write_wire(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def on_writable(self, subscriber: Subscriber) -> None:
+        """The transport: `subscriber`'s socket buffer drained after a pause; a waiting replay
+        may queue its next page."""
+        waiter = self._writable_waiters.pop(subscriber, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # --- publications from the broker ------------------------------------------------------------
 
@@ -197,10 +346,12 @@ class Hub:
         channel = publication.channel
         held = self._syncing.get(channel)
         if held is not None:
-            if len(held) >= self.join_buffer_limit:
+            size = self._syncing_bytes.get(channel, 0) + _held_size(publication)
+            if len(held) >= self.join_buffer_limit or size > self.join_buffer_bytes:
                 self._give_up(channel, "resync buffer overflow")
             else:
                 held.append(publication)
+                self._syncing_bytes[channel] = size
             return
         last = self._last.get(channel)
         if last is not None:
@@ -224,27 +375,40 @@ class Hub:
         if live:
             wire = self._wire(publication)
             for subscriber in live:
-                self._push(subscriber, wire)
+                self.send_wire(subscriber, wire)
             self.frames_out += len(live)
         joining = self._joining.get(channel)
         if joining:
             promote: list[Subscriber] = []
             for subscriber, join in list(joining.items()):
-                if join.buffer is not None:
-                    if len(join.buffer) >= self.join_buffer_limit:
-                        subscriber.close_with(CloseCode.TRY_AGAIN_LATER)
+                mode = join.mode
+                if mode == _BUFFERING:
+                    size = join.buffered_bytes + _held_size(publication)
+                    if len(join.buffer) >= self.join_buffer_limit or size > self.join_buffer_bytes:
+                        # History holds them: the join catches up from there instead.
+                        join.mode = _OVERFLOWED_BUFFER
+                        join.buffer = []
+                        join.buffered_bytes = 0
                     else:
                         join.buffer.append(publication)
-                    continue
-                if publication.epoch != join.epoch:
-                    subscriber.close_with(CloseCode.SERVICE_RESTART)
-                    continue
-                if publication.offset > join.start:
-                    wire = wire or self._wire(publication)
-                    self._push(subscriber, wire)
-                    self.frames_out += 1
-                if publication.offset >= join.start:
-                    promote.append(subscriber)
+                        join.buffered_bytes = size
+                elif mode == _FILTERING:
+                    offset = publication.offset
+                    if publication.epoch == join.epoch and offset <= join.start:
+                        if offset == join.start:
+                            promote.append(subscriber)
+                    elif _follows(join.start, join.epoch, publication):
+                        wire = wire or self._wire(publication)
+                        self.send_wire(subscriber, wire)
+                        self.frames_out += 1
+                        join.start, join.epoch = offset, publication.epoch
+                        promote.append(subscriber)
+                    elif publication.epoch != join.epoch and join.start > 0:
+                        # The stream was recreated since the connection's start.
+                        subscriber.close_with(CloseCode.SERVICE_RESTART)
+                    else:
+                        # Offsets skipped between the start and live: history fills them.
+                        self._replay_later(subscriber, channel, join)
             for subscriber in promote:
                 del joining[subscriber]
                 self._live.setdefault(channel, set()).add(subscriber)
@@ -270,11 +434,11 @@ class Hub:
     async def join(
         self, subscriber: Subscriber, channel: str, recover: tuple[int, str] | None
     ) -> JoinResult:
-        """Start `subscriber` on `channel`; buffer live publications until `finish_join`.
+        """Start `subscriber` on `channel`; hold live publications until `finish_join`.
 
-        Caller's duties: call `finish_join` for every successful `join` of one settings request
-        together (after sending nothing else to the subscriber in between), or `leave` on failure.
-        Raises `BrokerError` when the broker cannot answer.
+        Caller's duties: call `finish_join` for every successful `join` of one answer together,
+        right after queueing the answer (`connected` or `settings`) and nothing else in between,
+        or `leave` on failure. Raises `BrokerError` when the broker cannot answer.
         """
         self._joining.setdefault(channel, {})[subscriber] = _Join()
         await self._ensure_broker_subscription(channel)
@@ -284,44 +448,79 @@ class Hub:
                 # This node has delivered the channel up to `last`, in order, and everything
                 # newer reaches the join buffer: an exact start without asking the broker, which
                 # is what keeps a storm of clients joining one game off the broker.
-                return JoinResult(ChannelState(channel=channel, offset=last[0], epoch=last[1]), [])
+                state = ChannelState(channel=channel, offset=last[0], epoch=last[1])
+                return JoinResult(state, [], last[0])
             top = await self.broker.position(channel)
-            return JoinResult(ChannelState(channel=channel, offset=top.offset, epoch=top.epoch), [])
+            state = ChannelState(channel=channel, offset=top.offset, epoch=top.epoch)
+            return JoinResult(state, [], top.offset)
         offset, epoch = recover
-        page = await self.broker.history(channel, offset, self.recovery_limit)
-        outcome = decide_recovery(offset, epoch, page.top.epoch, page.top.offset, page.publications)
-        state = ChannelState(
-            channel=channel,
-            offset=page.top.offset,
-            epoch=page.top.epoch,
-            recovered=outcome.recovered,
+        # One publication decides: the rest is replayed in pages once the answer is out.
+        page = await self.broker.history(channel, offset, 1)
+        top = page.top
+        first = [p for p in page.publications if offset < p.offset <= top.offset][:1]
+        recovered = resumable(
+            offset,
+            epoch,
+            top.epoch,
+            top.offset,
+            first[0].offset if first else None,
+            self.recovery_limit,
         )
-        return JoinResult(state, outcome.missed)
+        state = ChannelState(
+            channel=channel, offset=top.offset, epoch=top.epoch, recovered=recovered
+        )
+        if not recovered:
+            return JoinResult(state, [], top.offset)
+        return JoinResult(state, first, offset + len(first))
 
     def finish_join(self, subscriber: Subscriber, result: JoinResult) -> None:
-        """Queue the missed publications and the buffered newer ones; go live when caught up."""
+        """Queue the start of a recovery and what was held; go live, or replay what is missing.
+
+        Synchronous: call it right after queueing the answer that reported `result.state`.
+        """
         channel = result.state.channel
         joining = self._joining.get(channel)
         join = joining.get(subscriber) if joining else None
         if join is None or joining is None:
             return  # left meanwhile
-        start, epoch = result.state.offset, result.state.epoch
+        epoch = result.state.epoch
+        cursor = result.cursor
         for publication in result.missed:
-            self._push(subscriber, self._wire(publication))
-        buffered = join.buffer or []
-        join.buffer = None
-        join.start, join.epoch = start, epoch
-        for publication in buffered:
-            if publication.epoch == epoch and publication.offset > start:
-                self._push(subscriber, self._wire(publication))
-                start = publication.offset
-        join.start = start
+            self.send_wire(subscriber, self._wire(publication))
+        held, overflowed = join.buffer, join.mode == _OVERFLOWED_BUFFER
+        join.buffer = []
+        join.buffered_bytes = 0
+        join.start, join.epoch = cursor, epoch
+        join.mode = _FILTERING
+        if overflowed or cursor < result.state.offset:
+            self._replay_later(subscriber, channel, join)
+            return
+        for publication in held:
+            if publication.epoch == join.epoch and publication.offset <= join.start:
+                continue  # before the start, or already sent
+            if _follows(join.start, join.epoch, publication):
+                self.send_wire(subscriber, self._wire(publication))
+                join.start, join.epoch = publication.offset, publication.epoch
+            elif publication.epoch == join.epoch:
+                self._replay_later(subscriber, channel, join)  # a gap: history fills it
+                return
+            # else: a publication of an older life of the stream, still in flight: not ours.
+        self._promote_if_caught_up(subscriber, channel, join)
+
+    def _promote_if_caught_up(self, subscriber: Subscriber, channel: str, join: _Join) -> None:
+        """Live when the node's last delivered position is the join's; a replay when the node is
+        ahead of it in the same epoch; otherwise the join filters live publications."""
         last = self._last.get(channel)
-        if last is not None and last[1] == epoch and last[0] >= start:
-            del joining[subscriber]
-            if not joining:
-                del self._joining[channel]
-            self._live.setdefault(channel, set()).add(subscriber)
+        if last is None or last[1] != join.epoch or last[0] < join.start:
+            return
+        if last[0] > join.start:
+            self._replay_later(subscriber, channel, join)
+            return
+        joining = self._joining[channel]
+        del joining[subscriber]
+        if not joining:
+            del self._joining[channel]
+        self._live.setdefault(channel, set()).add(subscriber)
 
     def leave(self, subscriber: Subscriber, channel: str) -> None:
         """Stop delivering `channel` to `subscriber` (idempotent)."""
@@ -337,6 +536,8 @@ class Hub:
                 del self._joining[channel]
         if channel not in self._live and channel not in self._joining:
             self._release_broker_subscription(channel)
+        if not subscriber.is_open:
+            self.on_writable(subscriber)  # a replay waiting for the socket: let it end
 
     async def _ensure_broker_subscription(self, channel: str) -> None:
         task = self._broker_subs.get(channel)
@@ -371,6 +572,118 @@ class Hub:
         except BrokerError as exc:
             log.warning("broker unsubscribe failed", extra={"channel": channel, "error": str(exc)})
 
+    # --- replays ---------------------------------------------------------------------------------
+
+    def _replay_later(self, subscriber: Subscriber, channel: str, join: _Join) -> None:
+        """Feed `join` from history, after the connection's other replays (one task per
+        connection, so that its memory is one page whatever it recovers)."""
+        join.mode = _REPLAYING
+        self.replays += 1
+        queue = self._replays.get(subscriber)
+        if queue is None:
+            self._replays[subscriber] = deque([(channel, join)])
+            self._spawn(self._run_replays(subscriber))
+        else:
+            queue.append((channel, join))
+
+    def _current(self, subscriber: Subscriber, channel: str, join: _Join) -> bool:
+        joining = self._joining.get(channel)
+        return joining is not None and joining.get(subscriber) is join
+
+    async def _run_replays(self, subscriber: Subscriber) -> None:
+        queue = self._replays[subscriber]
+        try:
+            while queue and subscriber.is_open:
+                channel, join = queue[0]
+                try:
+                    await self._replay(subscriber, channel, join)
+                except BrokerError as exc:
+                    log.warning("replay failed", extra={"channel": channel, "error": str(exc)})
+                    self._abandon(subscriber, CloseCode.TRY_AGAIN_LATER)
+                    return
+                queue.popleft()
+        finally:
+            if self._replays.get(subscriber) is queue:
+                del self._replays[subscriber]
+
+    async def _replay(self, subscriber: Subscriber, channel: str, join: _Join) -> None:
+        """Queue history after `join.start` page by page until the node's live position."""
+        count = 16
+        while self._current(subscriber, channel, join) and join.mode == _REPLAYING:
+            if not await self._wait_writable(subscriber):
+                return
+            if not self._current(subscriber, channel, join):
+                return
+            page = await self.broker.history(channel, join.start, count)
+            if not self._current(subscriber, channel, join) or not subscriber.is_open:
+                return
+            top = page.top
+            if join.start == 0 and top.epoch != join.epoch:
+                join.epoch = top.epoch  # nothing seen yet: any life of the stream continues it
+            if top.epoch != join.epoch:
+                self._abandon(subscriber, CloseCode.SERVICE_RESTART)  # the stream was recreated
+                return
+            publications = [p for p in page.publications if join.start < p.offset <= top.offset]
+            if not continues(join.start, publications) or (
+                not publications and join.start < top.offset
+            ):
+                self._abandon(subscriber, CloseCode.TRY_AGAIN_LATER)  # trimmed under the replay
+                return
+            queued = 0
+            for publication in publications:
+                size = _held_size(publication)
+                if queued and queued + size > self.page_bytes:
+                    break
+                self.send_wire(subscriber, self._wire(publication))
+                self.frames_out += 1
+                queued += size
+                join.start = publication.offset
+            if publications:  # as many as fill a page, judging by this one's sizes
+                average = sum(_held_size(p) for p in publications) // len(publications)
+                count = max(1, min(PAGE_MAX_COUNT, self.page_bytes // average))
+            last = self._last.get(channel)
+            target = top.offset
+            if last is not None and last[1] == join.epoch:
+                target = max(target, last[0])
+            if join.start >= target:
+                # Caught up with history and with what this node delivered: from here on the
+                # live publications carry on (those up to the start are skipped as sent).
+                join.mode = _FILTERING
+                self._promote_if_caught_up(subscriber, channel, join)
+                return
+
+    async def _wait_writable(self, subscriber: Subscriber) -> bool:
+        """Wait until what is queued to `subscriber` reached its socket and the socket holds less
+        than `low_water`; False when the connection is gone meanwhile."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        while subscriber.is_open:
+            pending = subscriber.pending
+            if pending is _OVERFLOWED:
+                return False
+            if pending is not None:
+                waiter = loop.create_future()
+                self._flush_waiters.append(waiter)
+                await waiter
+                continue
+            if subscriber.backlog_bytes() < self.low_water:
+                return True
+            waiter = loop.create_future()
+            self._writable_waiters[subscriber] = waiter
+            try:
+                await asyncio.wait((waiter,), timeout=WRITABLE_POLL)
+            finally:
+                if self._writable_waiters.get(subscriber) is waiter:
+                    del self._writable_waiters[subscriber]
+        return False
+
+    def _abandon(self, subscriber: Subscriber, code: CloseCode) -> None:
+        """A replay that cannot complete: close, so that the next resume tells the client."""
+        self.replays_abandoned += 1
+        log.info("replay abandoned", extra={"code": int(code)})
+        subscriber.close_with(code)
+
     # --- resync ----------------------------------------------------------------------------------
 
     def resync_all(self) -> None:
@@ -382,29 +695,37 @@ class Hub:
     def _start_resync(self, channel: str, held: list[Publication]) -> None:
         self.resyncs += 1
         self._syncing[channel] = held
+        self._syncing_bytes[channel] = sum(_held_size(p) for p in held)
         self._spawn(self._resync(channel))
 
     async def _resync(self, channel: str) -> None:
         delay = 0.2
-        for _attempt in range(RESYNC_ATTEMPTS):
+        failures = 0
+        epoch: str | None = None
+        while True:
             try:
-                recovered, missed, epoch = await self._missed_since_last(channel)
-                break
+                step = await self._resync_page(channel)
             except BrokerError as exc:
                 # Held publications stay held (bounded): releasing them would only re-detect the
                 # gap. Retry with backoff; the broker's reconnect may also call resync_all.
                 log.warning("resync failed", extra={"channel": channel, "error": str(exc)})
+                failures += 1
+                if failures >= RESYNC_ATTEMPTS:
+                    self._give_up(channel, "broker unavailable for too long")
+                    return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        else:
-            self._give_up(channel, "broker unavailable for too long")
-            return
+                continue
+            if channel not in self._syncing:
+                return  # gave up meanwhile (held publications overflowed)
+            if step is None:
+                self._give_up(channel, "history does not cover the gap")
+                return
+            done, epoch = step
+            if done:
+                break
         held = self._syncing.pop(channel, [])
-        if not recovered:
-            self._give_up(channel, "history does not cover the gap")
-            return
-        for publication in missed:
-            self._deliver(publication)
+        self._syncing_bytes.pop(channel, None)
         for publication in held:
             # A held publication of another epoch than the one history just confirmed is stale
             # (an old stream's): feeding it back would start the same resync forever. If the
@@ -413,27 +734,39 @@ class Hub:
             if epoch is None or publication.epoch == epoch:
                 self.on_publication(publication)
 
-    async def _missed_since_last(self, channel: str) -> tuple[bool, list[Publication], str | None]:
-        """Whether history fills the gap after the last delivered offset, what fills it, and the
-        epoch history is in (None when nothing was delivered yet)."""
+    async def _resync_page(self, channel: str) -> tuple[bool, str | None] | None:
+        """Deliver one page of what followers missed after the last delivered offset.
+
+        Returns (caught up, the epoch history is in; None when nothing was delivered yet), or
+        None when history cannot fill the gap.
+        """
         last = self._last.get(channel)
         if last is None:
-            return True, [], None
+            return True, None
         since, epoch = last
-        page = await self.broker.history(channel, since, self.recovery_limit)
+        page = await self.broker.history(channel, since, PAGE_MAX_COUNT)
         if page.top.epoch != epoch:
             # A new stream: everything in it is new to the followers.
             since = 0
-            page = await self.broker.history(channel, 0, self.recovery_limit)
-        outcome = decide_recovery(
-            since, page.top.epoch, page.top.epoch, page.top.offset, page.publications
-        )
-        return outcome.recovered, outcome.missed, page.top.epoch
+            page = await self.broker.history(channel, 0, PAGE_MAX_COUNT)
+        top = page.top
+        if channel not in self._syncing:
+            return True, top.epoch
+        if top.offset - since > self.recovery_limit:
+            return None
+        missed = [p for p in page.publications if since < p.offset <= top.offset]
+        if not continues(since, missed) or (not missed and since < top.offset):
+            return None
+        for publication in missed:
+            self._deliver(publication)
+        return (missed[-1].offset if missed else since) >= top.offset, top.epoch
 
     def _give_up(self, channel: str, why: str) -> None:
         log.warning("followers must reconnect", extra={"channel": channel, "reason": why})
         self._syncing.pop(channel, None)
+        self._syncing_bytes.pop(channel, None)
         self._last.pop(channel, None)
+        # Joining connections stay: they check every publication against their own position.
         for subscriber in list(self._live.get(channel, ())):
             subscriber.close_with(CloseCode.SERVICE_RESTART)
 
@@ -449,3 +782,12 @@ class Hub:
             task.cancel()
         self._tasks.clear()
         self._broker_subs.clear()
+        self._replays.clear()
+
+
+def _follows(start: int, epoch: str, publication: Publication) -> bool:
+    """Whether `publication` is the next one after (`start`, `epoch`): the next offset in the
+    same epoch, or offset 1 of any epoch after offset 0 (nothing seen yet, D1)."""
+    if publication.offset != start + 1:
+        return False
+    return start == 0 or publication.epoch == epoch
