@@ -60,7 +60,7 @@ class FakeConnection(FakeSubscriber):
         self.node.on_closed(self, int(code))
 
     def frames(self) -> list[dict[str, Any]]:
-        raw = split_frames(b"".join(self.writes) + b"".join(self.pending or []))
+        raw = split_frames(b"".join(self.writes) + b"".join(self.queued()))
         for payload in raw:
             validate_frame(payload, sender="server")
         return [json.loads(p) for p in raw]
@@ -175,6 +175,7 @@ async def test_ping_and_errors_go_back_in_order(node: Node) -> None:
 
 async def test_newest_login_wins_locally(node: Node) -> None:
     old = connect(node, "u-1", at=NOW)
+    await settle()  # greeted: its logout is a `logout` frame, then the close
     new = connect(node, "u-1", at=NOW + 1)
     other = connect(node, "u-2", at=NOW + 2)
     await settle()
@@ -186,6 +187,20 @@ async def test_newest_login_wins_locally(node: Node) -> None:
     assert new.closes == [] and new.open
     assert other.closes == []
     assert node.connection_count == 2
+    assert node.hub.subscriber_count("user:u-1") == 1
+
+
+async def test_a_login_before_the_older_one_was_greeted_closes_it_without_frames(
+    node: Node,
+) -> None:
+    """`connected` is always the first frame: a connection logged out while its own channels are
+    still being joined gets nothing but the close code (issue 10, D5)."""
+    old = connect(node, "u-1", at=NOW)
+    new = connect(node, "u-1", at=NOW + 1)
+    await settle()
+    assert old.closes == [CloseCode.LOGGED_IN_ELSEWHERE]
+    assert old.frames() == []
+    assert new.events() == ["connected"]
     assert node.hub.subscriber_count("user:u-1") == 1
 
 
@@ -210,6 +225,7 @@ async def test_anonymous_connections_are_not_single_session(node: Node) -> None:
 
 async def test_user_login_elsewhere_logs_out_older_local_connections(node: Node) -> None:
     older = connect(node, "u-1", at=NOW, session_id="s-b")
+    await settle()
     node.on_control(
         UserLogin(origin="n-other", user_id="u-1", session_id="s-x", connected_at=NOW + 1)
     )
@@ -252,6 +268,7 @@ async def test_own_control_messages_are_ignored(node: Node) -> None:
 async def test_user_logout_from_another_node(node: Node, reason: Any, code: CloseCode) -> None:
     a = connect(node, "u-1")
     b = connect(node, "u-2")
+    await settle()
     node.on_control(UserLogout(origin="n-other", user_id="u-1", reason=reason))
     await settle()
     assert a.closes == [code]
@@ -303,6 +320,7 @@ async def test_sweep_logs_out_expired_tokens(node: Node) -> None:
     expired = connect(node, "u-1")
     fresh = connect(node, "u-2")
     edge = connect(node, "u-3")
+    await settle()
     expired.expires_at = NOW - 1
     fresh.expires_at = NOW + 100
     edge.expires_at = NOW

@@ -39,6 +39,9 @@ log = logging.getLogger("igratech_ws.node")
 
 #: Settings requests a connection may have waiting while one is carried out.
 MAX_QUEUED_SETTINGS = 8
+#: Client frames held while the connection's own channels are joined, before `connected` (more,
+#: or more bytes than one frame may have, close it with 1008).
+MAX_EARLY_FRAMES = 16
 #: Messages refused by the rate limit in a row before the connection is closed with 1008.
 RATE_LIMIT_STRIKES = 10
 #: Seconds between presence reports to the other nodes.
@@ -85,7 +88,10 @@ class Node:
         self.broker = broker
         self.node_id = broker.node_id
         self.hub = Hub(
-            broker, recovery_limit=config.recovery_limit, max_flush_delay=config.max_flush_delay
+            broker,
+            recovery_limit=config.recovery_limit,
+            max_buffer_bytes=config.max_write_buffer_bytes,
+            max_flush_delay=config.max_flush_delay,
         )
         self._connections: set[Connection] = set()
         self._users: dict[str, set[Connection]] = {}
@@ -105,6 +111,9 @@ class Node:
         self.refused: dict[str, int] = {}
         #: Open connections per client address (bounded: by the node's connection limit).
         self._by_address: dict[str, int] = {}
+        #: Connections not greeted yet (their own channels are being joined), with the frames
+        #: they sent meanwhile and those frames' bytes (bounded: MAX_EARLY_FRAMES, a frame).
+        self._greeting: dict[Connection, tuple[list[bytes], int]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -207,12 +216,17 @@ class Node:
         return len(self._connections) >= self.config.max_connections
 
     def accept(self, connection: Connection, plan: SettingsPlan, answer: bool) -> None:
-        """A client completed the handshake: greet it, enforce single session, start its plan.
+        """A client completed the handshake: enforce single session, join its own channels, then
+        greet it.
 
         `plan` comes from the session's first `plan_settings` (the handshake `settings` parameter,
         or an empty request that just adds the user's own channel); `answer` says whether the
-        client asked for settings and so expects a `settings` answer. A client over the
-        per-address limit is closed with 1013 before it is greeted.
+        client asked for settings and so expects a `settings` answer. `connected` is the line from
+        which nothing is missed (docs/protocol.md): it goes out once the plan's channels are
+        joined, carrying their positions, followed at once by the `settings` answer (when asked),
+        then what recovery replays, then live pushes. It is always the first frame: what the
+        client sends before it is carried out after it, in order. A client over the per-address
+        limit is closed with 1013 before it is greeted.
         """
         session = connection.session
         address = connection.address
@@ -223,15 +237,6 @@ class Node:
         self._by_address[address] = self._by_address.get(address, 0) + 1
         self._connections.add(connection)
         self.connections_total += 1
-        self.hub.send(
-            connection,
-            session.connected_frame(
-                server_time=utc_now(),
-                ping_interval=self.config.ping_interval,
-                idle_timeout=self.config.idle_timeout,
-                node=self.node_id,
-            ),
-        )
         user_id = session.user_id
         if user_id is not None:
             for other in list(self._users.get(user_id, ())):
@@ -250,8 +255,45 @@ class Node:
                         )
                     )
                 )
-        if plan.add or plan.remove or answer:
-            self._queue_settings(connection, plan, answer)
+        if not plan.add:
+            self._greet(connection, [], answer)
+            return
+        self._greeting[connection] = ([], 0)
+        self._spawn(self._join_then_greet(connection, plan, answer))
+
+    async def _join_then_greet(
+        self, connection: Connection, plan: SettingsPlan, answer: bool
+    ) -> None:
+        try:
+            results = await self._join_all(connection, plan)
+            if results is not None:
+                self._greet(connection, results, answer)
+        finally:
+            early, _ = self._greeting.pop(connection, ([], 0))
+        for frame in early:
+            if not connection.is_open:
+                break
+            self._handle_text(connection, frame)
+
+    def _greet(self, connection: Connection, results: list[JoinResult], answer: bool) -> None:
+        """Queue `connected` (with the joined channels' positions), the settings answer when
+        asked, and what follows the joins; synchronous, so nothing comes in between."""
+        self.hub.send(
+            connection,
+            connection.session.connected_frame(
+                server_time=utc_now(),
+                ping_interval=self.config.ping_interval,
+                idle_timeout=self.config.idle_timeout,
+                node=self.node_id,
+                channels=[result.state for result in results],
+            ),
+        )
+        if answer:
+            self.hub.send(
+                connection, connection.session.settings_answer(self._states(connection, results))
+            )
+        for result in results:
+            self.hub.finish_join(connection, result)
 
     def on_text(self, connection: Connection, frame: bytes) -> None:
         """A text frame from the client, after the rate limit."""
@@ -281,6 +323,20 @@ class Node:
                 )
             return
         connection.rate_strikes = 0
+        early = self._greeting.get(connection)
+        if early is not None:
+            frames, size = early
+            size += len(frame)
+            if len(frames) >= MAX_EARLY_FRAMES or size > self.config.max_frame_bytes:
+                connection.close_with(CloseCode.POLICY_VIOLATION)
+                return
+            frames.append(frame)
+            self._greeting[connection] = (frames, size)
+            return
+        self._handle_text(connection, frame)
+
+    def _handle_text(self, connection: Connection, frame: bytes) -> None:
+        """A text frame from the client past the rate limit, after `connected` was queued."""
         queue = connection.settings_queue
         # The first queued request is the one being carried out; the others wait.
         settings_allowed = queue is None or len(queue) <= MAX_QUEUED_SETTINGS
@@ -300,11 +356,16 @@ class Node:
     def send_error(self, connection: Connection, error: ProtocolError) -> None:
         self.hub.send(connection, event_frame("error", error.to_data()))
 
+    def on_writable(self, connection: Connection) -> None:
+        """The transport: `connection`'s socket drained after a pause (see `Hub.on_writable`)."""
+        self.hub.on_writable(connection)
+
     def on_closed(self, connection: Connection, code: int | None) -> None:
         """The transport is gone: forget the connection everywhere."""
         if connection not in self._connections:
             return
         self._connections.discard(connection)
+        self._greeting.pop(connection, None)
         remaining = self._by_address.get(connection.address, 1) - 1
         if remaining > 0:
             self._by_address[connection.address] = remaining
@@ -327,6 +388,11 @@ class Node:
         """Send `logout` (AsyncAPI `publish-logout`) and close with the matching 4xxx code."""
         code = _LOGOUT_CODES[reason]
         if connection.session.state is not SessionState.OPEN:
+            return
+        if connection in self._greeting:
+            # Not greeted yet: `connected` is always the first frame, so the close code alone
+            # says why (the client never learnt of a session to log out of).
+            connection.close_with(code)
             return
         self.hub.send(
             connection,
@@ -369,23 +435,8 @@ class Node:
     ) -> None:
         for channel in plan.remove:
             self.hub.leave(connection, channel)
-        try:
-            if len(plan.add) == 1:  # the usual case (a user channel, one game): no gather tasks
-                channel = plan.add[0]
-                results = [await self.hub.join(connection, channel, plan.recover.get(channel))]
-            else:
-                results = await asyncio.gather(
-                    *(self.hub.join(connection, ch, plan.recover.get(ch)) for ch in plan.add)
-                )
-        except BrokerError as exc:
-            log.warning("settings failed: broker unavailable", extra={"error": str(exc)})
-            for channel in plan.add:
-                self.hub.leave(connection, channel)
-            connection.close_with(CloseCode.TRY_AGAIN_LATER)
-            return
-        if not connection.is_open:
-            for channel in plan.add:
-                self.hub.leave(connection, channel)
+        results = await self._join_all(connection, plan)
+        if results is None:
             return
         # From here to the end nothing awaits: the answer and what follows it go out together.
         if answer:
@@ -394,6 +445,33 @@ class Node:
             )
         for result in results:
             self.hub.finish_join(connection, result)
+
+    async def _join_all(
+        self, connection: Connection, plan: SettingsPlan
+    ) -> list[JoinResult] | None:
+        """Join every channel `plan` adds, or none: None (and the connection closed with 1013
+        when the broker could not answer) when the connection is gone."""
+        try:
+            if len(plan.add) == 1:  # the usual case (a user channel, one game): no gather tasks
+                channel = plan.add[0]
+                results = [await self.hub.join(connection, channel, plan.recover.get(channel))]
+            else:
+                results = list(
+                    await asyncio.gather(
+                        *(self.hub.join(connection, ch, plan.recover.get(ch)) for ch in plan.add)
+                    )
+                )
+        except BrokerError as exc:
+            log.warning("settings failed: broker unavailable", extra={"error": str(exc)})
+            for channel in plan.add:
+                self.hub.leave(connection, channel)
+            connection.close_with(CloseCode.TRY_AGAIN_LATER)
+            return None
+        if not connection.is_open:
+            for channel in plan.add:
+                self.hub.leave(connection, channel)
+            return None
+        return results
 
     def _states(self, connection: Connection, results: Iterable[JoinResult]) -> list[ChannelState]:
         fresh = {r.state.channel: r.state for r in results}

@@ -125,7 +125,10 @@ def test_frames_after_begin_close_are_ignored(anon: Session, raw: bytes) -> None
 
 
 def test_connected_frame_follows_the_contract(user: Session) -> None:
-    raw = user.connected_frame(server_time=NOW, ping_interval=25, idle_timeout=60, node="n-1")
+    states = [ChannelState(channel="user:u-1", offset=3, epoch="e1", recovered=True)]
+    raw = user.connected_frame(
+        server_time=NOW, ping_interval=25, idle_timeout=60, node="n-1", channels=states
+    )
     validate_frame(raw, sender="server")
     assert json.loads(raw) == {
         "event": "connected",
@@ -138,14 +141,18 @@ def test_connected_frame_follows_the_contract(user: Session) -> None:
             "idleTimeout": 60,
             "protocolVersion": "1.0",
             "node": "n-1",
+            "channels": [{"channel": "user:u-1", "offset": 3, "epoch": "e1", "recovered": True}],
         },
     }
 
 
 def test_connected_frame_of_an_anonymous_session(anon: Session) -> None:
-    raw = anon.connected_frame(server_time=NOW, ping_interval=25, idle_timeout=60, node="n-1")
+    raw = anon.connected_frame(
+        server_time=NOW, ping_interval=25, idle_timeout=60, node="n-1", channels=[]
+    )
     validate_frame(raw, sender="server")
     data = json.loads(raw)["data"]
+    assert data["channels"] == []
     # `userId` is omitted (or null) for anonymous connections: never another value.
     assert data.get("userId") is None
 

@@ -84,7 +84,12 @@ class _Payload(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Status(_Payload, kw_only=True):
-    """Seed schema `status`: the data of `connected` and of `logout`."""
+    """Seed schema `status`: the data of `connected` and of `logout`.
+
+    `channels` (`connected` only): the connection's own channels (its user channel, and those of
+    the handshake `settings` parameter), joined before `connected` was sent, with their positions:
+    the line from which the client misses nothing.
+    """
 
     status: Literal["connected", "logout"]
     serverTime: Timestamp
@@ -95,6 +100,7 @@ class Status(_Payload, kw_only=True):
     idleTimeout: int | None = None
     protocolVersion: str | None = None
     node: str | None = None
+    channels: list[ChannelState] | None = None
     reason: LogoutReason | None = None
     code: int | None = None
     message: ShortText | None = None

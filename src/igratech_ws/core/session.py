@@ -69,9 +69,16 @@ class Session:
     # --- lifecycle -------------------------------------------------------------------------------
 
     def connected_frame(
-        self, *, server_time: str, ping_interval: int, idle_timeout: int, node: str
+        self,
+        *,
+        server_time: str,
+        ping_interval: int,
+        idle_timeout: int,
+        node: str,
+        channels: list[ChannelState],
     ) -> bytes:
-        """The `connected` frame (AsyncAPI `publish-connected`) sent right after the upgrade."""
+        """The `connected` frame (AsyncAPI `publish-connected`), the first of every connection,
+        sent once the channels of the first plan are joined; `channels` are their positions."""
         return event_frame(
             "connected",
             Status(
@@ -83,6 +90,7 @@ class Session:
                 idleTimeout=idle_timeout,
                 protocolVersion=PROTOCOL_VERSION,
                 node=node,
+                channels=channels,
             ),
         )
 
