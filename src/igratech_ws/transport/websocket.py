@@ -36,6 +36,7 @@ from igratech_ws.core.close_codes import CloseCode, close_reason
 from igratech_ws.core.codec import ProtocolError, decode_payload, encode
 from igratech_ws.core.messages import SettingsRequest
 from igratech_ws.core.session import Session, SettingsPlan
+from igratech_ws.hub import Outbox
 from igratech_ws.node import Node
 
 log = logging.getLogger("igratech_ws.websocket")
@@ -77,7 +78,7 @@ class ClientConnection(WSListener):
         self.rate_tokens = node.config.message_burst
         self.rate_strikes = 0
         self.address = ""
-        self.pending: list[bytes] | None = None
+        self.pending: Outbox | None = None
         self.settings_queue: deque[tuple[SettingsPlan, bool]] | None = None
         self.transport: WSTransport | None = None
         self._fragments: bytearray | None = None
@@ -145,6 +146,13 @@ class ClientConnection(WSListener):
             and not transport.is_close_frame_sent
             and not (transport.is_disconnected)
         )
+
+    def backlog_bytes(self) -> int:
+        """Bytes in the socket's write buffer (the hub counts them against the budget)."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        return int(transport.underlying_transport.get_write_buffer_size())
 
     def write_wire(self, data: bytes) -> None:
         transport = self.transport
