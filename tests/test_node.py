@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from igratech_ws.brokers.base import BrokerState, UserLogin, UserLogout
@@ -19,7 +20,7 @@ from igratech_ws.contract import validate_frame
 from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.core.messages import SettingsRequest
 from igratech_ws.core.session import Session, SettingsPlan
-from igratech_ws.node import MAX_QUEUED_SETTINGS, Node
+from igratech_ws.node import MAX_EARLY_FRAMES, MAX_QUEUED_SETTINGS, Node
 from tests.test_hub import FakeSubscriber, RecordingBroker, settle, split_frames
 
 INCIDENT = json.dumps(
@@ -104,7 +105,7 @@ def connect(
     session = Session(
         session_id or uuid.uuid4().hex, user, max_games=node.config.max_games_per_connection
     )
-    plan = session.plan_settings(SettingsRequest(**(settings or {})))
+    plan = session.plan_settings(msgspec.convert(settings or {}, SettingsRequest))
     connection = FakeConnection(node, session, connected_at=at, address=address)
     node.accept(connection, plan, settings is not None)
     return connection
@@ -143,6 +144,125 @@ async def test_handshake_settings_are_answered_before_any_push(
     answer = frames[1]["data"]
     assert answer["games"] == ["g-1"] and answer["stats"] is True
     assert [c["channel"] for c in answer["channels"]] == ["user:u-1", "game:g-1", "global"]
+
+
+# --- connected: the line from which nothing is missed (D5) -------------------------------------
+
+
+BALANCE = b'{"balance":"1.00","currency":"EUR","updatedAt":"2026-11-23T19:45:00Z"}'
+
+
+async def test_connected_waits_for_the_user_channel_and_carries_its_position(
+    node: Node, broker: RecordingBroker
+) -> None:
+    """On main `connected` went out before the user channel's join completed: a balance
+    published right after it could be lost, and `connected` carried no position to resume."""
+    for _ in range(3):
+        broker.publish_now("user:u-1", "balance", BALANCE)
+    broker.gate.clear()  # the join's broker round trip is held
+    a = connect(node, "u-1")
+    await settle()
+    assert a.frames() == []  # nothing before the join: not even `connected`
+    broker.gate.set()
+    await settle()
+    (connected,) = a.frames()
+    epoch = (await broker.position("user:u-1")).epoch
+    assert connected["data"]["channels"] == [{"channel": "user:u-1", "offset": 3, "epoch": epoch}]
+    broker.publish_now("user:u-1", "balance", BALANCE)  # right after `connected`
+    await settle()
+    assert [f.get("offset") for f in a.frames()] == [None, 4]
+
+
+async def test_connected_of_an_anonymous_connection_without_settings_is_immediate(
+    node: Node, broker: RecordingBroker
+) -> None:
+    broker.gate.clear()
+    a = connect(node, None)
+    await settle()
+    assert a.frames()[0]["data"]["channels"] == []
+    broker.gate.set()
+
+
+async def test_a_resume_in_the_handshake_is_told_in_connected_then_replayed(
+    node: Node, broker: RecordingBroker
+) -> None:
+    for _ in range(5):
+        broker.publish_now("user:u-1", "balance", BALANCE)
+    epoch = (await broker.position("user:u-1")).epoch
+    a = connect(
+        node,
+        "u-1",
+        settings={"games": ["g-1"], "recover": {"user:u-1": {"offset": 2, "epoch": epoch}}},
+    )
+    await settle()
+    frames = a.frames()
+    assert [f["event"] for f in frames] == [
+        "connected",
+        "settings",
+        "balance",
+        "balance",
+        "balance",
+    ]
+    states = {c["channel"]: c for c in frames[0]["data"]["channels"]}
+    assert states["user:u-1"] == {
+        "channel": "user:u-1",
+        "offset": 5,
+        "epoch": epoch,
+        "recovered": True,
+    }
+    assert "recovered" not in states["game:g-1"]
+    assert frames[1]["data"]["channels"] == frames[0]["data"]["channels"]
+    assert [f["offset"] for f in frames[2:]] == [3, 4, 5]
+
+
+async def test_frames_sent_before_connected_are_carried_out_after_it_in_order(
+    node: Node, broker: RecordingBroker
+) -> None:
+    broker.gate.clear()
+    a = connect(node, "u-1")
+    text(node, a, "ping", {"ts": 1})
+    text(node, a, "settings", {"games": ["g-1"]})
+    node.on_text(a, b"garbage")
+    text(node, a, "ping", {"ts": 2})
+    await settle()
+    assert a.frames() == []
+    broker.gate.set()
+    await settle()
+    # Carried out in order; a settings answer comes once its joins are done, as ever.
+    assert a.events() == ["connected", "pong", "error", "pong", "settings"]
+    assert [f["data"].get("ts") for f in a.frames() if f["event"] == "pong"] == [1, 2]
+    assert node.hub.subscriber_count("game:g-1") == 1
+
+
+async def test_frames_held_before_connected_are_bounded(
+    node: Node, broker: RecordingBroker
+) -> None:
+    broker.gate.clear()
+    a = connect(node, "u-1")
+    for i in range(MAX_EARLY_FRAMES):
+        text(node, a, "ping", {"ts": i})
+    assert a.closes == []
+    text(node, a, "ping", {"ts": "one too many"})
+    assert a.closes == [CloseCode.POLICY_VIOLATION]
+    broker.gate.set()
+    await settle()
+    assert a.frames() == []
+    assert node._greeting == {}
+    assert node.hub.subscriber_count("user:u-1") == 0
+
+
+async def test_a_connection_closed_while_joining_leaves_nothing_behind(
+    node: Node, broker: RecordingBroker
+) -> None:
+    broker.gate.clear()
+    a = connect(node, "u-1", settings={"games": ["g-1", "g-2"]})
+    await settle()
+    a.close_with(CloseCode.IDLE_TIMEOUT)
+    broker.gate.set()
+    await settle()
+    assert a.frames() == []
+    assert node._greeting == {}
+    assert node.hub.channel_count == 0
 
 
 async def test_settings_through_text_frames(node: Node) -> None:
