@@ -127,6 +127,10 @@ class ClientConnection(WSListener):
             self._fragments = None
             self._node.on_text(self, bytes(fragments))
 
+    def resume_writing(self) -> None:
+        # picows: the socket's buffer drained below its low watermark after a pause.
+        self._node.on_writable(self)
+
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         handshake = transport.close_handshake
         code: int | None = None
