@@ -381,7 +381,10 @@ export declare class IgratechWsClient {
   on<K extends keyof ClientEvents>(name: K, fn: (detail: ClientEvents[K]) => void): () => void;
   connect(): void;
   close(): void;
+  /** Use `token` from the next connection on (`reconnect()` switches now). */
   setToken(token: string | null): void;
+  /** Drop the connection and reconnect at once, resuming every channel. */
+  reconnect(): void;
   handshakeUrl(): string;
   /** The latest payload of each state event (`stats`, `balance`) received on `channel`. */
   channelState(channel: string): CurrentState;

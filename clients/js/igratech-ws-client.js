@@ -121,6 +121,7 @@ export class IgratechWsClient {
     this._refusals = 0; // full handshakes that failed right after a successful probe
     this._fallback = false; // the next connection omits `settings` (the resume was refused)
     this._fallbackRecover = null; // channels whose recovery the fallback's `settings` asked for
+    this._reconnectNow = false;
   }
 
   // --- events -----------------------------------------------------------------------------
@@ -177,6 +178,19 @@ export class IgratechWsClient {
       }
     }
     this._setState("closed");
+  }
+
+  /** Drop the connection and reconnect at once, resuming every channel (e.g. after setToken). */
+  reconnect() {
+    const conn = this._conn;
+    if (!conn || this._stopped) return;
+    this._reconnectNow = true;
+    this._finish(conn, 3000, "reconnect asked");
+    try {
+      conn.ws.close(3000, "reconnect asked");
+    } catch {
+      // still connecting: abandoned
+    }
   }
 
   /** Use another token from the next connection on; positions of user channels are dropped. */
@@ -299,7 +313,8 @@ export class IgratechWsClient {
     // After close() or a logout the client is stopped: the close is reported, nothing more.
     const reconnect = !this._stopped && shouldReconnect(code);
     let delay = reconnect ? this.backoff.next() : null;
-    if (delay !== null && this._fallback && !conn.greeted) delay = 0;
+    if (delay !== null && (this._reconnectNow || (this._fallback && !conn.greeted))) delay = 0;
+    this._reconnectNow = false;
     this._emit("close", {
       code,
       reason: reason || CLOSE_CODES[code] || "",
