@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,11 @@ import aiohttp
 import pytest
 
 from igratech_ws.app import App, running_app
-from tests.e2e.cluster import (
-    SERVE,
-    BrokerSpace,
-    NodeProcess,
-    _spawn,
-    free_port,
-    node_env,
-    stop,
-)
+from tests.e2e.cluster import BrokerSpace, stop
 from tests.e2e.conftest import API_KEY, balance, base_config, connect, incident, publish, token
 
 from .drivers import Driver, JsDriver, PythonDriver
+from .nodes import two_nodes
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -286,50 +279,6 @@ async def small_history_app() -> AsyncIterator[App]:
 async def idle_app() -> AsyncIterator[App]:
     async with running_app(base_config(ping_interval=1, idle_timeout=2)) as gateway:
         yield gateway
-
-
-@pytest.fixture
-async def redis_space(redis_url: str) -> AsyncIterator[BrokerSpace]:
-    space = BrokerSpace("redis", redis_url)
-    yield space
-    await space.cleanup()
-
-
-def _serve(space: BrokerSpace, name: str, port: int, log: Path) -> NodeProcess:
-    argv = [
-        *SERVE,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--api-host", "127.0.0.1", "--api-port", "0",
-        "--broker", space.url, "--node-id", name,
-    ]  # fmt: skip
-    return NodeProcess(name, _spawn(argv, log, node_env()), log)
-
-
-class two_nodes:
-    """Nodes a (on a fixed port, restartable) and b on `space`; both killed at exit."""
-
-    def __init__(self, space: BrokerSpace, log_dir: Path) -> None:
-        self.space, self.log_dir = space, log_dir
-        self.port = free_port()
-        self.nodes: list[NodeProcess] = []
-
-    async def __aenter__(self) -> tuple[Callable[[], Awaitable[None]], list[NodeProcess]]:
-        a = _serve(self.space, "a", self.port, self.log_dir / "node-a.log")
-        b = _serve(self.space, "b", 0, self.log_dir / "node-b.log")
-        self.nodes = [a, b]
-        await asyncio.gather(a.wait_serving(), b.wait_serving())
-        await asyncio.gather(a.wait_readyz(200), b.wait_readyz(200))
-        return self.restart, self.nodes
-
-    async def restart(self) -> None:
-        log = self.log_dir / f"node-a-{len(self.nodes)}.log"  # a fresh log: a new `serving` line
-        a = _serve(self.space, "a", self.port, log)
-        self.nodes.append(a)
-        await a.wait_serving()
-        await a.wait_readyz(200)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.gather(*(stop(node.proc) for node in self.nodes))
 
 
 # --- both SDKs ----------------------------------------------------------------------------------
