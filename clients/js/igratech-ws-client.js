@@ -254,6 +254,7 @@ export class IgratechWsClient {
       greeted: false,
       done: false,
       inForce: new Set(), // channels joined on this connection (their answer position is old)
+      wanted: JSON.stringify([this.games, this.stats]), // what the handshake asked to follow
       timer: null,
     };
     this._confirming = false;
@@ -480,6 +481,10 @@ export class IgratechWsClient {
         this._fallbackRecover = Object.keys(recover);
       }
       this.send("settings", request);
+    } else if (JSON.stringify([this.games, this.stats]) !== conn.wanted) {
+      // follow()/unfollow()/setStats() while the handshake was in flight could not be sent:
+      // send what is wanted now (frames before `connected` are not ours to send).
+      this.send("settings", { games: this.games, stats: this.stats });
     }
     this._emit("connected", data);
     for (const gap of gaps) if (gap) this._emit("gap", gap);

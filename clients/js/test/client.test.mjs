@@ -91,6 +91,15 @@ describe("the client's rules (scripted socket)", () => {
     client.close();
   });
 
+  test("a follow made while the handshake is in flight is sent once connected", () => {
+    const { client, socket } = scripted({ games: ["g-1"] });
+    assert.equal(client.follow("g-2"), false); // not connected yet: kept
+    socket.open();
+    socket.push(connected([]));
+    assert.deepEqual(socket.sent, [{ event: "settings", data: { games: ["g-1", "g-2"], stats: false } }]);
+    client.close();
+  });
+
   test("duplicates are dropped, skipped offsets and new epochs are gaps", () => {
     const { client, events, socket } = scripted();
     socket.open();
