@@ -82,8 +82,13 @@ async def broker() -> AsyncIterator[RecordingBroker]:
 
 @pytest.fixture
 async def node(broker: RecordingBroker) -> AsyncIterator[Node]:
+    # No flush waits for the real clock: `settle` drives everything, whatever the load.
     config = Config(
-        idle_timeout=60, ping_interval=25, max_games_per_connection=50, message_burst=1000
+        idle_timeout=60,
+        ping_interval=25,
+        max_games_per_connection=50,
+        message_burst=1000,
+        max_flush_delay=0.0,
     )
     node = Node(config, broker)
     # Node.start would also start the once-a-second sweeper on the real clock; tests call sweep().

@@ -237,11 +237,6 @@ class Hub:
             return self._last.get(channel)
         return None
 
-    def queued_bytes(self, subscriber: Subscriber) -> int:
-        """Bytes counted against `subscriber`'s budget: queued here and in its socket."""
-        pending = subscriber.pending
-        return subscriber.backlog_bytes() if pending is None else pending.size
-
     # --- writing ---------------------------------------------------------------------------------
 
     def send(self, subscriber: Subscriber, frame_payload: bytes) -> None:
@@ -624,6 +619,10 @@ class Hub:
                 self._abandon(subscriber, CloseCode.SERVICE_RESTART)  # the stream was recreated
                 return
             publications = [p for p in page.publications if join.start < p.offset <= top.offset]
+            last = self._last.get(channel)
+            target = top.offset
+            if last is not None and last[1] == join.epoch:
+                target = max(target, last[0])
             if not continues(join.start, publications) or (
                 not publications and join.start < top.offset
             ):
@@ -641,10 +640,6 @@ class Hub:
             if publications:  # as many as fill a page, judging by this one's sizes
                 average = sum(_held_size(p) for p in publications) // len(publications)
                 count = max(1, min(PAGE_MAX_COUNT, self.page_bytes // average))
-            last = self._last.get(channel)
-            target = top.offset
-            if last is not None and last[1] == join.epoch:
-                target = max(target, last[0])
             if join.start >= target:
                 # Caught up with history and with what this node delivered: from here on the
                 # live publications carry on (those up to the start are skipped as sent).

@@ -41,7 +41,8 @@ class QuietBroker(EmptyEpochBroker):
 
 
 async def _node(broker: MemoryBroker) -> Node:
-    node = Node(Config(max_games_per_connection=GAMES, message_burst=1000), broker)
+    config = Config(max_games_per_connection=GAMES, message_burst=1000, max_flush_delay=0.0)
+    node = Node(config, broker)
     await broker.start(node.hub.on_publication, node.on_control, node.on_broker_state)
     return node
 
