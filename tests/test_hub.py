@@ -56,7 +56,7 @@ class FakeSubscriber:
             hub.on_writable(self)
 
     def queued(self) -> list[bytes]:
-        return [] if self.pending is None else list(self.pending.frames)
+        return list(self.pending or [])
 
     def __repr__(self) -> str:
         return f"FakeSubscriber({self.name})"
@@ -200,7 +200,7 @@ async def test_one_encoding_per_publication_shared_by_all_subscribers(
         assert all(mine is theirs for mine, theirs in zip(sub.queued(), first, strict=True))
     await settle()
     for sub in subs:
-        assert sub.pending is None
+        assert not sub.pending
         assert sub.offsets() == [1, 2]
     frame = subs[0].frames()[0]
     assert frame["event"] == "incident"
@@ -248,7 +248,7 @@ async def test_closed_subscribers_get_no_writes(hub: Hub, broker: RecordingBroke
     a.open = False
     await settle()
     assert a.writes == []
-    assert a.pending is None
+    assert not a.pending
 
 
 async def test_flush_one_writes_at_once(hub: Hub, broker: RecordingBroker) -> None:

@@ -86,7 +86,8 @@ PUBLICATION_OVERHEAD = 120
 class Subscriber(Protocol):
     """What the hub needs of a connection (implemented by the WebSocket listener).
 
-    `pending` is owned by the hub: the frames queued this tick (an `Outbox`), or None.
+    `pending` is owned by the hub: the connection's `Outbox` (the frames queued this tick), None
+    until the hub first queues something; the transport may reset it to None when it closes.
     `write_wire` writes bytes to the socket at once; `backlog_bytes` is what the socket's write
     buffer holds (the hub counts it against the budget); `close_with` flushes what is pending and
     closes with `code`, and the node then calls `leave` for every channel. The transport calls
@@ -106,21 +107,21 @@ class Subscriber(Protocol):
     def close_with(self, code: CloseCode) -> None: ...
 
 
-class Outbox:
-    """The frames queued to one connection this tick, and the bytes they and the socket's write
-    buffer hold (`size`, checked against the budget on every push)."""
+class Outbox(list[bytes]):
+    """One connection's frames queued this tick (empty between ticks: the same object serves the
+    connection's whole life, so that a tick allocates nothing), and `size`: the bytes they and
+    the socket's write buffer hold, checked against the budget on every push."""
 
-    __slots__ = ("frames", "size")
+    __slots__ = ("size",)
 
-    def __init__(self, wire: bytes, size: int) -> None:
-        self.frames = [wire]
-        self.size = size
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
 
 
 #: The outbox of a connection that passed its budget: everything pushed to it is dropped until
 #: the close (scheduled) takes it away. It holds nothing, and its size passes any budget.
-_OVERFLOWED = Outbox(b"", 1 << 62)
-_OVERFLOWED.frames.clear()
+_OVERFLOWED = Outbox()
 
 # How a joining connection receives a channel's live publications (`_Join.mode`).
 _BUFFERING = 0  # the start is not known yet: hold them (bounded)
@@ -249,32 +250,28 @@ class Hub:
         budget. Past the budget the connection is closed as a slow consumer (1013) on the next
         loop iteration, and this frame and everything queued with it are dropped."""
         pending = subscriber.pending
-        if pending is None:
-            size = subscriber.backlog_bytes() + len(wire)
-            if size > self.max_buffer_bytes:
-                self._overflow(subscriber)
-                return
-            subscriber.pending = Outbox(wire, size)
-            self._dirty.append(subscriber)
-            if not self._flush_scheduled:
-                self._schedule_flush()
-            return
-        size = pending.size + len(wire)
-        if size > self.max_buffer_bytes:
-            if pending is _OVERFLOWED:
+        if pending:  # frames queued this tick
+            size = pending.size + len(wire)
+            if size <= self.max_buffer_bytes:
+                pending.append(wire)
+                pending.size = size
                 return
             # Before calling the client slow, hand what is queued to the socket now: the kernel
             # takes what it can, and only what stays in the socket's buffer counts.
             self.flush_one(subscriber)
-            size = subscriber.backlog_bytes() + len(wire)
-            if size > self.max_buffer_bytes:
-                self._overflow(subscriber)
-                return
-            subscriber.pending = Outbox(wire, size)
-            self._dirty.append(subscriber)  # the flush this tick is already scheduled
+        elif pending is _OVERFLOWED:
             return
-        pending.frames.append(wire)
+        size = subscriber.backlog_bytes() + len(wire)
+        if size > self.max_buffer_bytes:
+            self._overflow(subscriber)
+            return
+        if pending is None:
+            pending = subscriber.pending = Outbox()
+        pending.append(wire)
         pending.size = size
+        self._dirty.append(subscriber)
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         self._flush_scheduled = True
@@ -319,12 +316,12 @@ class Hub:
     def flush_one(self, subscriber: Subscriber) -> None:
         """Write `subscriber`'s queued frames now (before closing it, for instance)."""
         pending = subscriber.pending
-        if pending is None or pending is _OVERFLOWED:
-            return
-        subscriber.pending = None
+        if not pending:
+            return  # nothing queued (or a slow consumer's outbox, which is always empty)
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
         if subscriber.is_open:
-            frames = pending.frames
-            subscriber.write_wire(frames[0] if len(frames) == 1 else b"".join(frames))
+            subscriber.write_wire(data)
 
     def on_writable(self, subscriber: Subscriber) -> None:
         """The transport: `subscriber`'s socket buffer drained after a pause; a waiting replay
@@ -369,8 +366,27 @@ class Hub:
         live = self._live.get(channel)
         if live:
             wire = self._wire(publication)
+            size = len(wire)
+            room = self.max_buffer_bytes - size
+            dirty = self._dirty
             for subscriber in live:
+                # `send_wire` inline for the fan-out's hot loop, where the frame fits the budget.
+                pending = subscriber.pending
+                if pending:
+                    if pending.size <= room:
+                        pending.append(wire)
+                        pending.size += size
+                        continue
+                elif pending is not None and pending is not _OVERFLOWED:
+                    backlog = subscriber.backlog_bytes()
+                    if backlog <= room:
+                        pending.append(wire)
+                        pending.size = backlog + size
+                        dirty.append(subscriber)
+                        continue
                 self.send_wire(subscriber, wire)
+            if dirty and not self._flush_scheduled:
+                self._schedule_flush()
             self.frames_out += len(live)
         joining = self._joining.get(channel)
         if joining:
@@ -657,7 +673,7 @@ class Hub:
             pending = subscriber.pending
             if pending is _OVERFLOWED:
                 return False
-            if pending is not None:
+            if pending:
                 waiter = loop.create_future()
                 self._flush_waiters.append(waiter)
                 await waiter
