@@ -74,7 +74,11 @@ class Connection:
                 websocket_handshake_timeout=handshake_timeout,
                 max_frame_size=max_frame_size,
             )
-        assert isinstance(listener, _Listener)
+        if not isinstance(listener, _Listener):
+            # picows hands back no listener of ours when the peer dropped the connection right
+            # after the upgrade: a failed connect (the supervisor retries), not a crash.
+            transport.disconnect(False)
+            raise ConnectionError("the connection closed during the handshake")
         return cls(transport, listener)
 
     @property
