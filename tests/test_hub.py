@@ -899,3 +899,28 @@ async def test_nothing_is_left_after_everyone_leaves(hub: Hub, broker: Recording
     }
     assert {name: len(value) for name, value in maps.items() if value} == {}
     assert hub.channel_count == 0
+
+
+async def test_a_late_delivery_after_the_last_follower_left_is_not_remembered(
+    hub: Hub, broker: RecordingBroker
+) -> None:
+    """Found by tests/test_resume_sdk.py: the broker delivered a publication between the hub's
+    release of the channel and its unsubscribe; the hub remembered it as the node's position,
+    so the next follower's first live publication looked like a gap, the resync could not fill
+    it from a short history, and the followers were closed (or stalled). Also a `_last` entry
+    for a channel nobody follows."""
+    a = FakeSubscriber("a")
+    await join(hub, a)
+    (first,) = publish(broker, 1)
+    hub.leave(a, CH)
+    late = publish(broker, 1)  # published now; the broker still delivers it once, late
+    hub.on_publication(late[0])
+    assert CH not in hub._last
+    await settle()
+    publish(broker, 20)
+    b = FakeSubscriber("b")
+    await join(hub, b, CH, (first.offset, first.epoch))
+    publish(broker, 1)
+    await settle()
+    assert b.closes == [] and hub.resyncs == 0
+    assert b.offsets() == list(range(2, 24))

@@ -336,6 +336,11 @@ class Hub:
         """Broker handler: deliver `publication` to this node's followers of its channel."""
         self.publications_in += 1
         channel = publication.channel
+        if channel not in self._broker_subs:
+            # Released (no local follower): the broker may deliver until its unsubscribe takes
+            # effect. Remembering it would leave a `_last` for nobody, stale by the time someone
+            # joins again (a false gap, and a resync that closes that follower).
+            return
         held = self._syncing.get(channel)
         if held is not None:
             size = self._syncing_bytes.get(channel, 0) + _held_size(publication)
@@ -568,6 +573,8 @@ class Hub:
         task = self._broker_subs.pop(channel, None)
         # The node no longer sees this channel, so it cannot know what followers would miss.
         self._last.pop(channel, None)
+        self._syncing.pop(channel, None)  # a resync under way ends (it checks `_syncing`)
+        self._syncing_bytes.pop(channel, None)
         if task is not None:
             self._spawn(self._unsubscribe_after(task, channel))
 
@@ -777,9 +784,14 @@ class Hub:
         self._syncing.pop(channel, None)
         self._syncing_bytes.pop(channel, None)
         self._last.pop(channel, None)
-        # Joining connections stay: they check every publication against their own position.
         for subscriber in list(self._live.get(channel, ())):
             subscriber.close_with(CloseCode.SERVICE_RESTART)
+        # A joining connection past its start may have been owed what was held, which is
+        # dropped: history (from its own, newer, position) serves it, or it is closed. One
+        # still buffering or replaying checks what it gets against its own position anyway.
+        for subscriber, join in list(self._joining.get(channel, {}).items()):
+            if join.mode == _FILTERING:
+                self._replay_later(subscriber, channel, join)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coroutine)
