@@ -271,8 +271,12 @@ class Example:
             reason = event.data.reason
             self.figures.notices[reason] = self.figures.notices.get(reason, 0) + 1
         elif event.event == "connected":
-            self.log.append(("connected",))
+            states = getattr(event.data, "channels", None) or []
+            joined = tuple((s.channel, s.offset, s.epoch, s.recovered) for s in states)
+            self.log.append(("connected", joined))
             self.connected.set()
+        elif event.event == "disconnected":
+            self.log.append(("disconnected", getattr(event.data, "code", None)))
         elif event.channel is not None and event.offset is not None and not event.snapshot:
             data = event.data
             marker = str(getattr(data, "incidentId", None) or getattr(data, "balance", ""))

@@ -61,7 +61,7 @@ from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.core.codec import publication_frame
 from igratech_ws.core.framing import text_frame
 from igratech_ws.core.messages import ChannelState
-from igratech_ws.core.recovery import continues, resumable
+from igratech_ws.core.recovery import continues, may_continue, resumable
 
 log = logging.getLogger("igratech_ws.hub")
 
@@ -419,7 +419,7 @@ class Hub:
                         self.frames_out += 1
                         join.start, join.epoch = offset, publication.epoch
                         promote.append(subscriber)
-                    elif publication.epoch != join.epoch and join.start > 0:
+                    elif not may_continue(join.start, join.epoch, publication.epoch):
                         # The stream was recreated since the connection's start.
                         subscriber.close_with(CloseCode.SERVICE_RESTART)
                     else:
@@ -636,8 +636,8 @@ class Hub:
             if not self._current(subscriber, channel, join) or not subscriber.is_open:
                 return
             top = page.top
-            if join.start == 0 and top.epoch != join.epoch:
-                join.epoch = top.epoch  # nothing seen yet: any life of the stream continues it
+            if top.epoch != join.epoch and may_continue(join.start, join.epoch, top.epoch):
+                join.epoch = top.epoch  # a follower from no stream at all, into its first life
             if top.epoch != join.epoch:
                 self._abandon(subscriber, CloseCode.SERVICE_RESTART)  # the stream was recreated
                 return
@@ -809,8 +809,6 @@ class Hub:
 
 
 def _follows(start: int, epoch: str, publication: Publication) -> bool:
-    """Whether `publication` is the next one after (`start`, `epoch`): the next offset in the
-    same epoch, or offset 1 of any epoch after offset 0 (nothing seen yet, D1)."""
-    if publication.offset != start + 1:
-        return False
-    return start == 0 or publication.epoch == epoch
+    """Whether `publication` is the next one after (`start`, `epoch`) for a connected follower:
+    the next offset of the same life, or offset 1 of the first life after no stream (D1)."""
+    return publication.offset == start + 1 and may_continue(start, epoch, publication.epoch)

@@ -1,5 +1,6 @@
-"""Resume decisions: recovered iff history covers (client offset, top] in the client's epoch, or
-from offset 0 in any epoch (D1); paged replays agree with the whole-history decision."""
+"""Resume decisions: recovered iff history covers (client offset, top] in the client's epoch
+(never across epochs, not even from offset 0); paged replays agree with the whole-history
+decision; a connected follower from no stream continues into the first life (`may_continue`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from igratech_ws.core.recovery import (
     RecoveryOutcome,
     continues,
     decide_recovery,
+    may_continue,
     resumable,
 )
 
@@ -38,12 +40,21 @@ def test_empty_stream_from_zero() -> None:
     assert decide_recovery(0, "e", "e", 0, []) == RecoveryOutcome(True, [])
 
 
-def test_offset_zero_recovers_whatever_the_epoch() -> None:
-    # A client that joined before the stream existed holds (0, "none"): it has seen nothing.
-    assert decide_recovery(0, EMPTY_EPOCH, "e", 2, pubs(1, 2)) == RecoveryOutcome(True, pubs(1, 2))
-    assert decide_recovery(0, "old", "e", 0, []) == RecoveryOutcome(True, [])
-    # ... but only when history still holds offset 1.
-    assert decide_recovery(0, EMPTY_EPOCH, "e", 3, pubs(2, 3)) == RecoveryOutcome(False, [])
+def test_offset_zero_recovers_only_within_its_epoch() -> None:
+    # A channel still without a stream: nothing was missed.
+    assert decide_recovery(0, EMPTY_EPOCH, EMPTY_EPOCH, 0, []) == RecoveryOutcome(True, [])
+    assert decide_recovery(0, "e", "e", 2, pubs(1, 2)) == RecoveryOutcome(True, pubs(1, 2))
+    # Another life: the client cannot tell whether a life came and went while it was away (with
+    # publications it never saw), so it is told (found by tests/test_resume_sdk.py).
+    assert decide_recovery(0, EMPTY_EPOCH, "e", 2, pubs(1, 2)) == RecoveryOutcome(False, [])
+    assert decide_recovery(0, "lost", "e", 2, pubs(1, 2)) == RecoveryOutcome(False, [])
+
+
+def test_a_connected_follower_from_no_stream_continues_into_its_first_life() -> None:
+    assert may_continue(0, EMPTY_EPOCH, "e")
+    assert may_continue(3, "e", "e")
+    assert not may_continue(0, "e", "f")  # a life that ended: the follower must be told
+    assert not may_continue(3, EMPTY_EPOCH, "e")
 
 
 def test_other_epoch_is_not_recovered() -> None:
@@ -88,7 +99,7 @@ def test_broker_windows(top: int, data: st.DataObject, same_epoch: bool) -> None
     outcome = decide_recovery(client, "e1", "e1" if same_epoch else "e2", top, history)
     wanted = list(range(client + 1, top + 1))
     covered = client <= top and (client + 1 >= low or client == top) and len(wanted) <= limit
-    assert outcome.recovered is ((same_epoch or client == 0) and covered)
+    assert outcome.recovered is (same_epoch and covered)
     if outcome.recovered:
         assert [p.offset for p in outcome.missed] == wanted
         assert all(p is q for p, q in zip(outcome.missed, history[: len(wanted)], strict=True))
@@ -111,9 +122,7 @@ def test_arbitrary_histories(
     outcome = decide_recovery(client, epochs[0], epochs[1], top, history)
     later = [o for o in offsets if o > client]
     expected = (
-        (epochs[0] == epochs[1] or client == 0)
-        and client <= top
-        and later == list(range(client + 1, top + 1))
+        epochs[0] == epochs[1] and client <= top and later == list(range(client + 1, top + 1))
     )
     assert outcome.recovered is expected
     assert [p.offset for p in outcome.missed] == (later if expected else [])

@@ -2,10 +2,17 @@
 
 A stream position is (offset, epoch). Offsets grow by one per publication in a channel; the epoch
 names one life of the stream and changes when the stream is lost (broker restarted without
-persistence, history evicted). Recovery succeeds only when history still holds every publication
-after the client's offset, and within one epoch, except from offset 0: a client at offset 0 has
-seen nothing of any life of the stream, so whatever epoch it holds (`EMPTY_EPOCH` for a channel
-that had no stream when it joined), it recovers iff history holds offsets 1..top.
+persistence, history evicted). Recovery succeeds only within one epoch, and only when history still
+holds every publication after the client's offset. A channel that has no stream is at
+(0, `EMPTY_EPOCH`): a client that joined it then recovers while it still has none.
+
+Why not "from offset 0, any epoch" (decision D1 asked for it): a client at (0, e) that was away
+while the stream got publications, and then lost them with the stream (a broker restart without
+persistence), would be told `recovered: true` into the next life and never learn of the loss;
+`tests/test_resume_sdk.py` found exactly that. A position of one life says nothing of another,
+even at offset 0, so across lives the answer is `recovered: false`. A *connected* follower at
+(0, `EMPTY_EPOCH`) does continue into the first life (the hub's rule, `may_continue`): it sees
+every publication of it as it happens.
 
 A replay may be delivered in pages (the hub does, so that its memory stays bounded): the decision
 is taken on the first page (`resumable`), and every later page must continue the sequence exactly
@@ -40,10 +47,11 @@ class RecoveryOutcome(Generic[P]):
     missed: list[P]
 
 
-def same_life(client_offset: int, client_epoch: str, stream_epoch: str) -> bool:
-    """Whether a client at (`client_offset`, `client_epoch`) can continue the stream of
-    `stream_epoch`: the epochs match, or the client has seen nothing yet (offset 0)."""
-    return client_offset == 0 or client_epoch == stream_epoch
+def may_continue(offset: int, epoch: str, next_epoch: str) -> bool:
+    """Whether a connected follower at (`offset`, `epoch`) may take the next publication from a
+    stream of `next_epoch`: the same life, or the first life of a channel that had no stream when
+    it joined (D1; it is live, so it sees that life from its first publication)."""
+    return epoch == next_epoch or (offset == 0 and epoch == EMPTY_EPOCH)
 
 
 def resumable(
@@ -60,7 +68,7 @@ def resumable(
     (None: it returned none); `limit` caps how many publications one replay may deliver. The caller
     replays in pages and checks each with `continues`.
     """
-    if not same_life(client_offset, client_epoch, stream_epoch):
+    if client_epoch != stream_epoch:
         return False
     if client_offset > stream_top or stream_top - client_offset > limit:
         return False
@@ -88,7 +96,7 @@ def decide_recovery(
     `stream_top` (the offset of the newest publication). The caller sends `missed` before any live
     publication with a greater offset and drops live ones it already sent.
     """
-    if not same_life(client_offset, client_epoch, stream_epoch) or client_offset > stream_top:
+    if client_epoch != stream_epoch or client_offset > stream_top:
         return RecoveryOutcome(False, [])
     missed = [p for p in history if p.offset > client_offset]
     if len(missed) != stream_top - client_offset or not continues(client_offset, missed):
