@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from igratech_ws.brokers import from_url
+from igratech_ws.brokers import BrokerOptions, from_url
 from igratech_ws.brokers.base import (
     Broker,
     BrokerState,
@@ -109,11 +110,16 @@ class BrokerFactory:
         node_id: str | None = None,
         limits: HistoryLimits | None = None,
         start: bool = True,
+        **options: Any,
     ) -> Node:
+        """A new node (a broker instance) of this kind; `options` are `BrokerOptions` fields."""
         if self.nodes and not self.multi_node:
             pytest.skip("the memory broker is a single node: multi-node behaviour does not apply")
         node_id = node_id or f"n{len(self.nodes) + 1}-{self.namespace}"
-        broker = from_url(self.url(), node_id=node_id, limits=limits or DEFAULT_LIMITS)
+        broker = from_url(
+            self.url(),
+            BrokerOptions(node_id=node_id, limits=limits or DEFAULT_LIMITS, **options),
+        )
         node = Node(broker)
         self.nodes.append(node)
         if start:

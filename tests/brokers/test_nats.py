@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from igratech_ws.brokers import from_url
+from igratech_ws.brokers import BrokerOptions, from_url
 from igratech_ws.brokers.base import (
     BrokerError,
     BrokerState,
@@ -93,7 +93,7 @@ def test_url_options_are_ours_and_stripped() -> None:
     with pytest.raises(ValueError, match="unknown NATS URL option"):
         parse_url("nats://127.0.0.1:4222?prefx=a")
     with pytest.raises(ValueError, match="prefix"):
-        NatsBroker("nats://127.0.0.1:4222?prefix=a.*", node_id="n")
+        NatsBroker("nats://127.0.0.1:4222?prefix=a.*", BrokerOptions(node_id="n"))
     assert isinstance(from_url("nats://127.0.0.1:4222?prefix=x"), NatsBroker)
     assert stream_name("a.b") == "IGWS_a_b"
 
@@ -145,8 +145,9 @@ async def make_broker(nats_url: str, prefix: str) -> AsyncIterator[BrokerFactory
     ) -> NatsBroker:
         broker = NatsBroker(
             f"{nats_url}?prefix={prefix}",
-            node_id=node_id or uuid.uuid4().hex[:8],
-            limits=HistoryLimits(size=size, ttl=300),
+            BrokerOptions(
+                node_id=node_id or uuid.uuid4().hex[:8], limits=HistoryLimits(size=size, ttl=300)
+            ),
         )
         recorder = recorder or Recorder()
         await broker.start(recorder.publication, recorder.control, recorder.state)
@@ -173,7 +174,7 @@ async def test_epoch_changes_when_the_stream_is_deleted(make_broker: BrokerFacto
     assert old.offset == 3
 
     await broker.delete_stream()
-    fresh = await broker.publish(channel, "bet", b"{}")
+    fresh = (await broker.publish(channel, "bet", b"{}")).publication
     assert fresh.offset == 1
     assert fresh.epoch != old.epoch
 
@@ -183,19 +184,6 @@ async def test_epoch_changes_when_the_stream_is_deleted(make_broker: BrokerFacto
         old.offset, old.epoch, page.top.epoch, page.top.offset, page.publications
     )
     assert not outcome.recovered
-
-
-async def test_position_of_an_unused_channel_is_the_epoch_of_its_first_publication(
-    make_broker: BrokerFactory,
-) -> None:
-    broker = await make_broker()
-    empty = await broker.position("user:u-1")
-    assert empty.offset == 0
-    assert await broker.position("user:u-1") == empty  # stable, not fresh at each call
-    first = await broker.publish("user:u-1", "balance", b"{}")
-    assert (first.offset, first.epoch) == (1, empty.epoch)
-    page = await broker.history("user:u-1", 0, 10)
-    assert [p.offset for p in page.publications] == [1]  # the epoch marker is not history
 
 
 async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
@@ -214,6 +202,7 @@ async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
             for node in (a, b)
         )
     )
+    results = [r.publication for r in results]
     total = 2 * per_node
     assert sorted(p.offset for p in results) == list(range(1, total + 1))
     assert len({p.epoch for p in results}) == 1
@@ -269,7 +258,7 @@ async def test_a_backend_publishes_straight_into_nats(
     await broker.publish("game:g-7", "bet", b'{"a":1}')
     nc = await nats.connect(nats_url)
     try:
-        sent = await publish_event(nc, "game:g-7", "bet", b'{"a":2}', prefix=prefix)
+        sent = (await publish_event(nc, "game:g-7", "bet", b'{"a":2}', prefix=prefix)).publication
     finally:
         await nc.close()
     assert (sent.offset, sent.origin) == (2, "backend")
@@ -318,7 +307,7 @@ def _free_port() -> int:
 
 
 async def test_start_against_a_closed_port_raises_broker_error() -> None:
-    broker = NatsBroker(f"nats://127.0.0.1:{_free_port()}?timeout=1", node_id="n")
+    broker = NatsBroker(f"nats://127.0.0.1:{_free_port()}?timeout=1", BrokerOptions(node_id="n"))
     async with asyncio.timeout(15):
         with pytest.raises(BrokerError):
             await broker.start(lambda p: None, lambda m: None)
@@ -362,13 +351,15 @@ async def _wait_listening(port: int) -> None:
 async def test_outage_reports_state_and_fails_fast(tmp_path: Path) -> None:
     port = _free_port()
     seen = Recorder()
-    broker = NatsBroker(f"nats://127.0.0.1:{port}?prefix=outage&timeout=2", node_id="n")
+    broker = NatsBroker(
+        f"nats://127.0.0.1:{port}?prefix=outage&timeout=2", BrokerOptions(node_id="n")
+    )
     with _nats_server(port, tmp_path) as server:
         await _wait_listening(port)
         await broker.start(seen.publication, seen.control, seen.state)
         try:
             await broker.subscribe("game:o")
-            before = await broker.publish("game:o", "bet", b"{}")
+            before = (await broker.publish("game:o", "bet", b"{}")).publication
             await seen.wait_for(lambda: len(seen.publications) >= 1)
 
             server.terminate()
@@ -388,7 +379,7 @@ async def test_outage_reports_state_and_fails_fast(tmp_path: Path) -> None:
 
             with _nats_server(port, tmp_path):
                 await seen.wait_for(lambda: seen.states[-1] is BrokerState.CONNECTED, 20)
-                after = await broker.publish("game:o", "bet", b"{}")
+                after = (await broker.publish("game:o", "bet", b"{}")).publication
                 # The file store survived the restart: the same stream goes on.
                 assert (after.offset, after.epoch) == (2, before.epoch)
                 await seen.wait_for(lambda: len(seen.publications) >= 2)
