@@ -24,6 +24,7 @@ from igratech_ws.brokers.base import (
     HistoryLimits,
     Publication,
 )
+from igratech_ws.brokers.memory import MemoryBroker
 
 BROKER_KINDS = ["memory", "redis", "nats"]
 DEFAULT_LIMITS = HistoryLimits(size=50, ttl=30.0)
@@ -126,6 +127,37 @@ class BrokerFactory:
             await broker.start(node.on_publication, node.on_control, node.on_state)
             assert broker.state is BrokerState.CONNECTED
         return node
+
+    async def stored_items(self) -> int:
+        """What the broker holds for this test's namespace: streams (memory), keys (Redis), or
+        stored messages plus consumers (NATS)."""
+        if self.kind == "memory":
+            total = 0
+            for node in self.nodes:
+                broker = node.broker
+                assert isinstance(broker, MemoryBroker)
+                total += broker.channel_count + broker.idempotency_key_count
+            return total
+        if self.kind == "redis":
+            from redis.asyncio import Redis
+
+            self.url()  # resolves the fixture
+            assert self._base_url is not None
+            client = Redis.from_url(self._base_url)
+            try:
+                return len([k async for k in client.scan_iter(match=self.namespace + ":*")])
+            finally:
+                await client.aclose()
+        import nats
+
+        from igratech_ws.brokers.nats import stream_name
+
+        nc = await nats.connect(self.url().partition("?")[0], connect_timeout=2)
+        try:
+            info = await nc.jetstream().stream_info(stream_name(self.namespace))
+            return int(info.state.messages) + int(info.state.consumer_count)
+        finally:
+            await nc.close()
 
     async def cleanup(self) -> None:
         for node in self.nodes:

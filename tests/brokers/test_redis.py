@@ -30,6 +30,7 @@ from igratech_ws.brokers.redis import (
     meta_key,
     publish_direct,
     split_prefix,
+    state_key,
     stream_key,
 )
 from igratech_ws.core.recovery import decide_recovery
@@ -138,6 +139,23 @@ async def test_keys_expire_so_abandoned_channels_go_away(
     assert 30_000 * 10 < meta_ttl <= 86_400_000
     assert 0 < stream_ttl <= 30_000
     assert await admin.hget(meta_key(prefix, GAME), "top") == b"1"
+
+
+async def test_reads_neither_create_nor_refresh_keys(
+    redis_url: str, prefix: str, admin: Redis, nodes: list[Node]
+) -> None:
+    node = await start_node(nodes, with_prefix(redis_url, prefix), "n1")
+    await node.broker.publish(GAME, "stats", b"{}")
+    keys = [meta_key(prefix, GAME), stream_key(prefix, GAME), state_key(prefix, GAME)]
+    for key in keys:
+        await admin.pexpire(key, 20_000)
+    for _ in range(3):
+        await node.broker.position(GAME)
+        await node.broker.history(GAME, 0, 10)
+        await node.broker.latest_state(GAME)
+    for key in keys:
+        assert 0 < await admin.pttl(key) <= 20_000, key
+    assert sorted(await admin.keys(prefix + "*")) == sorted(k.encode() for k in keys)
 
 
 async def test_epoch_changes_after_data_loss_and_old_positions_do_not_recover(

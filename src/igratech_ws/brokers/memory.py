@@ -128,6 +128,10 @@ class MemoryBroker(BrokerCore):
         return len(self._streams)
 
     @property
+    def subscription_count(self) -> int:
+        return len(self._subscribed)
+
+    @property
     def idempotency_key_count(self) -> int:
         return len(self._keys)
 

@@ -140,6 +140,11 @@ class RedisBroker(BrokerCore):
 
     # -- delivery ------------------------------------------------------------------------------
 
+    @property
+    def subscription_count(self) -> int:
+        """Channels this node wants delivered (bounded by the hub's followed channels)."""
+        return len(self._listener.wanted)
+
     def _pub_name(self, channel: str) -> bytes:
         return pubsub_channel(self.prefix, channel).encode()
 
