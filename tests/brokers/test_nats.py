@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from igratech_ws.brokers import BrokerOptions, from_url
 from igratech_ws.brokers.base import (
+    EMPTY_EPOCH,
     BrokerError,
     BrokerState,
     ControlKinds,
@@ -218,6 +219,23 @@ async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
     )
     page = await b.history(channel, 10, 1000)
     assert [p.offset for p in page.publications] == list(range(11, total + 1))
+
+
+async def test_a_duplicate_whose_first_publication_left_the_stream_has_no_position(
+    make_broker: BrokerFactory,
+) -> None:
+    # JetStream remembers the message id for the window, but the first message has been pushed
+    # out by `size` newer ones: the duplicate is still refused, its position is unknown.
+    broker = await make_broker(size=3)
+    first = await broker.publish("user:u-1", "balance", b"{}", idempotency_key="k")
+    assert (await broker.publish("user:u-1", "balance", b"{}", idempotency_key="k")).duplicate
+    for _ in range(3):
+        await broker.publish("user:u-1", "balance", b"{}")
+    late = await broker.publish("user:u-1", "balance", b"{}", idempotency_key="k")
+    assert late.duplicate
+    assert (late.publication.offset, late.publication.epoch) == (0, EMPTY_EPOCH)
+    assert first.publication.offset == 1
+    assert (await broker.position("user:u-1")).offset == 4
 
 
 async def test_history_reads_a_range_and_is_cut_at_the_limit(make_broker: BrokerFactory) -> None:
