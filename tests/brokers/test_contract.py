@@ -177,7 +177,7 @@ async def test_concurrent_publishes_on_one_node_are_gap_free(make_broker: Broker
     assert [p.offset for p in received] == list(range(1, 201))
 
 
-async def test_concurrent_publishes_from_two_nodes_are_gap_free_and_ordered(
+async def test_concurrent_publishes_from_two_nodes_are_gap_free_and_delivered_once(
     make_broker: BrokerFactory,
 ) -> None:
     first = await make_broker(limits=HistoryLimits(size=500, ttl=30.0))
@@ -193,12 +193,13 @@ async def test_concurrent_publishes_from_two_nodes_are_gap_free_and_ordered(
     by_offset = {p.offset: p for p in published}
     for node in (first, second):
         received = await node.wait_for_publications(GAME, 200)
-        offsets = [p.offset for p in received]
-        if make_broker.kind == "nats":
-            # NATS RePublish may swap two messages stored from different connections: the
-            # contract there is exactly once (the hub restores order from history on a gap).
-            offsets.sort()
-        assert offsets == list(range(1, 201))
+        # The contract (`Broker`): once each; in offset order only per publishing instance, so
+        # the hub treats a skipped offset as a gap (NATS RePublish does swap messages stored
+        # from two connections, rarely).
+        assert sorted(p.offset for p in received) == list(range(1, 201))
+        for origin in (first.node_id, second.node_id):
+            mine = [p.offset for p in received if p.origin == origin]
+            assert mine == sorted(mine), f"{origin}'s publications out of order"
         # Each node gets every publication, its own included, exactly as published.
         assert received == [by_offset[p.offset] for p in received]
     history = await first.broker.history(GAME, 0, 500)

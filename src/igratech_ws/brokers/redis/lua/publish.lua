@@ -24,12 +24,13 @@ end
 redis.call('PEXPIRE', meta, retention_ms)
 local top = redis.call('HINCRBY', meta, 'top', 1)
 local now_ms, now_s = now_ms_and_seconds()
-local publication = {c = channel, o = top, e = epoch, v = event, t = now_s, n = origin}
+local payload = cmsgpack.pack({c = channel, o = top, e = epoch, v = event, d = data, t = now_s,
+  n = origin})
 if record then
-  redis.call('SET', record, cmsgpack.pack(publication), 'PX', tonumber(ARGV[12]))
+  -- The first publication without its data: a duplicate needs its position, not its payload.
+  local first = cmsgpack.pack({c = channel, o = top, e = epoch, v = event, t = now_s, n = origin})
+  redis.call('SET', record, first, 'PX', tonumber(ARGV[12]))
 end
-publication.d = data
-local payload = cmsgpack.pack(publication)
 
 redis.call('XADD', stream, 'MAXLEN', size, tostring(top), 't', now_ms, 'p', payload)
 -- Drop entries older than the ttl. Each entry is deleted once, so the work is amortised.
