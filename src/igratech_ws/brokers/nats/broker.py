@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -46,8 +45,9 @@ from igratech_ws.brokers.nats.history import (
     StreamMissing,
     err_code,
     publication_from,
+    read_history,
     read_last,
-    read_range,
+    read_state,
 )
 from igratech_ws.brokers.nats.subjects import (
     DEFAULT_PREFIX,
@@ -58,7 +58,6 @@ from igratech_ws.brokers.nats.subjects import (
     describe_server,
     live_subject,
     parse_url,
-    state_subject,
     stream_name,
 )
 from igratech_ws.brokers.options import BrokerOptions
@@ -289,71 +288,37 @@ class NatsBroker(BrokerCore):
         js = self._require_js()
         nc = self._nc
         assert nc is not None
-        subject = append_subject(self.prefix, channel)
 
         async def read() -> HistoryPage:
-            last = await read_last(js, self.stream, subject)
-            if last is None:
-                return HistoryPage([], StreamPosition(0, EMPTY_EPOCH))
-            top = StreamPosition(last.offset, last.epoch)
-            if since_offset >= last.offset or limit <= 0:
-                return HistoryPage([], top)
-            # History is what is younger than the ttl (the stream keeps messages longer).
-            cutoff = time.time() - self.limits.ttl
-            newest = last.publication(channel)
-            if since_offset == last.offset - 1 and newest is not None:
-                # Missed only the newest: it is at hand, no consumer needed.
-                return HistoryPage([newest] if newest.published_at >= cutoff else [], top)
-            publications = await read_range(
+            return await read_history(
                 nc,
                 js,
                 self.stream,
-                subject,
+                append_subject(self.prefix, channel),
                 channel,
                 since_offset=since_offset,
                 limit=limit,
-                last=last,
-                cutoff=cutoff,
+                ttl=self.limits.ttl,
                 wait=self._timeout,
             )
-            return HistoryPage(publications, top)
 
         return await self._with_stream("history", read)
 
     async def latest_state(self, channel: str) -> list[Publication]:
-        """See `Broker.latest_state`: the channel's state slots of its current epoch, and its
-        newest message if that is a newer state (a slot write lost with its publisher)."""
+        """See `Broker.latest_state` and `history.read_state`."""
         js = self._require_js()
-        events = sorted(self.options.state_events)
 
-        async def read() -> tuple[Stored | None, list[Stored | None]]:
-            return await asyncio.gather(
-                read_last(js, self.stream, append_subject(self.prefix, channel)),
-                asyncio.gather(
-                    *(
-                        read_last(js, self.stream, state_subject(self.prefix, channel, event))
-                        for event in events
-                    )
-                ),
+        async def read() -> list[Publication]:
+            return await read_state(
+                js,
+                self.stream,
+                self.prefix,
+                channel,
+                events=self.options.state_events,
+                ttl=self.options.state_ttl,
             )
 
-        last, slots = await self._with_stream("state read", read)
-        if last is None:
-            return []
-        cutoff = time.time() - self.options.state_ttl
-        latest: dict[str, Publication] = {}
-        for stored in [*slots, last]:
-            publication = stored.publication(channel) if stored is not None else None
-            if (
-                publication is not None
-                and publication.event in self.options.state_events
-                and publication.epoch == last.epoch
-                and publication.published_at >= cutoff
-            ):
-                known = latest.get(publication.event)
-                if known is None or known.offset < publication.offset:
-                    latest[publication.event] = publication
-        return sorted(latest.values(), key=lambda p: p.offset)
+        return await self._with_stream("state read", read)
 
     async def subscribe(self, channel: str) -> None:
         """Deliver `channel`'s publications from now on (also during an outage: nats-py

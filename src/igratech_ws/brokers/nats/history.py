@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 
 import msgspec
 import nats.js.errors
@@ -19,8 +20,22 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from igratech_ws.brokers.base import BrokerError, Publication
-from igratech_ws.brokers.nats.subjects import H_EPOCH, H_EVENT, H_OFFSET, H_ORIGIN, H_TIME
+from igratech_ws.brokers.base import (
+    EMPTY_EPOCH,
+    BrokerError,
+    HistoryPage,
+    Publication,
+    StreamPosition,
+)
+from igratech_ws.brokers.nats.subjects import (
+    H_EPOCH,
+    H_EVENT,
+    H_OFFSET,
+    H_ORIGIN,
+    H_TIME,
+    append_subject,
+    state_subject,
+)
 
 log = logging.getLogger("igratech_ws.brokers.nats")
 
@@ -219,3 +234,77 @@ async def read_range(
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, info.name)
     return out
+
+
+async def read_history(
+    nc: NatsClient,
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    channel: str,
+    *,
+    since_offset: int,
+    limit: int,
+    ttl: float,
+    wait: float,
+) -> HistoryPage:
+    """`Broker.history` of the channel stored on `subject`: younger than `ttl` seconds (the
+    stream keeps messages longer). Raises StreamMissing."""
+    last = await read_last(js, stream, subject)
+    if last is None:
+        return HistoryPage([], StreamPosition(0, EMPTY_EPOCH))
+    top = StreamPosition(last.offset, last.epoch)
+    if since_offset >= last.offset or limit <= 0:
+        return HistoryPage([], top)
+    cutoff = time.time() - ttl
+    newest = last.publication(channel)
+    if since_offset == last.offset - 1 and newest is not None:
+        # Missed only the newest: it is at hand, no consumer needed.
+        return HistoryPage([newest] if newest.published_at >= cutoff else [], top)
+    publications = await read_range(
+        nc,
+        js,
+        stream,
+        subject,
+        channel,
+        since_offset=since_offset,
+        limit=limit,
+        last=last,
+        cutoff=cutoff,
+        wait=wait,
+    )
+    return HistoryPage(publications, top)
+
+
+async def read_state(
+    js: JetStreamContext,
+    stream: str,
+    prefix: str,
+    channel: str,
+    *,
+    events: frozenset[str],
+    ttl: float,
+) -> list[Publication]:
+    """The channel's state slots of its current epoch younger than `ttl` seconds, oldest offset
+    first, and its newest message if that is a newer state (a slot write lost with its
+    publisher, see `append`). Raises StreamMissing."""
+    last, *slots = await asyncio.gather(
+        read_last(js, stream, append_subject(prefix, channel)),
+        *(read_last(js, stream, state_subject(prefix, channel, event)) for event in sorted(events)),
+    )
+    if last is None:
+        return []
+    cutoff = time.time() - ttl
+    latest: dict[str, Publication] = {}
+    for stored in [*slots, last]:
+        publication = stored.publication(channel) if stored is not None else None
+        if (
+            publication is not None
+            and publication.event in events
+            and publication.epoch == last.epoch
+            and publication.published_at >= cutoff
+        ):
+            known = latest.get(publication.event)
+            if known is None or known.offset < publication.offset:
+                latest[publication.event] = publication
+    return sorted(latest.values(), key=lambda p: p.offset)
