@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -27,6 +28,7 @@ from igratech_ws.brokers.base import (
 from igratech_ws.brokers.redis import (
     DEFAULT_PREFIX,
     RedisBroker,
+    control_channel,
     meta_key,
     publish_direct,
     split_prefix,
@@ -185,6 +187,21 @@ async def test_missing_meta_drops_a_stale_stream(
     page = await node.broker.history(GAME, 0, 100)
     assert page.top.offset == 0
     assert page.publications == []  # never old history under a new epoch
+
+
+async def test_control_is_json_and_msgpack_of_older_nodes_is_still_read(
+    redis_url: str, prefix: str, admin: Redis, nodes: list[Node]
+) -> None:
+    node = await start_node(nodes, with_prefix(redis_url, prefix), "n1")
+    channel = control_channel(prefix)
+    old = UserLogout(origin="old-node", user_id="u-1")
+    new = UserLogout(origin="backend", user_id="u-2")
+    await admin.publish(channel, b"\xc1 not ours")
+    await admin.publish(channel, msgspec.msgpack.encode(old))  # a node of the previous version
+    await admin.publish(channel, b'{"kind":"logout","origin":"backend","user_id":"u-2"}')
+    await node.wait_until(lambda: len(node.controls) == 2, "two control messages")
+    assert node.controls == [old, new]
+    assert node.broker.malformed_messages == 1  # type: ignore[attr-defined]
 
 
 # --- publishing from outside a node ------------------------------------------------------------
