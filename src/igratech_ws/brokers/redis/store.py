@@ -85,6 +85,53 @@ class StreamStore:
         except CONNECTION_ERRORS as exc:
             raise BrokerError(f"Redis {what} failed: {exc!r}") from exc
 
+    def publish_call(
+        self,
+        channel: str,
+        event: str,
+        data: bytes,
+        *,
+        origin: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of the publish script for one publication (see ``lua/publish.lua``).
+
+        Separate from running it so that several calls can share one pipeline (in order: each
+        channel's offsets follow the order of the calls). Raises ValueError for a malformed key.
+        """
+        check_idempotency_key(idempotency_key)
+        prefix, options = self.prefix, self.options
+        keys = [meta_key(prefix, channel), stream_key(prefix, channel), state_key(prefix, channel)]
+        if idempotency_key is not None:
+            keys.append(record_key(prefix, channel, idempotency_key))
+        args: list[Any] = [
+            pubsub_channel(prefix, channel),
+            channel,
+            event,
+            data,
+            origin,
+            options.limits.size,
+            _ms(options.limits.ttl),
+            _ms(options.retention),
+            new_epoch(),
+            "1" if event in options.state_events else "0",
+            _ms(options.state_ttl),
+            _ms(options.idempotency_window),
+        ]
+        return keys, args
+
+    @staticmethod
+    def publish_result(reply: Any, data: bytes) -> PublishResult:
+        """The `PublishResult` of a publish script's `reply` (`data`: what was published)."""
+        try:
+            duplicate = bool(int(reply[0]))
+            publication = decode_publication(reply[1])
+        except _BAD_REPLY as exc:
+            raise BrokerError(f"bad publish reply from Redis: {exc}") from exc
+        if duplicate:
+            publication = msgspec.structs.replace(publication, data=data)
+        return PublishResult(publication, duplicate)
+
     async def publish(
         self,
         channel: str,
@@ -95,42 +142,11 @@ class StreamStore:
         idempotency_key: str | None = None,
     ) -> PublishResult:
         """See `Broker.publish`. On `BrokerError` the publication may or may not have been made."""
-        check_idempotency_key(idempotency_key)
-        prefix, options = self.prefix, self.options
-        keys = [
-            meta_key(prefix, channel),
-            stream_key(prefix, channel),
-            state_key(prefix, channel),
-        ]
-        if idempotency_key is not None:
-            keys.append(record_key(prefix, channel, idempotency_key))
-        reply = await self._run(
-            "publish",
-            self._publish,
-            keys,
-            [
-                pubsub_channel(prefix, channel),
-                channel,
-                event,
-                data,
-                origin,
-                options.limits.size,
-                _ms(options.limits.ttl),
-                _ms(options.retention),
-                new_epoch(),
-                "1" if event in options.state_events else "0",
-                _ms(options.state_ttl),
-                _ms(options.idempotency_window),
-            ],
+        keys, args = self.publish_call(
+            channel, event, data, origin=origin, idempotency_key=idempotency_key
         )
-        try:
-            duplicate = bool(int(reply[0]))
-            publication = decode_publication(reply[1])
-        except _BAD_REPLY as exc:
-            raise BrokerError(f"bad publish reply from Redis: {exc}") from exc
-        if duplicate:
-            publication = msgspec.structs.replace(publication, data=data)
-        return PublishResult(publication, duplicate)
+        reply = await self._run("publish", self._publish, keys, args)
+        return self.publish_result(reply, data)
 
     async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
         reply = await self._run(
