@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -44,6 +41,8 @@ from igratech_ws.brokers.nats import (
     stream_name,
 )
 from igratech_ws.core.recovery import decide_recovery
+
+from .servers import private_server
 
 # --- names (no server needed) ------------------------------------------------------------------
 
@@ -317,80 +316,44 @@ async def test_control_skips_own_echo_and_malformed(
     assert seen_a.controls == [UserLogout(origin="backend", user_id="u-9")]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-@contextlib.contextmanager
-def _nats_server(port: int, store: Path) -> Iterator[subprocess.Popen[bytes]]:
-    binary = shutil.which("nats-server")
-    if binary is None:
-        pytest.skip("nats-server binary not found")
-    process = subprocess.Popen(
-        [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-async def _wait_listening(port: int) -> None:
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-
-
 @pytest.mark.slow
-async def test_outage_reports_state_and_fails_fast(tmp_path: Path) -> None:
-    port = _free_port()
+async def test_a_file_stream_survives_a_server_restart_under_the_same_epoch(
+    tmp_path: Path,
+) -> None:
+    # The lifecycle suite checks the states of an outage; this checks what NATS keeps.
     seen = Recorder()
-    broker = NatsBroker(
-        f"nats://127.0.0.1:{port}?prefix=outage&timeout=2", BrokerOptions(node_id="n")
-    )
-    with _nats_server(port, tmp_path) as server:
-        await _wait_listening(port)
+    with private_server("nats", tmp_path) as server:
+        await server.start()
+        broker = NatsBroker(
+            f"{server.url}?prefix=outage&timeout=2", BrokerOptions(node_id="n")
+        )
         await broker.start(seen.publication, seen.control, seen.state)
         try:
             await broker.subscribe("game:o")
-            before = (await broker.publish("game:o", "bet", b"{}")).publication
+            before = (await broker.publish("game:o", "stats", b"{}")).publication
             await seen.wait_for(lambda: len(seen.publications) >= 1)
 
-            server.terminate()
-            server.wait(timeout=10)
+            server.stop()
             await seen.wait_for(lambda: BrokerState.DISCONNECTED in seen.states)
-            assert broker.state is BrokerState.DISCONNECTED
             async with asyncio.timeout(10):
                 calls: list[Callable[[], Awaitable[object]]] = [
                     lambda: broker.publish("game:o", "bet", b"{}"),
                     lambda: broker.history("game:o", 0, 10),
                     lambda: broker.position("game:o"),
+                    lambda: broker.latest_state("game:o"),
                     lambda: broker.publish_control(UserLogout(origin="n", user_id="u")),
                 ]
                 for call in calls:
                     with pytest.raises(BrokerError):
                         await call()
 
-            with _nats_server(port, tmp_path):
-                await seen.wait_for(lambda: seen.states[-1] is BrokerState.CONNECTED, 20)
-                after = (await broker.publish("game:o", "bet", b"{}")).publication
-                # The file store survived the restart: the same stream goes on.
-                assert (after.offset, after.epoch) == (2, before.epoch)
-                await seen.wait_for(lambda: len(seen.publications) >= 2)
-                assert seen.publications[-1] == after
+            await server.start()
+            await seen.wait_for(lambda: seen.states[-1] is BrokerState.CONNECTED, 20)
+            after = (await broker.publish("game:o", "bet", b"{}")).publication
+            # The file store survived the restart: the same stream goes on, state included.
+            assert (after.offset, after.epoch) == (2, before.epoch)
+            assert await broker.latest_state("game:o") == [before]
+            await seen.wait_for(lambda: len(seen.publications) >= 2)
+            assert seen.publications[-1] == after
         finally:
             await broker.close()
-    assert seen.states[0] is BrokerState.CONNECTED
