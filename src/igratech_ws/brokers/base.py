@@ -19,11 +19,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
 
 from igratech_ws.core.recovery import EMPTY_EPOCH
+
+if TYPE_CHECKING:
+    from igratech_ws.brokers.options import BrokerOptions
 
 __all__ = [
     "EMPTY_EPOCH",
@@ -199,6 +202,8 @@ class Broker(Protocol):
 
     node_id: str
     limits: HistoryLimits
+    #: How the broker behaves (the same for every node of a deployment).
+    options: BrokerOptions
     #: Whether other nodes can share this broker (False for memory: control messages are moot).
     shared: bool
 
