@@ -9,6 +9,8 @@ is bounded; the direct publishers (`publish_direct`, `publish_event`) take keys 
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 
 import pytest
 
@@ -120,8 +122,21 @@ async def test_memory_keys_are_bounded_under_a_million_distinct_keys() -> None:
         assert broker.idempotency_key_count == capacity
         assert broker.idempotency_keys_dropped == 1_000_000 - capacity
         assert broker.channel_count == 1  # and history is bounded by its size
-        newest = await broker.publish(GAME, "bet", b"{}", idempotency_key="k999999")
-        assert newest.duplicate and newest.publication.offset == 1_000_000
+        # Full, memory stays flat: (tracemalloc sees only blocks allocated since it started, so
+        # compare two windows that each replace every remembered key and every history entry)
+        tracemalloc.start()
+        try:
+            traced = []
+            for window in range(2):
+                for i in range(capacity):
+                    await broker.publish(GAME, "bet", b"{}", idempotency_key=f"w{window}-{i}")
+                gc.collect()
+                traced.append(tracemalloc.get_traced_memory()[0])
+        finally:
+            tracemalloc.stop()
+        assert traced[1] - traced[0] < 100_000, f"{traced}: memory grows with a full key map"
+        newest = await broker.publish(GAME, "bet", b"{}", idempotency_key="w1-9999")
+        assert newest.duplicate and newest.publication.offset == 1_020_000
         oldest = await broker.publish(GAME, "bet", b"{}", idempotency_key="k0")
         assert not oldest.duplicate
     finally:
