@@ -79,9 +79,9 @@ class PublishResult:
     `duplicate` is True when the idempotency key was already used for this channel within the
     window: nothing was published, and `publication` describes the first publication made with
     that key (its channel, offset, epoch, event, time and origin; `data` is this call's, since
-    brokers keep no payload for deduplication). If the broker remembers the key but no longer
-    where the first publication is (NATS, when it has left history), `publication.offset` is 0
-    and `publication.epoch` is `EMPTY_EPOCH`.
+    brokers keep no payload for deduplication). A broker may know where the first publication is
+    only while it is in history: once it has left, a duplicate is still refused and reported
+    with `publication.offset` 0 and `publication.epoch` `EMPTY_EPOCH` (position unknown).
     """
 
     publication: Publication
