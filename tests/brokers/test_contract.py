@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from igratech_ws.brokers.base import (
     EMPTY_EPOCH,
     BrokerState,
@@ -288,3 +290,10 @@ async def test_close_is_idempotent(make_broker: BrokerFactory) -> None:
     await node.broker.close()
     await node.broker.close()
     assert node.broker.state is BrokerState.CLOSED
+
+
+async def test_data_that_is_not_utf8_is_refused(make_broker: BrokerFactory) -> None:
+    node = await make_broker()
+    with pytest.raises(ValueError, match="UTF-8"):
+        await node.broker.publish(GAME, "incident", b'{"a":"\xff"}')
+    assert await node.broker.position(GAME) == StreamPosition(0, EMPTY_EPOCH)

@@ -23,6 +23,7 @@ from igratech_ws.brokers.base import (
     BrokerError,
     BrokerState,
     HistoryLimits,
+    Publication,
     UserLogout,
 )
 from igratech_ws.brokers.redis import (
@@ -202,6 +203,23 @@ async def test_control_is_json_and_msgpack_of_older_nodes_is_still_read(
     await node.wait_until(lambda: len(node.controls) == 2, "two control messages")
     assert node.controls == [old, new]
     assert node.broker.malformed_messages == 1  # type: ignore[attr-defined]
+
+
+async def test_history_written_by_older_versions_is_read_and_garbage_skipped(
+    redis_url: str, prefix: str, admin: Redis, nodes: list[Node]
+) -> None:
+    node = await start_node(nodes, with_prefix(redis_url, prefix), "n1")
+    first = (await node.broker.publish(GAME, "incident", b'{"i":1}')).publication
+    # Offset 2 as a node of the previous version wrote it (an array of 7), offset 3 garbage.
+    legacy = Publication(GAME, 2, first.epoch, "bet", b'{"i":2}', first.published_at, "old")
+    now_ms = int(first.published_at * 1000)
+    await admin.xadd(stream_key(prefix, GAME), {"t": now_ms, "p": msgspec.msgpack.encode(legacy)}, id="2-0")
+    await admin.xadd(stream_key(prefix, GAME), {"t": now_ms, "p": b"\x01 not ours"}, id="3-0")
+    await admin.hset(meta_key(prefix, GAME), "top", 3)
+    page = await node.broker.history(GAME, 0, 10)
+    assert page.publications == [first, legacy]  # 3 is a gap: recovery across it fails
+    after = (await node.broker.publish(GAME, "incident", b'{"i":4}')).publication
+    assert (after.offset, after.epoch) == (4, first.epoch)
 
 
 # --- publishing from outside a node ------------------------------------------------------------

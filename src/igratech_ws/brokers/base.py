@@ -177,6 +177,18 @@ def check_idempotency_key(key: str | None) -> None:
         raise ValueError("an idempotency key has no spaces")
 
 
+def check_data(data: bytes) -> None:
+    """Raise ValueError unless `data` is UTF-8, as the compact JSON of a payload is.
+
+    Every broker checks it before publishing: a stored payload must read back as it was (the
+    Redis broker stores it as a msgpack str), and a bad one must fail the publisher, not readers.
+    """
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        raise ValueError("publication data must be UTF-8 (compact JSON)") from None
+
+
 class Broker(Protocol):
     """What a node needs from a broker. One instance per node process.
 
@@ -242,7 +254,7 @@ class Broker(Protocol):
         node receives it. A state event (`BrokerOptions.state_events`) also replaces the channel's
         state slot for that event, in the same step. Raises `BrokerError` if it cannot (the
         publication may or may not have been made: retry with the same key), ValueError for a
-        malformed key.
+        malformed key or data that is not UTF-8 (`check_idempotency_key`, `check_data`).
         """
         ...
 

@@ -43,6 +43,7 @@ from igratech_ws.brokers.base import (
     PublishResult,
     StateHandler,
     StreamPosition,
+    check_data,
     check_idempotency_key,
 )
 from igratech_ws.brokers.core import BrokerCore, new_epoch
@@ -197,6 +198,7 @@ class MemoryBroker(BrokerCore):
         self, channel: str, event: str, data: bytes, *, idempotency_key: str | None = None
     ) -> PublishResult:
         check_idempotency_key(idempotency_key)
+        check_data(data)
         if idempotency_key is not None:
             first = self._keys.get(channel, idempotency_key, time.time())
             if first is not None:

@@ -39,6 +39,7 @@ from igratech_ws.brokers.base import (
     BrokerError,
     Publication,
     PublishResult,
+    check_data,
     check_idempotency_key,
 )
 from igratech_ws.brokers.core import new_epoch
@@ -178,6 +179,7 @@ async def publish_event(
     """
     check_prefix(prefix)
     check_idempotency_key(idempotency_key)
+    check_data(data)
     js = nc.jetstream(timeout=request_timeout)
     try:
         async with asyncio.timeout(request_timeout * 3):

@@ -36,6 +36,7 @@ from igratech_ws.brokers.base import (
     PublishResult,
     StateHandler,
     StreamPosition,
+    check_data,
     check_idempotency_key,
 )
 from igratech_ws.brokers.core import Backoff, BrokerCore, encode_control
@@ -255,6 +256,7 @@ class NatsBroker(BrokerCore):
         self, channel: str, event: str, data: bytes, *, idempotency_key: str | None = None
     ) -> PublishResult:
         check_idempotency_key(idempotency_key)
+        check_data(data)
         js = self._require_js()
 
         async def append_it() -> PublishResult:

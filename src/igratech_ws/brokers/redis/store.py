@@ -13,6 +13,7 @@ read-only scripts; a channel without a meta key is ``(0, EMPTY_EPOCH)`` with no 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,9 +30,10 @@ from igratech_ws.brokers.base import (
     Publication,
     PublishResult,
     StreamPosition,
+    check_data,
     check_idempotency_key,
 )
-from igratech_ws.brokers.core import new_epoch
+from igratech_ws.brokers.core import RateLimitedLog, new_epoch
 from igratech_ws.brokers.options import BrokerOptions
 from igratech_ws.brokers.redis.names import (
     idempotency_key as record_key,
@@ -51,6 +53,7 @@ from igratech_ws.brokers.redis.wire import (
 
 #: What a lost or refused connection looks like, from redis-py and from the OS.
 CONNECTION_ERRORS = (RedisError, OSError, TimeoutError)
+_malformed_log = RateLimitedLog(logging.getLogger("igratech_ws.brokers.redis"))
 #: What a reply that is not ours looks like while decoding it.
 _BAD_REPLY = (msgspec.DecodeError, TypeError, ValueError, IndexError, AttributeError)
 
@@ -100,6 +103,7 @@ class StreamStore:
         channel's offsets follow the order of the calls). Raises ValueError for a malformed key.
         """
         check_idempotency_key(idempotency_key)
+        check_data(data)
         prefix, options = self.prefix, self.options
         keys = [meta_key(prefix, channel), stream_key(prefix, channel), state_key(prefix, channel)]
         if idempotency_key is not None:
@@ -157,10 +161,20 @@ class StreamStore:
         )
         try:
             top = StreamPosition(int(reply[0]), reply[1].decode())
-            publications = [decode_publication(payload) for payload in reply[2:]]
         except _BAD_REPLY as exc:
             raise BrokerError(f"bad history reply from Redis: {exc}") from exc
-        return HistoryPage(publications, top)
+        return HistoryPage(self._decode_all(reply[2:], "history entry"), top)
+
+    def _decode_all(self, payloads: Sequence[Any], what: str) -> list[Publication]:
+        """Decode stored publications, skipping (and logging) any that is not ours: one bad
+        entry must not make a channel unreadable; a reader then sees a gap, as it should."""
+        publications = []
+        for payload in payloads:
+            try:
+                publications.append(decode_publication(payload))
+            except _BAD_REPLY:
+                _malformed_log.warning("skipping a malformed %s in Redis: %r", what, payload[:80])
+        return publications
 
     async def position(self, channel: str) -> StreamPosition:
         try:
@@ -190,9 +204,9 @@ class StreamStore:
         cutoff = time.time() - self.options.state_ttl
         try:
             epoch = reply[0].decode()
-            slots = [decode_publication(payload) for payload in reply[1:]]
         except _BAD_REPLY as exc:
             raise BrokerError(f"bad state reply from Redis: {exc}") from exc
+        slots = self._decode_all(reply[1:], "state slot")
         # A slot of another epoch cannot survive the publish script; the check costs nothing.
         kept = [p for p in slots if p.epoch == epoch and p.published_at >= cutoff]
         return sorted(kept, key=lambda p: p.offset)

@@ -5,7 +5,8 @@ A publication is a msgpack *map* with short keys, packed by the Lua scripts with
 ``d`` data (the payload JSON, as a msgpack str), ``t`` time (Unix seconds, float), ``n`` origin.
 The same bytes are the pub/sub message, the stream entry's ``p`` field and a state slot; an
 idempotency record is the map without ``d``. Decoded by name, so the layout does not depend on the
-field order of `Publication`.
+field order of `Publication`. Data must be UTF-8 (it is JSON): `StreamStore.publish` refuses
+anything else, since a msgpack str carries it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ class WirePublication(msgspec.Struct, frozen=True):
 
 
 _decoder = msgspec.msgpack.Decoder(WirePublication)
+# Versions before this one wrote `Publication` as a msgpack array of 7 (first byte 0x97, where a
+# map starts with 0x8X): still read, so that history written by them survives an upgrade.
+_legacy_decoder = msgspec.msgpack.Decoder(Publication)
 
 
 def decode_publication(payload: bytes) -> Publication:
     """The `Publication` in `payload`. Raises msgspec.DecodeError (ValidationError included)."""
+    if payload[:1] == b"\x97":
+        return _legacy_decoder.decode(payload)
     wire = _decoder.decode(payload)
     return Publication(
         wire.channel,
