@@ -58,9 +58,12 @@ class ClientError(Exception):
 class HandshakeRejected(ClientError):
     """The server refused the WebSocket handshake (HTTP `status`, e.g. 401 for a bad token)."""
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"handshake rejected with HTTP {status}")
+    def __init__(self, status: int, reason: str = "") -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"handshake rejected with HTTP {status}{detail}")
         self.status = status
+        #: The server's explanation (the error body's message), or "".
+        self.reason = reason
 
 
 class ReconnectFailed(ClientError):
@@ -290,7 +293,7 @@ class Client:
         except WSHandshakeError as exc:
             self._unsent = covered + self._unsent
             status = exc.response.status if exc.response is not None else 0
-            raise HandshakeRejected(int(status)) from None
+            raise HandshakeRejected(int(status), _refusal_reason(exc.raw_body)) from None
         except BaseException:
             self._unsent = covered + self._unsent
             raise
@@ -542,3 +545,12 @@ async def connect(
         yield client
     finally:
         await client.close()
+
+
+def _refusal_reason(body: bytes | None) -> str:
+    """The message of a refused handshake's JSON error body (``{"error": {"message": ...}}``)."""
+    try:
+        error = msgspec.json.decode(body or b"").get("error", {})
+        return str(error["message"])[:500]
+    except (msgspec.DecodeError, AttributeError, KeyError, TypeError):
+        return (body or b"").decode("utf-8", "replace").strip()[:500]
