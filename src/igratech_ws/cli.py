@@ -78,6 +78,7 @@ def _public_broker(url: str) -> str:
     return parts._replace(netloc=netloc, query="", fragment="").geturl()
 
 
+_CREDENTIALS_RE = re.compile(r"//[^/@\s]+@")
 _BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 _BIND_RE = re.compile(r"address \('?([^',]*)'?, (\d+)")
 
@@ -107,9 +108,10 @@ def startup_error(exc: BaseException, config: Config) -> str:
     from igratech_ws.brokers.base import BrokerError
 
     if isinstance(exc, BrokerError):
+        reason = _CREDENTIALS_RE.sub("//", str(exc))  # a broker's message may quote its URL
         return (
-            f"cannot reach the broker {_public_broker(config.broker)}: {exc}; start it, or point "
-            "--broker / IGRATECH_WS_BROKER at a running one"
+            f"cannot reach the broker {_public_broker(config.broker)}: {reason}; start it, or "
+            "point --broker / IGRATECH_WS_BROKER at a running one"
         )
     if isinstance(exc, socket.gaierror):
         return (

@@ -48,7 +48,11 @@ def test_empty_trusts_nobody() -> None:
 
 @pytest.mark.parametrize(
     ("text", "words"),
-    [("10.0.0.1/8", "has host bits set"), ("10.0.0.0/33", "is not an address"), ("nginx", "is not an address")],
+    [
+        ("10.0.0.1/8", "has host bits set"),
+        ("10.0.0.0/33", "is not an address"),
+        ("nginx", "is not an address"),
+    ],
 )
 def test_bad_entries_are_named(text: str, words: str) -> None:
     with pytest.raises(ValueError, match=words) as caught:
@@ -57,7 +61,15 @@ def test_bad_entries_are_named(text: str, words: str) -> None:
 
 
 def test_the_defaults_are_loopback_and_private_networks() -> None:
-    for private in ("127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1", "fd00::1"):
+    for private in (
+        "127.0.0.1",
+        "::1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "172.31.255.255",
+        "192.168.1.1",
+        "fd00::1",
+    ):
         assert private in DEFAULTS, private
     for public in ("8.8.8.8", "172.32.0.1", "2001:4860::8888", "100.64.0.1"):
         assert public not in DEFAULTS, public
@@ -112,8 +124,12 @@ def test_a_client_inside_the_trusted_network_is_the_left_most_entry() -> None:
     assert client_from_forwarded_for(["10.0.0.3, 10.0.0.4"], DEFAULTS) == "10.0.0.3"
 
 
-@pytest.mark.parametrize("header", ["", " , ", "unknown", "203.0.113.9, garbage", "garbage, 10.0.0.1, x"])
-def test_an_unusable_header_names_nobody_and_the_proxy_is_exempt_from_the_limit(header: str) -> None:
+@pytest.mark.parametrize(
+    "header", ["", " , ", "unknown", "203.0.113.9, garbage", "garbage, 10.0.0.1, x"]
+)
+def test_an_unusable_header_names_nobody_and_the_proxy_is_exempt_from_the_limit(
+    header: str,
+) -> None:
     client = resolve("10.0.0.1", DEFAULTS, forwarded_for=[header])
     assert client == ClientAddress("10.0.0.1", "10.0.0.1", False, None)
 
@@ -163,7 +179,9 @@ def test_whatever_the_client_prepends_the_proxy_appended_address_wins(
 
 def v2(command: int, family: int, addresses: bytes, tlvs: bytes = b"") -> bytes:
     body = addresses + tlvs
-    return PROXY_V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+    return (
+        PROXY_V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+    )
 
 
 def v2_tcp4(source: str, destination: str = "10.0.0.2", tlvs: bytes = b"") -> bytes:
@@ -196,7 +214,9 @@ GET = b"GET /wspublic HTTP/1.1\r\nHost: x\r\n\r\n"
         (v2(1, 0x00, b""), None),  # UNSPEC
     ],
 )
-def test_headers_are_parsed_and_only_their_bytes_consumed(header: bytes, source: str | None) -> None:
+def test_headers_are_parsed_and_only_their_bytes_consumed(
+    header: bytes, source: str | None
+) -> None:
     parsed = parse_proxy_header(header + GET)
     assert parsed == ProxyHeader(len(header), source, 1 if header.startswith(b"PROXY") else 2)
     # fed byte by byte, every strict prefix asks for more
@@ -247,7 +267,9 @@ def test_a_proxy_header_source_replaces_the_peer_for_trusted_peers_only() -> Non
     client = resolve("10.0.0.1", balancer, proxy_source="203.0.113.9")
     assert client == ClientAddress("203.0.113.9", "10.0.0.1", True, "203.0.113.9")
     # An internal proxy behind the balancer then names the client in X-Forwarded-For.
-    chained = resolve("10.0.0.1", balancer, proxy_source="10.0.0.50", forwarded_for=["198.51.100.4"])
+    chained = resolve(
+        "10.0.0.1", balancer, proxy_source="10.0.0.50", forwarded_for=["198.51.100.4"]
+    )
     assert chained.limit_key == "198.51.100.4"
     # A health check (no source) is the balancer's own connection: exempt.
     assert resolve("10.0.0.1", balancer, proxy_source=None).limit_key is None
