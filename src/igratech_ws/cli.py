@@ -1,4 +1,4 @@
-"""The `igratech-ws` command: serve, demo, token, publish, listen, config.
+"""The `igratech-ws` command: serve, demo, token, publish, listen, health, config.
 
 Secrets (JWT secret or public key, API key) come from the environment (`IGRATECH_WS_JWT_SECRET`,
 `IGRATECH_WS_JWT_PUBLIC_KEY`, `IGRATECH_WS_API_KEY`, or `..._FILE` naming a file), never from flags.
@@ -458,6 +458,22 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when this node's ``/healthz`` answers 200 (the container image's HEALTHCHECK)."""
+    config = Config.load(file=args.config)
+    host = "127.0.0.1" if config.api_host in ("0.0.0.0", "", "::") else config.api_host
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{config.api_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as answer:
+            answer.read()
+    except (urllib.error.URLError, OSError) as exc:
+        cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return fail("health", f"{url} does not answer: {cause}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     try:
         resolved = _resolve(args)
@@ -520,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--stats", action="store_true", help="receive global stats")
     listen.add_argument("--max-events", type=int, help="exit after this many events")
     listen.set_defaults(func=cmd_listen)
+
+    health = sub.add_parser("health", help="exit 0 when this node's /healthz answers")
+    health.add_argument("--config", help="a TOML configuration file (or IGRATECH_WS_CONFIG)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.set_defaults(func=cmd_health)
 
     config = sub.add_parser(
         "config", help="print the effective configuration, where each value comes from"
