@@ -5,7 +5,7 @@
 #
 # PYTHON_IMAGE is any image with Python 3.11+ and `python3 -m venv` (the official slim image by
 # default). Where no registry serves it, deploy/debian-python-base.sh builds one from Debian's
-# packages (see docs/deployment.md).
+# packages (see "Run it in containers" in README.md).
 ARG PYTHON_IMAGE=docker.io/library/python:3.12-slim
 
 # --- build: a virtualenv with the gateway and its dependencies, compiled to bytecode ---------

@@ -61,7 +61,7 @@ bench-peers: $(DEV_STAMP)
 	cp bench/peer_servers/package.json bench/peers/package.json
 	cd bench/peers && npm install --no-audit --no-fund --loglevel=error
 
-# The container image (Dockerfile; PYTHON_IMAGE picks the base, see docs/deployment.md).
+# The container image (Dockerfile; PYTHON_IMAGE picks the base, see README.md).
 IMAGE ?= igratech-ws:dev
 image:
 	podman build -t $(IMAGE) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) .
