@@ -7,6 +7,7 @@ the message is the only other line.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -356,3 +357,21 @@ async def test_publish_to_a_closed_port_names_it() -> None:
     )
     assert code == 1
     assert line.startswith(f"igratech-ws publish: cannot reach http://127.0.0.1:{port}:")
+
+
+async def test_health_says_whether_the_node_answers(gateway: App) -> None:
+    env = {"IGRATECH_WS_API_PORT": str(gateway.api_port)}
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "igratech_ws.cli", "health"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    port = free_port()
+    code, line = await arun("health", env={"IGRATECH_WS_API_PORT": str(port)})
+    assert code == 1
+    assert line.startswith(f"igratech-ws health: http://127.0.0.1:{port}/healthz does not answer")
