@@ -235,13 +235,6 @@ def _error_middleware(max_body_bytes: int) -> Middleware:
 METRICS_PATH = "/metrics"
 
 
-def _bearer_is(request: web.Request, expected: bytes) -> bool:
-    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-    # surrogatepass never fails, so odd header bytes become a mismatch rather than an error.
-    given = token.strip().encode("utf-8", "surrogatepass")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given, expected)
-
-
 def _unauthorized() -> web.Response:
     return error_response(
         401,
@@ -255,6 +248,12 @@ def _auth_middleware(api_key: str | None, metrics_key: str | None = None) -> Mid
     # An empty key would let "Authorization: Bearer " through: treat it as no key at all.
     expected = api_key.encode("utf-8") if api_key else None
     metrics_expected = metrics_key.encode("utf-8") if metrics_key else None
+
+    def _bearer_is(request: web.Request, key: bytes) -> bool:
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        # surrogatepass never fails, so odd header bytes become a mismatch rather than an error.
+        given = token.strip().encode("utf-8", "surrogatepass")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, key)
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
