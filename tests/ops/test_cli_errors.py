@@ -171,19 +171,17 @@ def test_a_public_key_that_is_not_pem(tmp_path: Path) -> None:
 
 
 def test_a_misspelled_variable_is_a_warning_at_start() -> None:
-    env = {"IGRATECH_WS_PROT": "9000", "IGRATECH_WS_PORT": "eighty"}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGRATECH_WS_")}
     result = subprocess.run(
-        [sys.executable, "-m", "igratech_ws.cli", "serve"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
+        [sys.executable, "-m", "igratech_ws.cli", "demo", "--port", "0", "--api-port", "0",
+         "--duration", "0.3"],
+        env={**clean, "IGRATECH_WS_PROT": "9000"}, capture_output=True, text=True, timeout=60,
         check=False,
-    )
-    assert result.returncode == 2
-    assert (
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[0] == (
         "igratech-ws: warning: IGRATECH_WS_PROT is not a setting and is ignored "
-        "(did you mean IGRATECH_WS_PORT?)" not in result.stderr  # config errors come first
+        "(did you mean IGRATECH_WS_PORT?)"
     )
     code, line = run("config", env={"IGRATECH_WS_PROT": "9000"})
     assert code == 0
