@@ -8,8 +8,9 @@ the hub's `on_delivered` hook.
 Every node gets its own `CollectorRegistry` (not prometheus_client's global one): a process may
 run several nodes (tests do), and the global registry would refuse their duplicate names.
 
-``/metrics`` is not public: scrape it with ``Authorization: Bearer <api key>`` (see
-``docs/operations.md`` for a Prometheus scrape config).
+``/metrics`` answers without a key on the internal listener (which is private), unless the
+node has a read-only ``metrics_key``: then scrape it with ``Authorization: Bearer <metrics key>``
+(see ``docs/operations.md`` for a Prometheus scrape config). The API key is never needed.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ class NodeMetrics:
 def install(app: web.Application, node: MeteredNode) -> NodeMetrics:
     """Add ``GET /metrics`` to the internal API `app` and hook the latency histogram into `node`.
 
-    The route is protected like every API route (the API key); call once per node.
+    The API's auth middleware guards the route (see `http_api.METRICS_PATH`); call once per node.
     """
     metrics = NodeMetrics(node)
     node.hub.on_delivered = metrics.on_delivered
