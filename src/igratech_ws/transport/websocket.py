@@ -1,198 +1,610 @@
-"""The public WebSocket listener on picows: the handshake, then frames in and out of the node.
+"""The public WebSocket listener: picows for the HTTP upgrade, our own frame layer after it.
 
-The handshake (RFC 6455 section 4.2) is where a connection is refused: 404 for another path,
-401 for a bad token (or none, when anonymous access is off), 400 for an invalid `settings`
-parameter, 503 while draining. After the upgrade, each text frame goes to the node; binary frames
-are answered with an `error`. Outgoing frames are written by the hub, coalesced per loop tick,
-straight to the socket; a connection whose socket buffer passes the bound is a slow consumer and
-is closed with 1013.
+Each accepted socket gets one `WebSocketConnection`, a plain asyncio protocol, from the first byte:
+
+1. **Upgrade.** It hands picows exactly the bytes of the HTTP request, up to the blank line that
+   ends it; picows parses the request, calls `_decide` (for /wspublic: `Handshake`) and writes its
+   answer. Frames a client pipelined behind its request never reach picows: they stay here and
+   are parsed like every later byte. A request over `MAX_REQUEST_BYTES` without its blank line
+   is answered 431. Once the 101 is written the picows objects are dropped, read buffer included,
+   so an idle connection holds no read buffer at all (uvloop reads into one buffer per loop for
+   plain protocols).
+2. **Frames in.** Every byte goes through one path, `core.wsframes.Inbound`: RFC 6455 framing,
+   unmasking, message assembly, UTF-8 (1007), the size bound (1009, from the header), and the
+   per-connection budget (every frame takes a token; 1008 after `ratelimit.STRIKES` refused in
+   a row). Every complete frame counts as activity (`last_seen`). Pings are answered through
+   the outbound path (`_send`), so pongs count against `max_write_buffer_bytes`.
+3. **Frames out.** `write_wire` writes to the socket; past `max_write_buffer_bytes` buffered the
+   client is a slow consumer and the socket is aborted at once (1013). Above a quarter of the
+   bound (`pause_writing`) the client is no longer read (TCP backpressure) until the socket
+   drains below an eighth (`resume_writing`, which tells the application it may write again).
+4. **Closing** (section 7), one way for every cause: `close_with(code)` sends the close frame
+   after what is queued, then waits (at most `CLOSE_TIMEOUT`) for the client's close before
+   closing TCP; `fail(code)` does the same for a protocol violation but stops parsing and
+   half-closes at once (section 7.1.7); a client's close is answered with its own code (1000 for
+   an empty body, section 5.5.1) and TCP is closed. The application hears of the end once
+   (`_ended`), with the code sent (None when the TCP connection was simply lost).
+
+`ClientConnection` is the gateway's application on top (the node); the Autobahn echo testee in
+tests/autobahn is another, on the same class.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 import uuid
 from collections import deque
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-import picows
 from picows import (
-    WSCloseCode,
-    WSFrame,
+    WSAutoPingStrategy,
     WSListener,
-    WSMsgType,
     WSTransport,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not re-exported
 
 from igratech_ws.auth import ANONYMOUS, AuthError, Principal, TokenVerifier
+from igratech_ws.config import Config
+from igratech_ws.core import wsframes
 from igratech_ws.core.close_codes import CloseCode, close_reason
 from igratech_ws.core.codec import ProtocolError, decode_payload, encode
+from igratech_ws.core.framing import close_frame, pong_frame
 from igratech_ws.core.messages import SettingsRequest
 from igratech_ws.core.session import Session, SettingsPlan
+from igratech_ws.logs import RateLimitFilter
 from igratech_ws.node import Node
 
 log = logging.getLogger("igratech_ws.websocket")
+# Clients can make this logger speak (a bug they trigger, their odd closes): never unbounded.
+log.addFilter(RateLimitFilter())
 
 PATH = "/wspublic"
-#: Initial read buffer per connection (picows's minimum is 2 KB).
-READ_BUFFER_BYTES = 2048
+#: An upgrade request (request line and headers) longer than this is answered 431.
+MAX_REQUEST_BYTES = 16 * 1024
+#: Seconds to complete the upgrade after connecting (a silent client is dropped).
+HANDSHAKE_TIMEOUT = 5.0
+#: Seconds to wait for the client's close frame (or its EOF) after ours, then abort.
+CLOSE_TIMEOUT = 3.0
+#: Query parameters accepted in the upgrade request (`token`, `settings`, and room to spare).
+MAX_QUERY_FIELDS = 16
+
+_HANDSHAKE, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_picows_log = logging.getLogger("picows.ws")
 
 
-class ClientConnection(WSListener):
-    """One client: the picows listener is the connection object (one object per client)."""
+class _Upgraded(WSListener):
+    """picows's listener for the moment the 101 is written: hands the socket back."""
 
-    __slots__ = (
-        "_fragments",
-        "_node",
-        "_plan",
-        "_plan_answer",
-        "address",
-        "connected_at",
-        "expires_at",
-        "last_seen",
-        "pending",
-        "rate_at",
-        "rate_strikes",
-        "rate_tokens",
-        "session",
-        "settings_queue",
-        "transport",
-    )
+    __slots__ = ("connection",)
 
-    def __init__(
-        self, node: Node, session: Session, principal: Principal, plan: SettingsPlan, answer: bool
-    ) -> None:
-        self._node = node
-        self.session = session
-        self.expires_at = principal.expires_at
-        self.connected_at = time.time()
-        self.last_seen = self.rate_at = time.monotonic()
-        self.rate_tokens = node.config.message_burst
-        self.rate_strikes = 0
-        self.address = ""
-        self.pending: list[bytes] | None = None
-        self.settings_queue: deque[tuple[SettingsPlan, bool]] | None = None
-        self.transport: WSTransport | None = None
-        self._fragments: bytearray | None = None
-        self._plan = plan
-        self._plan_answer = answer
-
-    # --- picows callbacks ----------------------------------------------------------------------
+    def __init__(self, connection: WebSocketConnection) -> None:
+        self.connection = connection
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-        peer = transport.underlying_transport.get_extra_info("peername")
-        self.address = str(peer[0]) if peer else ""
-        self._node.accept(self, self._plan, self._plan_answer)
+        self.connection._upgraded()
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+
+class WebSocketConnection(asyncio.Protocol):
+    """One client socket: upgrade, frames in, frames out, closing. See the module docstring.
+
+    Subclasses are the application: they implement `_decide` (the upgrade), `_opened`, `_text`,
+    `_binary`, `_refused`, `_send` / `_flush` (their outbound queue), `_ended` and `_drained`.
+    """
+
+    __slots__ = (
+        "_close_timer",
+        "_config",
+        "_inbound",
+        "_live",
+        "_request_bytes",
+        "_state",
+        "_tail",
+        "_transport",
+        "_upgrade",
+        "address",
+        "last_seen",
+        "writable",
+    )
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._state = _HANDSHAKE
+        self._transport: asyncio.Transport | None = None
+        self._upgrade: WSProtocol | None = WSProtocol(
+            None,  # host and port: a server's
+            None,  # path: a server's
+            False,  # is_client_side
+            self._on_request,
+            _picows_log,
+            True,  # disconnect_on_exception
+            HANDSHAKE_TIMEOUT,
+            False,  # enable_auto_ping
+            10.0,
+            10.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            False,  # enable_auto_pong: pings are ours (after the upgrade picows sees nothing)
+            config.max_frame_bytes,
+            None,  # extra headers
+            2048,  # its read buffer, for the request only (picows's minimum)
+        )
+        #: The last 3 bytes handed to picows (the blank line may straddle two reads).
+        self._tail = b""
+        self._request_bytes = 0
+        self._inbound: wsframes.Inbound | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        #: The application was told `_opened` and not yet `_ended`.
+        self._live = False
+        self.address = ""
         self.last_seen = time.monotonic()
-        msg_type = frame.msg_type
-        if msg_type is WSMsgType.TEXT:
-            if frame.fin:
-                self._node.on_text(self, frame.get_payload_as_bytes())
-            else:
-                self._fragments = bytearray(frame.get_payload_as_memoryview())
-        elif msg_type is WSMsgType.CONTINUATION:
-            self._continue(frame)
-        elif msg_type is WSMsgType.CLOSE:
-            # Answer the client's close handshake (section 5.5.1) and let the socket go.
-            if self.session.begin_close():
-                code = frame.get_close_code()
-                transport.send_close(code if code is not WSCloseCode.NO_INFO else WSCloseCode.OK)
-            transport.disconnect()
-        elif msg_type is WSMsgType.BINARY:
-            self._node.send_error(
-                self, ProtocolError("bad_message", "Binary frames are not accepted; send JSON text")
-            )
+        self.writable = True
 
-    def _continue(self, frame: WSFrame) -> None:
-        fragments = self._fragments
-        if fragments is None:
-            self.close_with(CloseCode.POLICY_VIOLATION)
-            return
-        fragments += frame.get_payload_as_memoryview()
-        if len(fragments) > self._node.config.max_frame_bytes:
-            self._fragments = None
-            self.close_with(CloseCode.MESSAGE_TOO_BIG)
-        elif frame.fin:
-            self._fragments = None
-            self._node.on_text(self, bytes(fragments))
+    # --- what the application implements ------------------------------------------------------
 
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        handshake = transport.close_handshake
-        code: int | None = None
-        if handshake is not None:
-            info = handshake.sent or handshake.recv
-            if info is not None:
-                code = int(info.code.value)
-        self._node.on_closed(self, code)
+    def _decide(self, request: WSUpgradeRequest) -> WSUpgradeResponse | None:
+        """The upgrade `request` arrived: None to accept it, or the refusal to answer."""
+        raise NotImplementedError
 
-    # --- what the hub and node call ------------------------------------------------------------
+    def _opened(self) -> None:
+        """The 101 is written; frames may flow."""
+
+    def _text(self, payload: bytes) -> None:
+        """A valid UTF-8 text message inside the budget."""
+
+    def _binary(self, payload: bytes) -> None:
+        """A binary message inside the budget."""
+
+    def _refused(self, opcode: int) -> None:
+        """A frame (`opcode`) was dropped by the budget; the connection goes on."""
+
+    def _send(self, wire: bytes) -> None:
+        """Queue `wire` (a complete frame) behind what the application queued."""
+        self.write_wire(wire)
+
+    def _flush(self) -> None:
+        """Write what the application queued, now (before a close frame)."""
+
+    def _ended(self, code: int | None) -> None:
+        """The connection is over for the application: `code` was sent, received or is None."""
+
+    def _drained(self) -> None:
+        """The socket drained below its low watermark after having been paused."""
+
+    # --- what the hub and node call (hub.Subscriber, node.Connection) -------------------------
 
     @property
     def is_open(self) -> bool:
-        transport = self.transport
-        return (
-            transport is not None
-            and not transport.is_close_frame_sent
-            and not (transport.is_disconnected)
-        )
+        return self._state == _OPEN
+
+    def backlog_bytes(self) -> int:
+        """Bytes written but still in the socket's buffer (the kernel's not counted)."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def write_wire(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None:
+        """Write complete frames; past `max_write_buffer_bytes` buffered, abort (1013)."""
+        transport = self._transport
+        if transport is None or self._state == _CLOSED:
             return
-        raw = transport.underlying_transport
-        raw.write(data)
-        if raw.get_write_buffer_size() > self._node.config.max_write_buffer_bytes:
-            # A slow consumer: it would hold memory without bound. A close frame would queue
-            # behind what it does not read, so send it and drop the socket at once.
-            self.pending = None
-            if self.session.begin_close():
-                transport.send_close(WSCloseCode(int(CloseCode.TRY_AGAIN_LATER)), b"slow consumer")
-            self._node.on_closed(self, int(CloseCode.TRY_AGAIN_LATER))
-            transport.disconnect(False)
+        transport.write(data)
+        if transport.get_write_buffer_size() > self._config.max_write_buffer_bytes:
+            # A slow consumer: it would hold memory without bound, and a close frame would only
+            # queue behind what it does not read. Abort at once.
+            self._leave_open(int(CloseCode.TRY_AGAIN_LATER))
+            self._state = _CLOSED
+            transport.abort()
 
-    def close_with(self, code: CloseCode) -> None:
-        transport = self.transport
-        if transport is None or not self.session.begin_close():
+    def close_with(self, code: CloseCode, reason: str | None = None) -> None:
+        """Close with `code` (RFC 6455 section 7.1.2): what is queued, the close frame, then wait
+        for the client's close (at most `CLOSE_TIMEOUT`) and close TCP. Idempotent."""
+        if self._state != _OPEN:
             return
+        self._flush()  # while open: what is queued goes before the close frame
+        if self._state != _OPEN:
+            return  # the flush found a slow consumer
+        self._state = _CLOSING
+        self._write_close(code, reason)
+        if self._state != _CLOSED:
+            assert self._inbound is not None
+            self._inbound.discard_data()
+            self._arm_close_timer()
+        self._leave_open(int(code))
+
+    def fail(self, code: CloseCode) -> None:
+        """Fail the connection (section 7.1.7): the close frame, then no more parsing, a
+        half-close, and TCP closed on the client's EOF (at most `CLOSE_TIMEOUT`)."""
+        if self._state != _OPEN:
+            if self._state == _CLOSING and self._transport is not None:
+                self._transport.close()
+            return
+        self._flush()
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        self._write_close(code, None)
+        transport = self._transport
+        if self._state != _CLOSED and transport is not None:
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._arm_close_timer()
+        self._leave_open(int(code))
+
+    # --- asyncio protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's and aiofastnet's transports are not asyncio.Transport subclasses.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else ""
+        high = max(1, self._config.max_write_buffer_bytes // 4)
+        transport.set_write_buffer_limits(high=high, low=high // 2)
+        assert self._upgrade is not None
+        self._upgrade.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == _OPEN or self._state == _CLOSING:
+            self._receive(data)
+        elif self._state == _HANDSHAKE:
+            self._handshake_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too (after what is buffered)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        transport = self._transport
+        if self._state != _HANDSHAKE and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        transport = self._transport
+        if self._state != _HANDSHAKE and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+        if self._state == _OPEN:
+            self._drained()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        upgrade = self._upgrade
+        if upgrade is not None:
+            self._upgrade = None
+            upgrade.connection_lost(exc)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._inbound = None
+        self._leave_open(None)
+        self._state = _CLOSED
+
+    # --- the upgrade ---------------------------------------------------------------------------
+
+    def _handshake_data(self, data: bytes) -> None:
+        """Bytes before the upgrade: picows gets the request and nothing after it."""
+        upgrade = self._upgrade
+        if upgrade is None:
+            return  # refused: picows answered and closes the socket
+        tail = self._tail
+        end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
+        if end < 0:
+            self._request_bytes += len(data)
+            if self._request_bytes > MAX_REQUEST_BYTES:
+                self._refuse_raw(431, "request_too_large", "The upgrade request is too long")
+                return
+            _feed(upgrade, data)
+            self._tail = (tail + data)[-3:]
+            return
+        cut = end + 4 - len(tail)
+        if self._request_bytes + cut > MAX_REQUEST_BYTES:
+            self._refuse_raw(431, "request_too_large", "The upgrade request is too long")
+            return
+        self._tail = b""
+        _feed(upgrade, data[:cut])
+        if self._state == _HANDSHAKE:
+            # picows refused (its answer is written and the socket is closing): nothing more.
+            self._upgrade = None
+            self._state = _CLOSED
+            return
+        rest = data[cut:]
+        if rest:
+            self._receive(rest)
+
+    def _on_request(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+        """picows's listener factory: the application decides; picows writes the answer."""
+        try:
+            refusal = self._decide(request)
+        except Exception:  # a bug must refuse one handshake, not take the listener down
+            log.exception("handshake failed")
+            refusal = _error_response(500, "internal_error", "The server could not accept this")
+        if refusal is not None:
+            return WSUpgradeResponseWithListener(refusal, None)
+        return WSUpgradeResponseWithListener(
+            WSUpgradeResponse.create_101_response(), _Upgraded(self)
+        )
+
+    def _upgraded(self) -> None:
+        """picows wrote the 101: from here on every byte is ours."""
+        config = self._config
+        now = time.monotonic()
+        self._inbound = wsframes.Inbound(
+            max_message_bytes=config.max_frame_bytes,
+            rate=config.max_message_rate,
+            burst=config.message_burst,
+            now=now,
+        )
+        self.last_seen = now
+        self._state = _OPEN
+        self._live = True
+        # picows's objects (its read buffer among them) go with this last reference.
+        self._upgrade = None
+        self._guarded(self._opened)
+
+    def _refuse_raw(self, status: int, code: str, message: str) -> None:
+        """Answer before picows has a whole request (it never will): `status`, then close."""
+        self._state = _CLOSED
+        upgrade, self._upgrade = self._upgrade, None
+        transport = self._transport
+        if upgrade is not None:
+            upgrade.connection_lost(None)  # cancels picows's handshake timer
+        if transport is not None:
+            transport.write(bytes(_error_response(status, code, message).to_bytes()))
+            transport.close()
+
+    # --- frames in -----------------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        inbound = self._inbound
+        if inbound is None:
+            return
+        now = time.monotonic()
+        frames = inbound.frames_received
+        events = inbound.receive_data(data, now)
+        if inbound.frames_received != frames:
+            self.last_seen = now
+        for event in events:
+            if self._state == _OPEN:
+                self._dispatch(event)
+            elif (
+                isinstance(event, wsframes.CloseFrame | wsframes.Failure)
+                and self._transport is not None
+            ):
+                # Our close was sent: the client's answer (or its garbage) ends it.
+                self._transport.close()
+
+    def _dispatch(self, event: wsframes.Event) -> None:
+        kind = type(event)
+        if kind is wsframes.TextMessage:
+            assert isinstance(event, wsframes.TextMessage)
+            self._guarded(self._text, event.payload)
+        elif kind is wsframes.Ping:
+            assert isinstance(event, wsframes.Ping)
+            self._send(pong_frame(event.payload))
+        elif kind is wsframes.Pong:
+            pass  # activity, counted above
+        elif kind is wsframes.BinaryMessage:
+            assert isinstance(event, wsframes.BinaryMessage)
+            self._guarded(self._binary, event.payload)
+        elif kind is wsframes.Refused:
+            assert isinstance(event, wsframes.Refused)
+            self._guarded(self._refused, event.opcode)
+        elif kind is wsframes.CloseFrame:
+            assert isinstance(event, wsframes.CloseFrame)
+            self._close_received(event.code)
+        elif kind is wsframes.Failure:
+            assert isinstance(event, wsframes.Failure)
+            log.debug("failing a connection", extra={"code": int(event.code), "why": event.detail})
+            self.fail(event.code)
+
+    def _close_received(self, code: int | None) -> None:
+        """Section 5.5.1: answer with the client's code (1000 when it sent none), close TCP."""
+        answer = CloseCode.NORMAL if code is None else code
+        self._flush()
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        self._write_close(answer, None)
+        transport = self._transport
+        if self._state != _CLOSED and transport is not None:
+            transport.close()  # after what is buffered; the timer covers a client not reading
+            self._arm_close_timer()
+        self._leave_open(int(answer))
+
+    def _guarded(self, handler: Any, *args: Any) -> None:
+        """Run an application handler; a bug there fails this connection (1011), once logged."""
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("connection handler failed")
+            if self._state == _OPEN:
+                self.close_with(CloseCode.INTERNAL_ERROR)
+
+    # --- closing -------------------------------------------------------------------------------
+
+    def _write_close(self, code: int, reason: str | None) -> None:
+        if reason is None:
+            try:
+                reason = close_reason(CloseCode(code))
+            except (ValueError, KeyError):
+                reason = ""  # an echoed client code outside our table
+        self.write_wire(close_frame(int(code), reason))
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._close_timeout)
+
+    def _close_timeout(self) -> None:
+        self._close_timer = None
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _leave_open(self, code: int | None) -> None:
+        """Tell the application, once, that the connection is over (if it ever opened)."""
+        if not self._live:
+            return
+        self._live = False
+        try:
+            self._ended(code)
+        except Exception:
+            log.exception("connection end handler failed")
+
+
+def _feed(upgrade: WSProtocol, data: bytes) -> None:
+    """Hand `data` to picows through its buffered-protocol interface."""
+    view = memoryview(data)
+    while view:
+        buffer = upgrade.get_buffer(-1)
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        upgrade.buffer_updated(size)
+        view = view[size:]
+
+
+def _error_response(
+    status: int, code: str, message: str, field: str | None = None
+) -> WSUpgradeResponse:
+    error: dict[str, str] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    response: WSUpgradeResponse = WSUpgradeResponse.create_error_response(
+        status, encode({"error": error}), {"Content-Type": "application/json"}
+    )
+    return response
+
+
+# --- the gateway ---------------------------------------------------------------------------------
+
+
+class Admission:
+    """A client `Handshake` accepted: as whom, and the first settings plan to carry out."""
+
+    __slots__ = ("answer", "expires_at", "plan", "session")
+
+    def __init__(
+        self, session: Session, expires_at: float | None, plan: SettingsPlan, answer: bool
+    ) -> None:
+        self.session = session
+        self.expires_at = expires_at
+        self.plan = plan
+        self.answer = answer
+
+
+class ClientConnection(WebSocketConnection):
+    """A /wspublic client: the node's connection (node.Connection, hub.Subscriber)."""
+
+    __slots__ = (
+        "_admission",
+        "_handshake",
+        "_node",
+        "connected_at",
+        "expires_at",
+        "pending",
+        "session",
+        "settings_queue",
+    )
+
+    def __init__(self, node: Node, handshake: Handshake) -> None:
+        super().__init__(node.config)
+        self._node = node
+        self._handshake = handshake
+        self._admission: Admission | None = None
+        self.pending: list[bytes] | None = None
+        self.settings_queue: deque[tuple[SettingsPlan, bool]] | None = None
+        self.expires_at: float | None = None
+        self.connected_at = time.time()
+
+    session: Session
+
+    def _decide(self, request: WSUpgradeRequest) -> WSUpgradeResponse | None:
+        decision = self._handshake(request)
+        if isinstance(decision, Admission):
+            self._admission = decision
+            self.session = decision.session
+            self.expires_at = decision.expires_at
+            return None
+        return decision
+
+    def _opened(self) -> None:
+        admission, self._admission = self._admission, None
+        assert admission is not None
+        self.connected_at = time.time()
+        self._node.accept(self, admission.plan, admission.answer)
+
+    def _text(self, payload: bytes) -> None:
+        self._node.on_text(self, payload)
+
+    def _binary(self, payload: bytes) -> None:
+        self._node.send_error(
+            self, ProtocolError("bad_message", "Binary frames are not accepted; send JSON text")
+        )
+
+    def _refused(self, opcode: int) -> None:
+        node = self._node
+        node.rate_limited += 1
+        if opcode <= wsframes.OP_BINARY:
+            config = node.config
+            node.send_error(
+                self,
+                ProtocolError(
+                    "rate_limited",
+                    f"Too many messages: at most {config.max_message_rate:g} per second "
+                    f"(bursts of {config.message_burst:g}); this one was dropped, and going on "
+                    "closes the connection (1008)",
+                ),
+            )
+        # A ping over the budget is not answered: answering is what a flood wants.
+
+    def _send(self, wire: bytes) -> None:
+        self._node.hub.send_wire(self, wire)
+
+    def _flush(self) -> None:
         self._node.hub.flush_one(self)
-        if not transport.is_disconnected:
-            transport.send_close(WSCloseCode(int(code)), close_reason(code).encode())
-            transport.disconnect()
-        self._node.on_closed(self, int(code))
+
+    def _ended(self, code: int | None) -> None:
+        self.pending = None
+        self.session.begin_close()
+        self._node.on_closed(self, code)
+
+    def _drained(self) -> None:
+        self._node.on_writable(self)
 
 
 class Handshake:
-    """Decides, for each upgrade request, whether and as whom a client connects."""
+    """Decides, for each upgrade request, whether and as whom a client connects.
+
+    Every refusal is an HTTP 4xx or 503 with a JSON body ``{"error": {"code", "message",
+    "field"?}}``; nothing a client sends in the request can make it a 500.
+    """
 
     def __init__(self, node: Node, verifier: TokenVerifier) -> None:
         self.node = node
         self.verifier = verifier
         self.allowed_origins = node.config.origin_allow_list
 
-    def _refuse(self, status: int, code: str, message: str, field: str | None = None) -> Any:
+    def _refuse(
+        self, status: int, code: str, message: str, field: str | None = None
+    ) -> WSUpgradeResponse:
         self.node.count_refusal(code)
-        return _refuse(status, code, message, field)
+        return _error_response(status, code, message, field)
 
-    def __call__(self, request: WSUpgradeRequest) -> Any:
+    def __call__(self, request: WSUpgradeRequest) -> Admission | WSUpgradeResponse:
+        raw_target = request.path
+        if not raw_target.isascii():
+            return self._refuse(
+                400, "bad_request", "The request target must be ASCII (percent-encoded)", "target"
+            )
         try:
-            return self._decide(request)
-        except Exception:  # a bug must refuse one handshake, not take the listener down
-            log.exception("handshake failed")
-            return _refuse(500, "internal_error", "The server could not accept the connection")
-
-    def _decide(self, request: WSUpgradeRequest) -> Any:
-        target = urlsplit(request.path.decode("latin-1"))
+            target = urlsplit(raw_target.decode("ascii"))
+        except ValueError:
+            return self._refuse(400, "bad_request", "The request target is not a URI", "target")
         if target.path != PATH:
             return self._refuse(404, "not_found", f"The WebSocket endpoint is {PATH}")
         if self.node.draining:
@@ -204,9 +616,22 @@ class Handshake:
             origin = (request.headers.get("Origin") or "").rstrip("/").lower()
             if origin and origin not in allowed_origins:
                 return self._refuse(403, "origin_not_allowed", "This origin may not connect")
-        query = parse_qs(target.query, max_num_fields=16)
+        if _BAD_PERCENT.search(target.query):
+            return self._refuse(
+                400, "bad_request", "The query has a `%` not followed by two hex digits", "query"
+            )
+        try:
+            query = parse_qs(target.query, max_num_fields=MAX_QUERY_FIELDS, errors="strict")
+        except UnicodeDecodeError:
+            return self._refuse(
+                400, "bad_request", "The query is not UTF-8 once percent-decoded", "query"
+            )
+        except ValueError:
+            return self._refuse(
+                400, "bad_request", f"At most {MAX_QUERY_FIELDS} query parameters", "query"
+            )
         token = _first(query.get("token")) or _bearer(request.headers.get("Authorization"))
-        principal = ANONYMOUS
+        principal: Principal = ANONYMOUS
         if token:
             try:
                 principal = self.verifier.verify(token)
@@ -233,7 +658,7 @@ class Handshake:
             field = exc.field.replace("data.", "settings.", 1) if exc.field else "settings"
             status = 403 if exc.code == "forbidden_channel" else 400
             return self._refuse(status, exc.code, exc.message, field)
-        return ClientConnection(self.node, session, principal, plan, bool(raw_settings))
+        return Admission(session, principal.expires_at, plan, bool(raw_settings))
 
 
 def _first(values: list[str] | None) -> str | None:
@@ -246,39 +671,46 @@ def _bearer(header: str | None) -> str | None:
     return None
 
 
-def _refuse(status: int, code: str, message: str, field: str | None = None) -> Any:
-    error: dict[str, str] = {"code": code, "message": message}
-    if field:
-        error["field"] = field
-    response = WSUpgradeResponse.create_error_response(
-        status, encode({"error": error}), {"Content-Type": "application/json"}
-    )
-    return WSUpgradeResponseWithListener(response, None)
+async def serve(
+    factory: Any, config: Config, host: str, port: int, *, reuse_port: bool = False
+) -> asyncio.Server:
+    """Listen on (`host`, `port`) with one `factory()` protocol per accepted socket."""
+    loop = asyncio.get_running_loop()
+    kwargs: dict[str, Any] = {
+        "reuse_port": reuse_port or None,
+        # asyncio's default backlog of 100 drops handshakes when many clients reconnect at once.
+        "backlog": socket.SOMAXCONN,
+    }
+    if config.use_aiofastnet:
+        # aiofastnet saves CPU per delivery (docs/benchmarks.md); its transports take a plain
+        # protocol like uvloop's do.
+        import aiofastnet
+
+        return await aiofastnet.create_server(loop, factory, host, port, **kwargs)
+    return await loop.create_server(factory, host, port, **kwargs)
 
 
 async def start_listener(
     node: Node, verifier: TokenVerifier, host: str, port: int, *, reuse_port: bool = False
 ) -> asyncio.Server:
     """Listen for WebSocket clients on (`host`, `port`); the caller closes the returned server."""
-    config = node.config
-    return await picows.ws_create_server(
-        Handshake(node, verifier),
+    handshake = Handshake(node, verifier)
+    return await serve(
+        lambda: ClientConnection(node, handshake),
+        node.config,
         host,
         port,
-        max_frame_size=config.max_frame_bytes,
-        websocket_handshake_timeout=5,
-        enable_auto_pong=True,
-        logger_name="ws",
-        reuse_port=reuse_port or None,
-        # asyncio's default backlog of 100 drops handshakes when many clients reconnect at once.
-        backlog=socket.SOMAXCONN,
-        # Clients send small frames; picows grows the buffer when one does not fit. The default
-        # 16 KB per connection would be most of an idle connection's memory.
-        read_buffer_init_size=READ_BUFFER_BYTES,
-        # aiofastnet (a picows dependency) saves 10-35% CPU per delivery but holds ~5 KB more
-        # per connection than uvloop's own transports: a setting, off by default.
-        use_aiofastnet=config.use_aiofastnet,
+        reuse_port=reuse_port,
     )
 
 
-__all__ = ["PATH", "ClientConnection", "Handshake", "start_listener"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "PATH",
+    "Admission",
+    "ClientConnection",
+    "Handshake",
+    "WebSocketConnection",
+    "serve",
+    "start_listener",
+]
