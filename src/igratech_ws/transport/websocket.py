@@ -76,6 +76,8 @@ CLOSE_TIMEOUT = 3.0
 #: Query parameters accepted in the upgrade request (`token`, `settings`, and room to spare).
 MAX_QUERY_FIELDS = 16
 
+REQUEST_TOO_LONG = f"The upgrade request (its line and headers) is over {MAX_REQUEST_BYTES} bytes"
+
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _picows_log = logging.getLogger("picows.ws")
@@ -106,6 +108,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_inbound",
         "_live",
         "_request_bytes",
+        "_stall_timer",
         "_state",
         "_tail",
         "_transport",
@@ -141,6 +144,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._request_bytes = 0
         self._inbound: wsframes.Inbound | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
         #: The application was told `_opened` and not yet `_ended`.
         self._live = False
         self.address = ""
@@ -155,6 +159,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _opened(self) -> None:
         """The 101 is written; frames may flow."""
+
+    def _refusing(self, code: str) -> None:
+        """The upgrade request is refused before `_decide` could see it (`code`: a fixed word)."""
 
     def _text(self, payload: bytes) -> None:
         """A valid UTF-8 text message inside the budget."""
@@ -260,13 +267,22 @@ class WebSocketConnection(asyncio.Protocol):
         return False  # close our side too (after what is buffered)
 
     def pause_writing(self) -> None:
+        """The socket's buffer passed a quarter of the budget: stop reading the client (D7)."""
         self.writable = False
         transport = self._transport
         if self._state != _HANDSHAKE and transport is not None and not transport.is_closing():
             transport.pause_reading()
+        if self._stall_timer is None:
+            # A client that reads nothing for half the idle timeout (its frames are not read
+            # meanwhile, so it cannot be told idle) is a slow consumer.
+            stall = self._config.idle_timeout / 2
+            self._stall_timer = asyncio.get_running_loop().call_later(stall, self._stalled)
 
     def resume_writing(self) -> None:
         self.writable = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         transport = self._transport
         if self._state != _HANDSHAKE and transport is not None and not transport.is_closing():
             transport.resume_reading()
@@ -278,9 +294,10 @@ class WebSocketConnection(asyncio.Protocol):
         if upgrade is not None:
             self._upgrade = None
             upgrade.connection_lost(exc)
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
+        for timer in (self._close_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._close_timer = self._stall_timer = None
         self._inbound = None
         self._leave_open(None)
         self._state = _CLOSED
@@ -297,14 +314,14 @@ class WebSocketConnection(asyncio.Protocol):
         if end < 0:
             self._request_bytes += len(data)
             if self._request_bytes > MAX_REQUEST_BYTES:
-                self._refuse_raw(431, "request_too_large", "The upgrade request is too long")
+                self._refuse_raw(431, "request_too_large", REQUEST_TOO_LONG)
                 return
             _feed(upgrade, data)
             self._tail = (tail + data)[-3:]
             return
         cut = end + 4 - len(tail)
         if self._request_bytes + cut > MAX_REQUEST_BYTES:
-            self._refuse_raw(431, "request_too_large", "The upgrade request is too long")
+            self._refuse_raw(431, "request_too_large", REQUEST_TOO_LONG)
             return
         self._tail = b""
         _feed(upgrade, data[:cut])
@@ -349,13 +366,15 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _refuse_raw(self, status: int, code: str, message: str) -> None:
         """Answer before picows has a whole request (it never will): `status`, then close."""
+        self._refusing(code)
         self._state = _CLOSED
         upgrade, self._upgrade = self._upgrade, None
         transport = self._transport
         if upgrade is not None:
             upgrade.connection_lost(None)  # cancels picows's handshake timer
         if transport is not None:
-            transport.write(bytes(_error_response(status, code, message).to_bytes()))
+            response = _error_response(status, code, message, "request")
+            transport.write(bytes(response.to_bytes()))
             transport.close()
 
     # --- frames in -----------------------------------------------------------------------------
@@ -440,6 +459,14 @@ class WebSocketConnection(asyncio.Protocol):
         if self._close_timer is None:
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._close_timeout)
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        transport = self._transport
+        if transport is not None and self._state != _CLOSED:
+            self._leave_open(int(CloseCode.TRY_AGAIN_LATER))
+            self._state = _CLOSED
+            transport.abort()
 
     def _close_timeout(self) -> None:
         self._close_timer = None
@@ -531,6 +558,9 @@ class ClientConnection(WebSocketConnection):
             self.expires_at = decision.expires_at
             return None
         return decision
+
+    def _refusing(self, code: str) -> None:
+        self._node.count_refusal(code)
 
     def _opened(self) -> None:
         admission, self._admission = self._admission, None
@@ -655,7 +685,8 @@ class Handshake:
             )
             plan = session.plan_settings(request_settings)
         except ProtocolError as exc:
-            field = exc.field.replace("data.", "settings.", 1) if exc.field else "settings"
+            path = exc.field or "data"
+            field = "settings" + path[4:] if path.startswith("data") else "settings"
             status = 403 if exc.code == "forbidden_channel" else 400
             return self._refuse(status, exc.code, exc.message, field)
         return Admission(session, principal.expires_at, plan, bool(raw_settings))
