@@ -12,11 +12,12 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from tests.e2e.conftest import raw_upgrade
 
+T = TypeVar("T")
 WAIT_S = 10.0  # bound of every wait; nothing here asserts on speed
 
 
@@ -101,3 +102,17 @@ def texts(frames: list[tuple[int, bytes]]) -> list[bytes]:
 
 async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+#: Event loops and transports the listener is tested on: asyncio's own, uvloop's (production),
+#: and aiofastnet's on uvloop (`use_aiofastnet`).
+LOOPS = ("asyncio", "uvloop", "aiofastnet")
+
+
+def run_on(loop: str, main: Callable[[bool], Coroutine[Any, Any, T]]) -> T:
+    """Run `main(use_aiofastnet)` to completion on a fresh `loop` (one of LOOPS)."""
+    if loop == "asyncio":
+        return asyncio.run(main(False))
+    import uvloop
+
+    return uvloop.run(main(loop == "aiofastnet"))
