@@ -59,10 +59,14 @@ def connect(port: int, *, query: str = "", rcvbuf: int | None = None) -> socket.
 
 
 def read_frames(
-    sock: socket.socket, until: bytes | None = None, timeout: float = WAIT_S
+    sock: socket.socket,
+    until: bytes | None = None,
+    timeout: float = WAIT_S,
+    *,
+    until_opcode: int | None = None,
 ) -> tuple[list[tuple[int, bytes]], int | None]:
-    """Server frames until its close frame (returns its code), a text frame holding `until`,
-    end of stream or `timeout`."""
+    """Server frames until its close frame (returns its code), a text frame holding `until`, a
+    frame of `until_opcode`, end of stream or `timeout`."""
     buffer = b""
     frames: list[tuple[int, bytes]] = []
     deadline = time.monotonic() + timeout
@@ -90,6 +94,8 @@ def read_frames(
             payload, buffer = buffer[start : start + length], buffer[start + length :]
             frames.append((opcode, payload))
             if until is not None and opcode == 0x1 and until in payload:
+                return frames, None
+            if opcode == until_opcode:
                 return frames, None
             if opcode == 0x8:
                 return frames, struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
