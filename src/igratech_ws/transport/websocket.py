@@ -258,10 +258,21 @@ class WebSocketConnection(asyncio.Protocol):
         self._upgrade.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._state == _OPEN or self._state == _CLOSING:
-            self._receive(data)
-        elif self._state == _HANDSHAKE:
-            self._handshake_data(data)
+        try:
+            if self._state == _OPEN or self._state == _CLOSING:
+                self._receive(data)
+            elif self._state == _HANDSHAKE:
+                self._handshake_data(data)
+        except Exception:
+            # A bug here must cost one connection and one (rate-limited) log line, not the
+            # event loop's unthrottled "Fatal error" per connection.
+            log.exception("reading a connection failed")
+            if self._state == _OPEN:
+                self.close_with(CloseCode.INTERNAL_ERROR)
+            elif self._transport is not None:
+                self._leave_open(int(CloseCode.INTERNAL_ERROR))
+                self._state = _CLOSED
+                self._transport.abort()
 
     def eof_received(self) -> bool:
         return False  # close our side too (after what is buffered)
@@ -388,8 +399,11 @@ class WebSocketConnection(asyncio.Protocol):
         events = inbound.receive_data(data, now)
         if inbound.frames_received != frames:
             self.last_seen = now
+        pongs = False
         for event in events:
             if self._state == _OPEN:
+                if type(event) is wsframes.Ping:
+                    pongs = True
                 self._dispatch(event)
             elif (
                 isinstance(event, wsframes.CloseFrame | wsframes.Failure)
@@ -397,6 +411,11 @@ class WebSocketConnection(asyncio.Protocol):
             ):
                 # Our close was sent: the client's answer (or its garbage) ends it.
                 self._transport.close()
+        if pongs and self._state == _OPEN:
+            # This read's pongs go out now, in one write: the socket's buffer (and with it the
+            # pause of reading, and the budget) sees them before the next read, which an event
+            # loop may do in the same tick (libuv reads up to 32 times per wake-up).
+            self._flush()
 
     def _dispatch(self, event: wsframes.Event) -> None:
         kind = type(event)
