@@ -30,7 +30,7 @@ CLOSE_TABLE: dict[CloseCode, tuple[str, bool]] = {
     CloseCode.NORMAL: ("normal closure", False),
     CloseCode.GOING_AWAY: ("going away", True),
     CloseCode.PROTOCOL_ERROR: ("protocol error", False),
-    CloseCode.INVALID_DATA: ("invalid UTF-8 text", False),
+    CloseCode.INVALID_DATA: ("invalid UTF-8 data", False),
     CloseCode.POLICY_VIOLATION: ("policy violation", False),
     CloseCode.MESSAGE_TOO_BIG: ("message too big", False),
     CloseCode.INTERNAL_ERROR: ("internal error", True),
