@@ -1,9 +1,10 @@
 """The Autobahn testee: the gateway's own listener with an echo for an application.
 
-`WebSocketConnection` is the class every /wspublic connection is (the same upgrade through picows,
-the same frame parser, UTF-8 and close handling, the same write path); only the application is
-swapped: every text or binary message is sent back as it came. The limits are raised so that the
-suite's largest cases (16 MiB messages, 1,000 messages in a burst) stay inside them.
+`WebSocketConnection` is the class every /wspublic connection is (`ClientConnection` is a
+subclass): the same upgrade through picows, the same frame parser, UTF-8 and close handling, the
+same write path. Only the application is swapped: every text or binary message is sent back as it
+came. The limits are raised so that the suite's largest cases (16 MiB messages, 1,000 messages in a
+burst) stay inside them.
 
 Run: ``python -m tests.autobahn.echo_server --port 9001 [--aiofastnet]``; it prints ``ready
 <port>`` once listening and serves until killed.
@@ -19,7 +20,7 @@ from picows import WSUpgradeRequest, WSUpgradeResponse
 
 from igratech_ws.config import Config
 from igratech_ws.core.framing import binary_frame, text_frame
-from igratech_ws.transport.websocket import WebSocketConnection, serve
+from igratech_ws.transport.wsconnection import WebSocketConnection, serve
 
 #: Limits of the testee: the suite sends messages of up to 16 MiB and bursts of 1,000 frames.
 ECHO_CONFIG = Config(

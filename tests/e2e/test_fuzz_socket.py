@@ -12,10 +12,8 @@ import asyncio
 import os
 import socket
 import struct
-import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,83 +21,17 @@ from hypothesis import strategies as st
 
 from igratech_ws.app import App
 from igratech_ws.core.wsframes import is_valid_close_code
-from tests.e2e.conftest import connect, incident, publish, raw_upgrade, recv_event, rss_kib, send
+from tests.adversarial.raw_ws import WAIT_S, frame, in_thread, read_frames
+from tests.adversarial.raw_ws import connect as connect_raw
+from tests.e2e.conftest import connect, incident, publish, recv_event, rss_kib, send
 from tests.e2e.conftest import settings as ws_settings
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
 
 MAX_FRAME = 65_536
-WAIT_S = 10.0  # bound of every wait; nothing here asserts on speed
-
-
-# --- a minimal raw WebSocket client --------------------------------------------------------------
-
-
-def frame(
-    opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0
-) -> bytes:
-    """One client frame, built by hand so that it can break every rule."""
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    length = len(payload)
-    masked = 0x80 if mask else 0
-    if length < 126:
-        head += bytes([masked | length])
-    elif length < 65536:
-        head += bytes([masked | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([masked | 127]) + struct.pack("!Q", length)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 CLIENT_CLOSE = frame(0x8, struct.pack("!H", 1000))
-
-
-def handshake(port: int) -> socket.socket:
-    """A raw socket past a valid upgrade, with the test's timeout."""
-    sock = raw_upgrade(port)
-    sock.settimeout(WAIT_S)
-    return sock
-
-
-def read_frames(
-    sock: socket.socket, until: bytes | None = None
-) -> tuple[list[tuple[int, bytes]], int | None]:
-    """Server frames until its close frame (returns its code), a text frame holding `until`,
-    end of stream or `WAIT_S`."""
-    sock.settimeout(WAIT_S)
-    buffer = b""
-    frames: list[tuple[int, bytes]] = []
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        buffer += chunk
-        while len(buffer) >= 2:
-            opcode, length, start = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
-            if length == 126:
-                if len(buffer) < 4:
-                    break
-                length, start = struct.unpack("!H", buffer[2:4])[0], 4
-            elif length == 127:
-                if len(buffer) < 10:
-                    break
-                length, start = struct.unpack("!Q", buffer[2:10])[0], 10
-            if len(buffer) < start + length:
-                break
-            payload, buffer = buffer[start : start + length], buffer[start + length :]
-            frames.append((opcode, payload))
-            if until is not None and opcode == 0x1 and until in payload:
-                return frames, None
-            if opcode == 0x8:
-                return frames, struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-    return frames, None
 
 
 def ws_case(
@@ -107,7 +39,7 @@ def ws_case(
 ) -> tuple[list[bytes], int | None]:
     """Send `data` after a valid handshake (then, if `then_close`, a close frame: at once, or once
     a text frame holding `expect` arrived); the text frames and close code the server answers."""
-    sock = handshake(port)
+    sock = connect_raw(port)
     try:
         frames: list[tuple[int, bytes]] = []
         if expect is not None:
@@ -146,10 +78,6 @@ def raw_case(port: int, data: bytes) -> bytes:
         return answer + b"<still open>"
     finally:
         sock.close()
-
-
-async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
 async def settled(app: App) -> None:
