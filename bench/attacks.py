@@ -149,9 +149,7 @@ async def closes(server: Server) -> dict[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def attacked(
-    ctx: Any, env: dict[str, str] | None = None
-) -> AsyncIterator[Server]:
+async def attacked(ctx: Any, env: dict[str, str] | None = None) -> AsyncIterator[Server]:
     port, api_port = ctx.ports.take(), ctx.ports.take()
     ctx.ports.take()
     server = Server(OURS, port, api_port, ctx.server_cpu, ctx.log_dir, extra_env=env)

@@ -32,7 +32,9 @@ KINDS = {
 }
 
 
-def exchange(port: int, data: bytes, until: bytes | None) -> tuple[list[dict[str, object]], int | None]:
+def exchange(
+    port: int, data: bytes, until: bytes | None
+) -> tuple[list[dict[str, object]], int | None]:
     sock = connect(port)
     try:
         sock.sendall(data)

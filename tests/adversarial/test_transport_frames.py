@@ -40,7 +40,11 @@ FAILING: list[tuple[str, bytes, int]] = [
     ("a binary inside a fragmented text", frame(0x1, b"{", fin=False) + frame(0x2, b"x"), 1002),
     ("invalid UTF-8 in a text frame", frame(0x1, b'{"event":"\xc3\x28"}'), 1007),
     ("a lone surrogate in a text frame", frame(0x1, b'{"event":"\xed\xa0\x80"}'), 1007),
-    ("invalid UTF-8 cut across fragments", frame(0x1, b"{\xe2\x82", fin=False) + frame(0x0, b"}"), 1007),
+    (
+        "invalid UTF-8 cut across fragments",
+        frame(0x1, b"{\xe2\x82", fin=False) + frame(0x0, b"}"),
+        1007,
+    ),
 ]
 
 

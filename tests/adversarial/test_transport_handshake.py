@@ -55,17 +55,66 @@ def upgrade(port: int, target: bytes, extra: bytes = b"") -> tuple[int, dict[str
 DEEP = b"[" * 30_000 + b"]" * 30_000
 CASES: list[tuple[str, bytes, bytes, int, str, str]] = [
     # (case, target, extra headers, status, error code, field)
-    ("17 query fields", b"/wspublic?" + b"&".join(b"f%d=1" % i for i in range(17)), b"", 400, "bad_request", "query"),
+    (
+        "17 query fields",
+        b"/wspublic?" + b"&".join(b"f%d=1" % i for i in range(17)),
+        b"",
+        400,
+        "bad_request",
+        "query",
+    ),
     ("1,000 query fields", b"/wspublic?" + b"&" * 999, b"", 400, "bad_request", "query"),
     ("an IPv6 bracket", b"//[x/wspublic", b"", 400, "bad_request", "target"),
-    ("an unclosed IPv6 bracket in an absolute URI", b"http://[::1/wspublic", b"", 400, "bad_request", "target"),
+    (
+        "an unclosed IPv6 bracket in an absolute URI",
+        b"http://[::1/wspublic",
+        b"",
+        400,
+        "bad_request",
+        "target",
+    ),
     ("a % without hex digits", b"/wspublic?settings=%zz", b"", 400, "bad_request", "query"),
     ("a lone % at the end", b"/wspublic?token=%", b"", 400, "bad_request", "query"),
-    ("percent-encoded bytes that are not UTF-8", b"/wspublic?settings=%ff%fe", b"", 400, "bad_request", "query"),
-    ("raw bytes that are not ASCII", b"/wspublic?settings=\xff\xfe", b"", 400, "bad_request", "target"),
-    ("deep settings inside the request bound", b"/wspublic?settings=" + b"[" * 7000 + b"]" * 7000, b"", 400, "invalid_settings", "settings"),
-    ("30,000-deep settings", b"/wspublic?settings=" + DEEP, b"", 431, "request_too_large", "request"),
-    ("a header of 20 KB", b"/wspublic", b"X-Pad: " + b"a" * 20_000 + b"\r\n", 431, "request_too_large", "request"),
+    (
+        "percent-encoded bytes that are not UTF-8",
+        b"/wspublic?settings=%ff%fe",
+        b"",
+        400,
+        "bad_request",
+        "query",
+    ),
+    (
+        "raw bytes that are not ASCII",
+        b"/wspublic?settings=\xff\xfe",
+        b"",
+        400,
+        "bad_request",
+        "target",
+    ),
+    (
+        "deep settings inside the request bound",
+        b"/wspublic?settings=" + b"[" * 7000 + b"]" * 7000,
+        b"",
+        400,
+        "invalid_settings",
+        "settings",
+    ),
+    (
+        "30,000-deep settings",
+        b"/wspublic?settings=" + DEEP,
+        b"",
+        431,
+        "request_too_large",
+        "request",
+    ),
+    (
+        "a header of 20 KB",
+        b"/wspublic",
+        b"X-Pad: " + b"a" * 20_000 + b"\r\n",
+        431,
+        "request_too_large",
+        "request",
+    ),
 ]
 
 

@@ -74,7 +74,9 @@ async def settled(app: App, count: int) -> None:
 
 
 async def _large_frame(aiofastnet: bool) -> None:
-    async with running_app(base_config(max_frame_bytes=MAX_FRAME, use_aiofastnet=aiofastnet)) as app:
+    async with running_app(
+        base_config(max_frame_bytes=MAX_FRAME, use_aiofastnet=aiofastnet)
+    ) as app:
         socks = await in_thread(open_all, app.port)
         try:
             await settled(app, CONNECTIONS)
@@ -87,7 +89,9 @@ async def _large_frame(aiofastnet: bool) -> None:
 
 
 async def _unfinished_message(aiofastnet: bool) -> None:
-    async with running_app(base_config(max_frame_bytes=MAX_FRAME, use_aiofastnet=aiofastnet)) as app:
+    async with running_app(
+        base_config(max_frame_bytes=MAX_FRAME, use_aiofastnet=aiofastnet)
+    ) as app:
         socks = await in_thread(open_all, app.port)
         try:
             await settled(app, CONNECTIONS)

@@ -133,8 +133,7 @@ def _write_table(results: list[dict[str, Any]], categories: dict[str, str]) -> N
         counts = by_category[category]
         verdicts = ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         lines.append(
-            f"| {category} {categories.get(category, '')} | {sum(counts.values())} "
-            f"| {verdicts} |"
+            f"| {category} {categories.get(category, '')} | {sum(counts.values())} | {verdicts} |"
         )
     lines += [
         "",

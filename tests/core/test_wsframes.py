@@ -164,8 +164,14 @@ def test_unmask_is_the_xor_of_section_5_3() -> None:
 # --- failures: one code per rule ------------------------------------------------------------------
 
 FAILURES: list[tuple[str, bytes, CloseCode]] = [
-    *[(f"RSV bits {rsv:03b}", frame(0x1, b"x", rsv=rsv), CloseCode.PROTOCOL_ERROR) for rsv in range(1, 8)],
-    *[(f"reserved opcode {op:#x}", frame(op, b"x"), CloseCode.PROTOCOL_ERROR) for op in (3, 4, 5, 6, 7, 11, 12, 13, 14, 15)],
+    *[
+        (f"RSV bits {rsv:03b}", frame(0x1, b"x", rsv=rsv), CloseCode.PROTOCOL_ERROR)
+        for rsv in range(1, 8)
+    ],
+    *[
+        (f"reserved opcode {op:#x}", frame(op, b"x"), CloseCode.PROTOCOL_ERROR)
+        for op in (3, 4, 5, 6, 7, 11, 12, 13, 14, 15)
+    ],
     ("unmasked frame", frame(0x1, b"x", mask=False), CloseCode.PROTOCOL_ERROR),
     ("fragmented ping", frame(0x9, b"p", fin=False), CloseCode.PROTOCOL_ERROR),
     ("fragmented close", frame(0x8, b"\x03\xe8", fin=False), CloseCode.PROTOCOL_ERROR),
@@ -174,10 +180,22 @@ FAILURES: list[tuple[str, bytes, CloseCode]] = [
     ("close of 126 bytes", frame(0x8, b"\x03\xe8" + b"r" * 124), CloseCode.PROTOCOL_ERROR),
     ("16-bit length under 126", frame(0x1, b"x" * 10, width=16), CloseCode.PROTOCOL_ERROR),
     ("64-bit length under 65536", frame(0x1, b"x" * 10, width=64), CloseCode.PROTOCOL_ERROR),
-    ("64-bit length with the top bit", frame(0x2, length=1 << 63, width=64), CloseCode.PROTOCOL_ERROR),
+    (
+        "64-bit length with the top bit",
+        frame(0x2, length=1 << 63, width=64),
+        CloseCode.PROTOCOL_ERROR,
+    ),
     ("continuation without a message", frame(0x0, b"x"), CloseCode.PROTOCOL_ERROR),
-    ("text inside a fragmented text", frame(0x1, b"a", fin=False) + frame(0x1, b"b"), CloseCode.PROTOCOL_ERROR),
-    ("binary inside a fragmented text", frame(0x1, b"a", fin=False) + frame(0x2, b"b"), CloseCode.PROTOCOL_ERROR),
+    (
+        "text inside a fragmented text",
+        frame(0x1, b"a", fin=False) + frame(0x1, b"b"),
+        CloseCode.PROTOCOL_ERROR,
+    ),
+    (
+        "binary inside a fragmented text",
+        frame(0x1, b"a", fin=False) + frame(0x2, b"b"),
+        CloseCode.PROTOCOL_ERROR,
+    ),
     ("invalid UTF-8 text", frame(0x1, b"\xff"), CloseCode.INVALID_DATA),
     ("a surrogate in text", frame(0x1, b"\xed\xa0\x80"), CloseCode.INVALID_DATA),
     ("an overlong encoding in text", frame(0x1, b"\xc0\xaf"), CloseCode.INVALID_DATA),
@@ -194,7 +212,10 @@ FAILURES: list[tuple[str, bytes, CloseCode]] = [
         CloseCode.MESSAGE_TOO_BIG,
     ),
     ("close with a 1-byte body", frame(0x8, b"\x03"), CloseCode.PROTOCOL_ERROR),
-    *[(f"close code {code}", close(code), CloseCode.PROTOCOL_ERROR) for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)],
+    *[
+        (f"close code {code}", close(code), CloseCode.PROTOCOL_ERROR)
+        for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)
+    ],
     ("close reason not UTF-8", close(1000, b"\xff"), CloseCode.INVALID_DATA),
 ]
 

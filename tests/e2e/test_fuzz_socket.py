@@ -176,7 +176,10 @@ FRAME_CASES: list[tuple[str, bytes, int | None]] = [
         (f"reserved opcode {op:#x}", frame(op, b"x"), 1002)
         for op in (3, 4, 5, 6, 7, 11, 12, 13, 14, 15)
     ],
-    *[(f"RSV bits {rsv:03b}", frame(0x1, b'{"event":"ping"}', rsv=rsv), 1002) for rsv in (1, 2, 4, 7)],
+    *[
+        (f"RSV bits {rsv:03b}", frame(0x1, b'{"event":"ping"}', rsv=rsv), 1002)
+        for rsv in (1, 2, 4, 7)
+    ],
     ("ping of 126 bytes", frame(0x9, b"p" * 126), 1002),
     ("close of 126 bytes", frame(0x8, b"\x03\xe8" + b"r" * 124), 1002),
     ("fragmented ping", frame(0x9, b"p", fin=False), 1002),
@@ -228,7 +231,11 @@ async def test_a_protocol_violation_closes_with_its_code(
 # Frames the server tolerates: it answers with an `error` (or as if valid) and stays open.
 TOLERATED_CASES: list[tuple[str, bytes, str]] = [
     ("binary frame", frame(0x2, b"\x00\x01"), "bad_message"),
-    ("valid UTF-8 that is not JSON", frame(0x1, "not JSON, but fine UTF-8: é€".encode()), "bad_json"),
+    (
+        "valid UTF-8 that is not JSON",
+        frame(0x1, "not JSON, but fine UTF-8: é€".encode()),
+        "bad_json",
+    ),
     (
         "a ping between the fragments of a message",
         frame(0x1, b'{"event":"pi', fin=False) + frame(0x9, b"x") + frame(0x0, b'ng"}'),

@@ -70,7 +70,9 @@ async def test_too_many_connections_from_one_address_are_closed_with_1013(
 
 
 async def test_only_allowed_origins_may_connect(make_gateway: MakeGateway) -> None:
-    async with make_gateway(allowed_origins="https://play.example.com, https://m.example.com/") as app:
+    async with make_gateway(
+        allowed_origins="https://play.example.com, https://m.example.com/"
+    ) as app:
         async with websockets.connect(app.ws_url, origin="https://m.example.com") as ws:  # type: ignore[arg-type]
             await recv_event(ws, "connected")
         with pytest.raises(InvalidStatus) as refused:

@@ -124,9 +124,7 @@ def unmask(data: bytes | memoryview, mask: bytes) -> bytes:
     if not size:
         return b""
     key = (mask * ((size >> 2) + 1))[:size]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        size, "little"
-    )
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
 
 
 def _check_header(first: int, second: int) -> str | None:
