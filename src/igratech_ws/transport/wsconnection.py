@@ -319,7 +319,7 @@ class WebSocketConnection(asyncio.Protocol):
                 self._refuse_raw(431, "request_too_large", REQUEST_TOO_LONG)
                 return
             _feed(upgrade, data)
-            self._tail = (tail + data)[-3:]
+            self._tail = (tail + data[-3:])[-3:]
             return
         cut = end + 4 - len(tail)
         if self._request_bytes + cut > MAX_REQUEST_BYTES:
@@ -342,6 +342,7 @@ class WebSocketConnection(asyncio.Protocol):
             refusal = self._decide(request)
         except Exception:  # a bug must refuse one handshake, not take the listener down
             log.exception("handshake failed")
+            self._refusing("internal_error")
             refusal = error_response(500, "internal_error", "The server could not accept this")
         if refusal is not None:
             return WSUpgradeResponseWithListener(refusal, None)
