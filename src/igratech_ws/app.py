@@ -19,7 +19,6 @@ from aiohttp import web
 
 from igratech_ws import brokers
 from igratech_ws.auth import TokenVerifier
-from igratech_ws.brokers.base import HistoryLimits
 from igratech_ws.config import Config
 from igratech_ws.node import Node
 from igratech_ws.transport.websocket import start_listener
@@ -77,11 +76,7 @@ async def running_app(
     problems = config.validate()
     if problems:
         raise ValueError("invalid configuration: " + "; ".join(problems))
-    broker = brokers.from_url(
-        config.broker,
-        node_id=config.node_id,
-        limits=HistoryLimits(size=config.history_size, ttl=config.history_ttl),
-    )
+    broker = brokers.from_url(config.broker, brokers.options_from_config(config))
     node = Node(config, broker)
     await node.start()
     ws_server: asyncio.Server | None = None

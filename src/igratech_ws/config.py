@@ -44,6 +44,21 @@ class Config:
     # history
     history_size: int = 1000
     history_ttl: float = 300.0
+    #: Seconds a channel's latest state event (stats, balance) is kept after it was published.
+    state_ttl: float = 86_400.0
+    #: Seconds an idempotency key is remembered per channel (a retry within it is a duplicate).
+    idempotency_window: float = 300.0
+    # broker tuning (brokers/options.py): timeouts, Redis pool and pings, reconnect backoff
+    broker_timeout: float = 3.0
+    broker_max_connections: int = 32
+    broker_ping_interval: float = 5.0
+    broker_backoff_min: float = 0.1
+    broker_backoff_max: float = 5.0
+    broker_sentinel_check_interval: float = 1.0
+    #: Memory broker bounds: streams kept (least recently published dropped first), and
+    #: idempotency keys remembered (oldest forgotten first).
+    broker_max_channels: int = 100_000
+    broker_max_idempotency_keys: int = 100_000
     # limits
     max_frame_bytes: int = 65_536
     max_games_per_connection: int = 100

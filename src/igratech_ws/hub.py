@@ -245,8 +245,11 @@ class Hub:
                         join.buffer.append(publication)
                     continue
                 if publication.epoch != join.epoch:
-                    subscriber.close_with(CloseCode.SERVICE_RESTART)
-                    continue
+                    if join.start != 0:
+                        subscriber.close_with(CloseCode.SERVICE_RESTART)
+                        continue
+                    # Offset 0 has seen nothing: the stream's first epoch is new to it (D1).
+                    join.epoch = publication.epoch
                 if publication.offset > join.start:
                     wire = wire or self._wire(publication)
                     self._push(subscriber, wire)
@@ -318,12 +321,13 @@ class Hub:
             self._push(subscriber, self._wire(publication))
         buffered = join.buffer or []
         join.buffer = None
-        join.start, join.epoch = start, epoch
         for publication in buffered:
+            if start == 0:
+                epoch = publication.epoch  # offset 0 has seen nothing: any epoch is new (D1)
             if publication.epoch == epoch and publication.offset > start:
                 self._push(subscriber, self._wire(publication))
                 start = publication.offset
-        join.start = start
+        join.start, join.epoch = start, epoch
         last = self._last.get(channel)
         if last is not None and last[1] == epoch and last[0] >= start:
             del joining[subscriber]

@@ -161,6 +161,14 @@ class NodeCollector(Collector):
             node.closes.get(int(CloseCode.TRY_AGAIN_LATER), 0),
         )
 
+        handler_errors: int | None = getattr(broker, "handler_errors", None)
+        if handler_errors is not None:
+            yield counter(
+                "broker_handler_errors",
+                "Exceptions raised by the node's handlers of broker events (bugs; each logged).",
+                handler_errors,
+            )
+
         state = GaugeMetricFamily(
             f"{PREFIX}_broker_state",
             "1 for the broker connection's current state, 0 for the others.",

@@ -387,9 +387,10 @@ class Node:
 
     async def publish(self, publication: ValidatedPublication) -> Publication:
         """Append and fan out one validated publication. Raises `BrokerError`."""
-        return await self.broker.publish(
+        result = await self.broker.publish(
             publication.channel, publication.event, publication.data_json
         )
+        return result.publication
 
     async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
         """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`."""

@@ -35,9 +35,10 @@ class FakeNode:
     async def publish(self, publication: ValidatedPublication) -> Publication:
         if self.broker_down:
             raise BrokerError("connection refused")
-        return await self.broker.publish(
+        result = await self.broker.publish(
             publication.channel, publication.event, publication.data_json
         )
+        return result.publication
 
     async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
         return [await self.publish(p) for p in publications]
