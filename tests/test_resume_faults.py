@@ -268,9 +268,9 @@ class Example:
         victim = self.gateways[index]
         # Python 3.11's asyncio.Server cannot abort its clients: reach the node's connections.
         for connection in list(getattr(victim.app.node, "_connections", ())):
-            transport = getattr(connection, "transport", None)
+            transport = getattr(connection, "_transport", None)  # the connection's raw socket
             if transport is not None:
-                transport.underlying_transport.abort()
+                transport.abort()
         if self.ws is not None and self.ws_node == index:
             # Everything owed was received before the fault: the next thing is the dead socket.
             with pytest.raises(websockets.ConnectionClosed) as closed:

@@ -150,6 +150,14 @@ class Hub:
         """Queue one frame (a JSON payload) to `subscriber`, in order with its publications."""
         self._push(subscriber, text_frame(frame_payload))
 
+    def send_wire(self, subscriber: Subscriber, wire: bytes) -> None:
+        """Queue one complete WebSocket frame (a pong, from the transport) like `send` does."""
+        self._push(subscriber, wire)
+
+    def on_writable(self, subscriber: Subscriber) -> None:
+        """`subscriber`'s socket drained after a pause (D7). Nothing waits for it yet: the hub
+        writes as frames come (recovery replays paged on drain are the hub's part of D7)."""
+
     def _push(self, subscriber: Subscriber, wire: bytes) -> None:
         pending = subscriber.pending
         if pending is None:

@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from igratech_ws.brokers.base import BrokerState, Publication
-from igratech_ws.core.close_codes import CloseCode
+from igratech_ws.core.close_codes import OTHER, CloseCode, counted_as
 
 PREFIX = "igratech_ws"
 #: Publish-to-send latency buckets (seconds): sub-millisecond on one node, up to seconds when a
@@ -142,11 +142,19 @@ class NodeCollector(Collector):
 
         closes = CounterMetricFamily(
             f"{PREFIX}_closes",
-            "Connections closed, by WebSocket close code.",
+            "Connections closed, by WebSocket close code (codes outside the documented table: "
+            "`other`).",
             labels=["node", "code"],
         )
-        for code, count in sorted(node.closes.items()):
-            closes.add_metric([node.node_id, str(code)], count)
+        by_label: dict[str, int] = {}
+        for code, count in node.closes.items():
+            # Labels only from the close table: a client picks its close code, and each
+            # distinct label would be a new series.
+            key = counted_as(code)
+            label = "other" if key == OTHER else str(key)
+            by_label[label] = by_label.get(label, 0) + count
+        for label, count in sorted(by_label.items()):
+            closes.add_metric([node.node_id, label], count)
         yield closes
         yield counter(
             "slow_consumer_closes",
