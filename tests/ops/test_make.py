@@ -4,6 +4,7 @@ test-quick` stays on the tests that need no server or service."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,9 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def planned(target: str) -> str:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
+    # Run as a newcomer would: not as a sub-make of `make test` (which would print
+    # "Entering directory" lines and pass its own flags down).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(
         ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, timeout=30,
-        check=True,
+        check=True, env=env,
     )  # fmt: skip
     return result.stdout
 
