@@ -369,7 +369,8 @@ async def test_a_join_buffer_past_its_bound_is_dropped_and_replayed_from_history
         assert a.closes == []
         assert a.offsets() == [1, 2, 3, 4, 5, 6]
         assert b.offsets() == [1, 2, 3, 4, 5, 6]
-        assert hub.position_of(a, CH) == (6, result.state.epoch)
+        epoch = (await broker.position(CH)).epoch
+        assert hub.position_of(a, CH) == (6, epoch)
     finally:
         await hub.close()
 
@@ -831,17 +832,19 @@ async def test_a_follower_from_offset_0_continues_with_the_first_publications_ep
         await empty.close()
 
 
-async def test_recovery_from_offset_0_of_another_epoch_is_not_recovered(
+async def test_recovery_from_no_stream_replays_the_whole_stream(
     hub: Hub, broker: RecordingBroker
 ) -> None:
-    """Not even from offset 0: a life may have come and gone while the client was away."""
+    """D1: (0, "none") has seen nothing; a real epoch at offset 0 is held to its life."""
     publish(broker, 4)
-    a = FakeSubscriber("a")
+    a, b = FakeSubscriber("a"), FakeSubscriber("b")
     result = await join(hub, a, CH, (0, EMPTY_EPOCH))
-    assert (result.state.recovered, result.state.offset) == (False, 4)
+    assert (result.state.recovered, result.state.offset) == (True, 4)
+    assert (await join(hub, b, CH, (0, "a-lost-life"))).state.recovered is False
     publish(broker, 1)
     await settle()
-    assert a.offsets() == [5]
+    assert a.offsets() == [1, 2, 3, 4, 5]
+    assert b.offsets() == [5]
 
 
 # --- bounds of everything keyed by client input --------------------------------------------------

@@ -39,6 +39,7 @@ from igratech_ws.client import Client
 from igratech_ws.client.backoff import Backoff
 from igratech_ws.client.events import RECOVERY_FAILED, Event, RecoveryFailed
 from igratech_ws.core.publishing import parse_publish_body, validate_publish
+from igratech_ws.core.recovery import EMPTY_EPOCH
 from tests.e2e.cluster import BrokerSpace, PrivateBroker, eventually
 from tests.e2e.conftest import balance, base_config, incident, token
 from tests.test_resume_faults import quick_broker
@@ -155,6 +156,9 @@ class Figures:
     notices: dict[str, int] = field(default_factory=dict)
     received: int = 0
     failed_publishes: int = 0
+    #: Publications of a stream life that began and was lost while the client was away at
+    #: (0, "none"): D1's known price, told to nobody (see core/recovery.py); counted, not hidden.
+    d1_unseen_lives: int = 0
 
 
 @dataclass
@@ -405,9 +409,42 @@ class Example:
             same = sorted((o, i) for (o, e), i in received.items() if e == epoch)
             before = max((i for o, i in same if o < offset), default=-1)
             after = min((i for o, i in same if o > offset), default=len(self.log))
-            assert any(max(before, at) < n < after for n in notices), (
+            if any(max(before, at) < n < after for n in notices):
+                continue
+            if self.resumed_from_no_stream_past(channel, epoch, at):
+                self.figures.d1_unseen_lives += 1
+                continue
+            raise AssertionError(
                 f"{channel}: {offset}@{epoch} neither received nor announced: {self.log}"
             )
+
+    def resumed_from_no_stream_past(self, channel: str, epoch: str, at: int) -> bool:
+        """Whether, after index `at`, the client resumed `channel` from (0, "none") into another
+        life than `epoch` and was told `recovered: true` (D1's rule)."""
+        for index in range(at + 1, len(self.log)):
+            entry = self.log[index]
+            if entry[0] != "connected":
+                continue
+            for state_channel, _offset, state_epoch, recovered in entry[1]:
+                if (
+                    state_channel == channel
+                    and recovered
+                    and state_epoch != epoch
+                    and self.held_before(channel, index) == (0, EMPTY_EPOCH)
+                ):
+                    return True
+        return False
+
+    def held_before(self, channel: str, index: int) -> tuple[int, str] | None:
+        """The client's position on `channel` just before log entry `index`."""
+        for entry in reversed(self.log[:index]):
+            if entry[0] == "push" and entry[1] == channel:
+                return entry[2], entry[3]
+            if entry[0] == "connected":
+                for state_channel, offset, epoch, _recovered in entry[1]:
+                    if state_channel == channel:
+                        return offset, epoch
+        return None
 
 
 # --- the tests -----------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from aiohttp import web
 
 from igratech_ws import brokers
 from igratech_ws.auth import TokenVerifier
-from igratech_ws.brokers.base import HistoryLimits
 from igratech_ws.config import Config
 from igratech_ws.node import Node
 from igratech_ws.transport.websocket import start_listener
@@ -74,14 +73,7 @@ async def running_app(
     from igratech_ws.transport import console, docs_page
     from igratech_ws.transport.http_api import build_api_app
 
-    problems = config.validate()
-    if problems:
-        raise ValueError("invalid configuration: " + "; ".join(problems))
-    broker = brokers.from_url(
-        config.broker,
-        node_id=config.node_id,
-        limits=HistoryLimits(size=config.history_size, ttl=config.history_ttl),
-    )
+    broker = brokers.from_url(config.broker, brokers.options_from_config(config))
     node = Node(config, broker)
     await node.start()
     ws_server: asyncio.Server | None = None
@@ -93,7 +85,7 @@ async def running_app(
         port = ws_server.sockets[0].getsockname()[1]
 
         def routes(api_app: web.Application) -> None:
-            # Operator and developer pages: /metrics (API key), /docs and /console (public).
+            # Operator and developer pages: /metrics (metrics key, if any), /docs and /console.
             metrics.install(api_app, node)
             docs_page.install(api_app)
             console.install(api_app, node, config, ws_port=port)
@@ -103,6 +95,7 @@ async def running_app(
         api = build_api_app(
             node,
             api_key=config.api_key,
+            metrics_key=config.metrics_key,
             asyncapi_yaml=document_text(),
             max_body_bytes=config.max_publish_body_bytes,
             max_batch_items=config.max_batch_items,

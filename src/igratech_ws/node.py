@@ -27,11 +27,10 @@ from igratech_ws.brokers.base import (
 )
 from igratech_ws.config import Config
 from igratech_ws.core import channels
-from igratech_ws.core.close_codes import CloseCode, close_reason
+from igratech_ws.core.close_codes import CloseCode, close_reason, counted_as
 from igratech_ws.core.codec import ProtocolError, event_frame
 from igratech_ws.core.messages import ChannelState, LogoutReason, Status
 from igratech_ws.core.publishing import ValidatedPublication
-from igratech_ws.core.ratelimit import take
 from igratech_ws.core.session import Session, SessionState, SettingsPlan
 from igratech_ws.hub import Hub, JoinResult, Subscriber
 
@@ -42,8 +41,6 @@ MAX_QUEUED_SETTINGS = 8
 #: Client frames held while the connection's own channels are joined, before `connected` (more,
 #: or more bytes than one frame may have, close it with 1008).
 MAX_EARLY_FRAMES = 16
-#: Messages refused by the rate limit in a row before the connection is closed with 1008.
-RATE_LIMIT_STRIKES = 10
 #: Seconds between presence reports to the other nodes.
 PRESENCE_INTERVAL = 5.0
 #: Presence reports kept from other nodes (a bound on a map filled from the bus).
@@ -64,16 +61,13 @@ def utc_now() -> str:
 class Connection(Subscriber, Protocol):
     """What the node needs of a client connection, beyond what the hub needs.
 
-    `settings_queue`, `rate_tokens`, `rate_at` and `rate_strikes` are owned by the node.
+    `settings_queue` is owned by the node.
     `last_seen` is `time.monotonic()` of the last frame received, kept up to date by the
     transport. `address` is the client's IP address (for the per-address limit).
     """
 
     session: Session
     address: str
-    rate_tokens: float
-    rate_at: float
-    rate_strikes: int
     expires_at: float | None
     connected_at: float
     last_seen: float
@@ -296,33 +290,9 @@ class Node:
             self.hub.finish_join(connection, result)
 
     def on_text(self, connection: Connection, frame: bytes) -> None:
-        """A text frame from the client, after the rate limit."""
-        now = time.monotonic()
-        allowed, connection.rate_tokens = take(
-            connection.rate_tokens,
-            connection.rate_at,
-            now,
-            self.config.max_message_rate,
-            self.config.message_burst,
-        )
-        connection.rate_at = now
-        if not allowed:
-            connection.rate_strikes += 1
-            self.rate_limited += 1
-            if connection.rate_strikes > RATE_LIMIT_STRIKES:
-                connection.close_with(CloseCode.POLICY_VIOLATION)
-            else:
-                self.send_error(
-                    connection,
-                    ProtocolError(
-                        "rate_limited",
-                        f"Too many messages: at most {self.config.max_message_rate:g} per second "
-                        f"(bursts of {self.config.message_burst:g}); this one was dropped, and "
-                        "going on closes the connection (1008)",
-                    ),
-                )
-            return
-        connection.rate_strikes = 0
+        """A text message from the client: valid UTF-8, inside the rate limit (the transport
+        enforces both, RFC 6455 section 8.1 and the per-connection budget). Before `connected` is
+        queued it is held (bounded), and carried out after it."""
         early = self._greeting.get(connection)
         if early is not None:
             frames, size = early
@@ -336,7 +306,7 @@ class Node:
         self._handle_text(connection, frame)
 
     def _handle_text(self, connection: Connection, frame: bytes) -> None:
-        """A text frame from the client past the rate limit, after `connected` was queued."""
+        """A text message from the client, after `connected` was queued."""
         queue = connection.settings_queue
         # The first queued request is the one being carried out; the others wait.
         settings_allowed = queue is None or len(queue) <= MAX_QUEUED_SETTINGS
@@ -372,7 +342,9 @@ class Node:
         else:
             self._by_address.pop(connection.address, None)
         if code is not None:
-            self.closes[code] = self.closes.get(code, 0) + 1
+            # Only the documented codes are keys: a client chooses its own code.
+            key = counted_as(code)
+            self.closes[key] = self.closes.get(key, 0) + 1
         session = connection.session
         session.closed()
         for channel in session.subscribed:
@@ -490,9 +462,10 @@ class Node:
 
     async def publish(self, publication: ValidatedPublication) -> Publication:
         """Append and fan out one validated publication. Raises `BrokerError`."""
-        return await self.broker.publish(
+        result = await self.broker.publish(
             publication.channel, publication.event, publication.data_json
         )
+        return result.publication
 
     async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
         """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`."""

@@ -1,6 +1,6 @@
-"""Resume decisions: recovered iff history covers (client offset, top] in the client's epoch
-(never across epochs, not even from offset 0); paged replays agree with the whole-history
-decision; a connected follower from no stream continues into the first life (`may_continue`)."""
+"""Resume decisions: recovered iff history covers (client offset, top] in the client's epoch, or
+from (0, "none") in any epoch (D1, `may_continue`); paged replays agree with the whole-history
+decision."""
 
 from __future__ import annotations
 
@@ -40,13 +40,13 @@ def test_empty_stream_from_zero() -> None:
     assert decide_recovery(0, "e", "e", 0, []) == RecoveryOutcome(True, [])
 
 
-def test_offset_zero_recovers_only_within_its_epoch() -> None:
-    # A channel still without a stream: nothing was missed.
+def test_offset_zero_of_no_stream_recovers_any_life() -> None:
     assert decide_recovery(0, EMPTY_EPOCH, EMPTY_EPOCH, 0, []) == RecoveryOutcome(True, [])
-    assert decide_recovery(0, "e", "e", 2, pubs(1, 2)) == RecoveryOutcome(True, pubs(1, 2))
-    # Another life: the client cannot tell whether a life came and went while it was away (with
-    # publications it never saw), so it is told (found by tests/test_resume_sdk.py).
-    assert decide_recovery(0, EMPTY_EPOCH, "e", 2, pubs(1, 2)) == RecoveryOutcome(False, [])
+    assert decide_recovery(0, EMPTY_EPOCH, "e", 2, pubs(1, 2)) == RecoveryOutcome(True, pubs(1, 2))
+    # ... while history still holds offset 1.
+    assert decide_recovery(0, EMPTY_EPOCH, "e", 3, pubs(2, 3)) == RecoveryOutcome(False, [])
+    # A real epoch at offset 0 (a broker before D1 reported those) is held to its life: the
+    # client may have missed publications of it that were lost with it.
     assert decide_recovery(0, "lost", "e", 2, pubs(1, 2)) == RecoveryOutcome(False, [])
 
 
@@ -99,7 +99,7 @@ def test_broker_windows(top: int, data: st.DataObject, same_epoch: bool) -> None
     outcome = decide_recovery(client, "e1", "e1" if same_epoch else "e2", top, history)
     wanted = list(range(client + 1, top + 1))
     covered = client <= top and (client + 1 >= low or client == top) and len(wanted) <= limit
-    assert outcome.recovered is (same_epoch and covered)
+    assert outcome.recovered is (same_epoch and covered)  # a real epoch, even at offset 0
     if outcome.recovered:
         assert [p.offset for p in outcome.missed] == wanted
         assert all(p is q for p, q in zip(outcome.missed, history[: len(wanted)], strict=True))

@@ -35,9 +35,10 @@ class FakeNode:
     async def publish(self, publication: ValidatedPublication) -> Publication:
         if self.broker_down:
             raise BrokerError("connection refused")
-        return await self.broker.publish(
+        result = await self.broker.publish(
             publication.channel, publication.event, publication.data_json
         )
+        return result.publication
 
     async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
         return [await self.publish(p) for p in publications]
@@ -314,10 +315,11 @@ async def test_extra_routes_docs_public_others_protected(serve: Serve) -> None:
         app.router.add_get("/metrics", page)
 
     base, session = await serve(extra_routes=extra)
-    for path in ("/docs", "/docs/index.html", "/console/"):
+    # /metrics is public without a metrics key (tests/ops/test_metrics_access.py has the rest).
+    for path in ("/docs", "/docs/index.html", "/console/", "/metrics"):
         async with session.get(base + path) as response:
             assert response.status == 200, path
-    for path in ("/docsecret", "/metrics"):
+    for path in ("/docsecret",):
         async with session.get(base + path) as response:
             assert response.status == 401, path
         async with session.get(base + path, headers=AUTH) as response:

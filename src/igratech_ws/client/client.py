@@ -82,12 +82,16 @@ class HandshakeRejected(ClientError):
     ``forbidden_channel``, ``settings.recover.user:u-9``).
     """
 
-    def __init__(self, status: int, code: str | None = None, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, code: str | None = None, field: str | None = None, reason: str = ""
+    ) -> None:
         detail = f" ({code}{': ' + field if field else ''})" if code else ""
         super().__init__(f"handshake rejected with HTTP {status}{detail}")
         self.status = status
         self.code = code
         self.field = field
+        #: The server's explanation (the error body's message), or "".
+        self.reason = reason
 
 
 class ReconnectFailed(ClientError):
@@ -352,7 +356,9 @@ class Client:
         except WSHandshakeError as exc:
             self._unsent = covered + self._unsent
             status = exc.response.status if exc.response is not None else 0
-            raise HandshakeRejected(int(status), *_refusal(exc)) from None
+            raise HandshakeRejected(
+                int(status), *_refusal(exc), reason=_refusal_reason(exc.raw_body)
+            ) from None
         except BaseException:
             self._unsent = covered + self._unsent
             raise
@@ -718,3 +724,12 @@ async def connect(
         yield client
     finally:
         await client.close()
+
+
+def _refusal_reason(body: bytes | None) -> str:
+    """The message of a refused handshake's JSON error body (``{"error": {"message": ...}}``)."""
+    try:
+        error = msgspec.json.decode(body or b"").get("error", {})
+        return str(error["message"])[:500]
+    except (msgspec.DecodeError, AttributeError, KeyError, TypeError):
+        return (body or b"").decode("utf-8", "replace").strip()[:500]

@@ -2,17 +2,18 @@
 
 A stream position is (offset, epoch). Offsets grow by one per publication in a channel; the epoch
 names one life of the stream and changes when the stream is lost (broker restarted without
-persistence, history evicted). Recovery succeeds only within one epoch, and only when history still
-holds every publication after the client's offset. A channel that has no stream is at
-(0, `EMPTY_EPOCH`): a client that joined it then recovers while it still has none.
+persistence, history evicted). Recovery succeeds only when history still holds every publication
+after the client's offset, and within one epoch, with one exception (decision D1): a channel that
+has no stream is at (0, `EMPTY_EPOCH`), and a client there has seen nothing, so it continues into
+whatever life the stream has by now, from offset 1 (`may_continue`; a connected follower does the
+same with the first publication).
 
-Why not "from offset 0, any epoch" (decision D1 asked for it): a client at (0, e) that was away
-while the stream got publications, and then lost them with the stream (a broker restart without
-persistence), would be told `recovered: true` into the next life and never learn of the loss;
-`tests/test_resume_sdk.py` found exactly that. A position of one life says nothing of another,
-even at offset 0, so across lives the answer is `recovered: false`. A *connected* follower at
-(0, `EMPTY_EPOCH`) does continue into the first life (the hub's rule, `may_continue`): it sees
-every publication of it as it happens.
+The exception's price, measured by `tests/test_resume_sdk.py`: a client at (0, `EMPTY_EPOCH`)
+that was away while a first life of the stream was published *and lost* (a broker restart without
+persistence) is told `recovered: true` into the next life and never learns of the first one. No
+position can tell that case apart from the usual one (the first life is the current one), so the
+rule stays as D1 has it, narrowed to `EMPTY_EPOCH`: a client at (0, e) for a real epoch e (which a
+broker that follows D1 never reports) is held to e like any other position.
 
 A replay may be delivered in pages (the hub does, so that its memory stays bounded): the decision
 is taken on the first page (`resumable`), and every later page must continue the sequence exactly
@@ -48,9 +49,9 @@ class RecoveryOutcome(Generic[P]):
 
 
 def may_continue(offset: int, epoch: str, next_epoch: str) -> bool:
-    """Whether a connected follower at (`offset`, `epoch`) may take the next publication from a
-    stream of `next_epoch`: the same life, or the first life of a channel that had no stream when
-    it joined (D1; it is live, so it sees that life from its first publication)."""
+    """Whether a position (`offset`, `epoch`) continues into a stream of `next_epoch`: the same
+    life, or any life from (0, `EMPTY_EPOCH`) (D1; see the module doc for its price). Used by
+    resumes and by connected followers alike."""
     return epoch == next_epoch or (offset == 0 and epoch == EMPTY_EPOCH)
 
 
@@ -68,7 +69,7 @@ def resumable(
     (None: it returned none); `limit` caps how many publications one replay may deliver. The caller
     replays in pages and checks each with `continues`.
     """
-    if client_epoch != stream_epoch:
+    if not may_continue(client_offset, client_epoch, stream_epoch):
         return False
     if client_offset > stream_top or stream_top - client_offset > limit:
         return False
@@ -96,7 +97,7 @@ def decide_recovery(
     `stream_top` (the offset of the newest publication). The caller sends `missed` before any live
     publication with a greater offset and drops live ones it already sent.
     """
-    if client_epoch != stream_epoch or client_offset > stream_top:
+    if not may_continue(client_offset, client_epoch, stream_epoch) or client_offset > stream_top:
         return RecoveryOutcome(False, [])
     missed = [p for p in history if p.offset > client_offset]
     if len(missed) != stream_top - client_offset or not continues(client_offset, missed):

@@ -12,7 +12,9 @@ Routes (see ``docs/http-api.md`` for the full reference with examples):
 - ``GET /api/v1/info``: the node's counters.
 
 Every other route needs ``Authorization: Bearer <api key>``. Without a configured key the API
-refuses those routes with 503, so a gateway cannot be run unprotected by accident.
+refuses those routes with 503, so a gateway cannot be run unprotected by accident. ``/metrics``
+(added by the application) is the exception: public on this private listener, or, when a
+`metrics_key` is given, readable with that read-only key (or the API key).
 
 Every answer the API makes itself is JSON encoded with msgspec, errors included:
 ``{"error": {"code": ..., "message": ..., "field": ...}}``. Validation happens before anything
@@ -229,31 +231,50 @@ def _error_middleware(max_body_bytes: int) -> Middleware:
     return errors
 
 
-def _auth_middleware(api_key: str | None) -> Middleware:
+#: Prometheus's route: public unless a metrics key is configured (then it or the API key).
+METRICS_PATH = "/metrics"
+
+
+def _unauthorized() -> web.Response:
+    return error_response(
+        401,
+        "unauthorized",
+        "Missing or wrong API key: send 'Authorization: Bearer <api key>'",
+        headers={"WWW-Authenticate": 'Bearer realm="igratech-ws"'},
+    )
+
+
+def _auth_middleware(api_key: str | None, metrics_key: str | None = None) -> Middleware:
     # An empty key would let "Authorization: Bearer " through: treat it as no key at all.
     expected = api_key.encode("utf-8") if api_key else None
+    metrics_expected = metrics_key.encode("utf-8") if metrics_key else None
+
+    def _bearer_is(request: web.Request, key: bytes) -> bool:
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        # surrogatepass never fails, so odd header bytes become a mismatch rather than an error.
+        given = token.strip().encode("utf-8", "surrogatepass")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, key)
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Require ``Authorization: Bearer <api key>`` on every route but the public ones."""
+        """Require ``Authorization: Bearer <api key>`` on every route but the public ones;
+        ``/metrics`` is public without a metrics key, else needs it (or the API key)."""
         if _is_public(request.path):
             return await handler(request)
+        if request.path == METRICS_PATH:
+            if metrics_expected is None or _bearer_is(request, metrics_expected):
+                return await handler(request)
+            if expected is not None and _bearer_is(request, expected):
+                return await handler(request)
+            return _unauthorized()
         if expected is None:
             return error_response(
                 503,
                 "api_key_not_configured",
                 "API key not configured: the internal API refuses every protected route",
             )
-        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        # surrogatepass never fails, so odd header bytes become a mismatch rather than an error.
-        given = token.strip().encode("utf-8", "surrogatepass")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
-            return error_response(
-                401,
-                "unauthorized",
-                "Missing or wrong API key: send 'Authorization: Bearer <api key>'",
-                headers={"WWW-Authenticate": 'Bearer realm="igratech-ws"'},
-            )
+        if not _bearer_is(request, expected):
+            return _unauthorized()
         return await handler(request)
 
     return auth
@@ -384,6 +405,7 @@ def build_api_app(
     *,
     api_key: str | None,
     asyncapi_yaml: str,
+    metrics_key: str | None = None,
     max_body_bytes: int = 1_048_576,
     max_batch_items: int = 1000,
     extra_routes: Callable[[web.Application], None] | None = None,
@@ -406,7 +428,7 @@ def build_api_app(
     )
     app = web.Application(
         client_max_size=max_body_bytes,
-        middlewares=[_error_middleware(max_body_bytes), _auth_middleware(api_key)],
+        middlewares=[_error_middleware(max_body_bytes), _auth_middleware(api_key, metrics_key)],
     )
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
