@@ -73,6 +73,7 @@ async def running_app(
     from igratech_ws.contract import document_text
     from igratech_ws.transport import console, docs_page
     from igratech_ws.transport.http_api import build_api_app
+    from igratech_ws.transport.http_fastpath import PublishFastSite
 
     problems = config.validate()
     if problems:
@@ -112,7 +113,7 @@ async def running_app(
             api, access_log=None, handle_signals=False, shutdown_timeout=API_SHUTDOWN_SECONDS
         )
         await runner.setup()
-        site = web.TCPSite(
+        site = PublishFastSite(
             runner, config.api_host, config.api_port, reuse_port=config.reuse_port or None
         )
         await site.start()

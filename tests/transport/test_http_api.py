@@ -1,9 +1,14 @@
-"""The internal HTTP API over real sockets, before a fake node wrapping a real MemoryBroker."""
+"""The internal HTTP API over real sockets, before a fake node wrapping a real MemoryBroker.
+
+Every test runs twice: on aiohttp's own site, and on `PublishFastSite` (the publish fast path,
+which hands every other request to aiohttp), so both paths answer the same.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
@@ -14,6 +19,7 @@ from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication
 from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.publishing import ValidatedPublication
 from igratech_ws.transport.http_api import GatewayNode, build_api_app
+from igratech_ws.transport.http_fastpath import PublishFastSite
 
 API_KEY = "test-key-\u00e9-123"  # non-ASCII on purpose: compare_digest must not choke on it
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -21,8 +27,20 @@ ASYNCAPI = "asyncapi: 3.0.0\ninfo:\n  title: Igratech WS\n  version: '1.0'\n"
 TS = "2026-11-23T19:45:00Z"
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """D2's `PublishResult`, as the test double returns it."""
+
+    publication: Publication
+    duplicate: bool = False
+
+
 class FakeNode:
-    """Implements `GatewayNode` over a started MemoryBroker; can be made to fail or unready."""
+    """Implements `GatewayNode` over a started MemoryBroker; can be made to fail or unready.
+
+    Idempotency keys are remembered here, per channel, without a window (a test double of the
+    broker's window: the API's part is to pass the key and report `duplicate`).
+    """
 
     def __init__(self, broker: MemoryBroker) -> None:
         self.node_id = "node-test"
@@ -31,16 +49,25 @@ class FakeNode:
         self.broker_down = False
         self.explode = False
         self.logouts: list[tuple[str, str]] = []
+        self.keys: dict[tuple[str, str], Publication] = {}
+        self.published_keys: list[str | None] = []
 
-    async def publish(self, publication: ValidatedPublication) -> Publication:
+    async def publish(
+        self, publication: ValidatedPublication, *, idempotency_key: str | None = None
+    ) -> Outcome:
         if self.broker_down:
             raise BrokerError("connection refused")
-        return await self.broker.publish(
+        self.published_keys.append(idempotency_key)
+        if idempotency_key is not None:
+            first = self.keys.get((publication.channel, idempotency_key))
+            if first is not None:
+                return Outcome(first, duplicate=True)
+        published = await self.broker.publish(
             publication.channel, publication.event, publication.data_json
         )
-
-    async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
-        return [await self.publish(p) for p in publications]
+        if idempotency_key is not None:
+            self.keys[(publication.channel, idempotency_key)] = published
+        return Outcome(published)
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
@@ -92,8 +119,8 @@ def node(broker: MemoryBroker) -> FakeNode:
 Serve = Callable[..., Awaitable[tuple[str, aiohttp.ClientSession]]]
 
 
-@pytest.fixture
-async def serve(node: FakeNode) -> AsyncIterator[Serve]:
+@pytest.fixture(params=["aiohttp", "fastpath"])
+async def serve(node: FakeNode, request: pytest.FixtureRequest) -> AsyncIterator[Serve]:
     """Start the API on 127.0.0.1 (port 0) and return its base URL and a client session."""
     runners: list[web.AppRunner] = []
     sessions: list[aiohttp.ClientSession] = []
@@ -105,7 +132,11 @@ async def serve(node: FakeNode) -> AsyncIterator[Serve]:
         runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = (
+            PublishFastSite(runner, "127.0.0.1", 0)
+            if request.param == "fastpath"
+            else web.TCPSite(runner, "127.0.0.1", 0)
+        )
         await site.start()
         host, port = runner.addresses[0][:2]
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
@@ -382,7 +413,13 @@ async def test_publish(
     status, body, _ = await post(api, "/api/v1/publish", request_body)
     assert status == 200, body
     epoch = (await broker.position(channel)).epoch
-    assert body == {"channel": channel, "offset": 1, "epoch": epoch, "event": request_body["event"]}
+    assert body == {
+        "channel": channel,
+        "offset": 1,
+        "epoch": epoch,
+        "event": request_body["event"],
+        "duplicate": False,
+    }
     status, body, _ = await post(api, "/api/v1/publish", request_body)
     assert body["offset"] == 2
     page = await broker.history(channel, 0, 10)

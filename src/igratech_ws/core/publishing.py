@@ -15,16 +15,21 @@ import msgspec
 
 from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError, decode_payload, encode, split_validation_error
-from igratech_ws.core.messages import PUBLISHED_EVENTS, Identifier
+from igratech_ws.core.messages import PUBLISHED_EVENTS, IdempotencyKey, Identifier
 
 
 class PublishRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The body of ``POST /api/v1/publish`` (and one item of a batch)."""
+    """The body of ``POST /api/v1/publish`` (and one item of a batch, and an outbox row's body).
+
+    `idempotencyKey`: a repeat with the same key to the same channel, within the broker's
+    window, publishes nothing and answers the first publication (`Node.publish`).
+    """
 
     event: str
     data: msgspec.Raw
     gameId: Identifier | None = None
     userId: Identifier | None = None
+    idempotencyKey: IdempotencyKey | None = None
 
 
 class PublishBatch(msgspec.Struct, forbid_unknown_fields=True):
