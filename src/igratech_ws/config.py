@@ -62,6 +62,8 @@ class Config:
     max_connections_per_ip: int = 1000
     #: Browser origins allowed to open a WebSocket (comma-separated; empty: any origin).
     allowed_origins: str = ""
+    outbox_dsn: str | None = field(default=None, repr=False)  # PostgreSQL outbox (outbox.py)
+    outbox_table: str = "igratech_ws_outbox"
     # demo
     demo: bool = False
     log_level: str = "info"
