@@ -253,9 +253,7 @@ class Outbox:
         backoff = BACKOFF_MIN
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True
-                ) as conn:
+                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
                     await self._ensure_schema(conn)
                     await self._take_lease(conn)
                     backoff = BACKOFF_MIN

@@ -75,7 +75,9 @@ async def table(postgres_dsn: str) -> AsyncIterator[str]:
     yield name
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
         for drop in (name, name + "_dead"):
-            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier(drop)))
+            await conn.execute(
+                sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier(drop))
+            )
 
 
 async def insert(dsn: str, table: str, *bodies: Any, commit: bool = True) -> list[int]:
@@ -103,7 +105,9 @@ async def insert(dsn: str, table: str, *bodies: Any, commit: bool = True) -> lis
 
 async def count(dsn: str, table: str) -> int:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cursor = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
+        cursor = await conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+        )
         row = await cursor.fetchone()
         assert row is not None
         return int(row[0])

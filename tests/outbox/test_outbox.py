@@ -63,9 +63,7 @@ async def test_committed_rows_are_published_once_in_id_order_and_rolled_back_nev
             if committed:
                 expected[game].append(f"i-{n}")
         await drained(postgres_dsn, table)
-        await until(
-            lambda: outbox.stats.rows_published == 32, "every committed row is published"
-        )
+        await until(lambda: outbox.stats.rows_published == 32, "every committed row is published")
         for game, ids in expected.items():
             assert await history(node, f"game:{game}") == ids
         assert outbox.stats.duplicates == 0
@@ -87,7 +85,10 @@ async def test_invalid_rows_go_to_the_dead_letter_table_and_never_block(
             "[1, 2, 3]",
             '"just a string"',
             incident("g-1", 97, idempotencyKey="bad key with spaces"),
-            {**incident("g-1", 96), "data": {**incident("g-1", 96)["data"], "description": "x" * 3000}},
+            {
+                **incident("g-1", 96),
+                "data": {**incident("g-1", 96)["data"], "description": "x" * 3000},
+            },
         ]
         ids = await insert(postgres_dsn, table, incident("g-1", 1), *bad, incident("g-1", 2))
         await drained(postgres_dsn, table)

@@ -6,6 +6,7 @@ which hands every other request to aiohttp), so both paths answer the same.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -742,3 +743,225 @@ async def test_logout_bad_json_and_content_type(
     assert status == 415
     assert_error(body, "unsupported_media_type")
     assert node.logouts == []
+
+
+# --- the fast path's HTTP/1.1 handling -----------------------------------------------------
+
+
+@pytest.fixture
+async def fast(node: FakeNode) -> AsyncIterator[tuple[str, int]]:
+    """The API on `PublishFastSite` with a short keep-alive timeout, for raw-socket tests."""
+    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = PublishFastSite(runner, "127.0.0.1", 0, keepalive_timeout=0.5)
+    await site.start()
+    yield "127.0.0.1", site.port
+    await runner.cleanup()
+
+
+def raw_publish(body: dict[str, Any], *, path: str = "/api/v1/publish", extra: str = "") -> bytes:
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
+    )
+    return head.encode() + data
+
+
+async def read_answers(
+    reader: asyncio.StreamReader, count: int
+) -> list[tuple[int, dict[str, str], Any]]:
+    """`count` HTTP/1.1 answers (status, lowercase headers, JSON body), each framed by its
+    Content-Length."""
+    answers = []
+    for _ in range(count):
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        async with asyncio.timeout(5):
+            body = await reader.readexactly(int(headers["content-length"]))
+        answers.append((status, headers, json.loads(body)))
+    return answers
+
+
+async def test_pipelined_publishes_are_answered_in_order(
+    fast: tuple[str, int], broker: MemoryBroker
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(b"".join(raw_publish(incident(incidentId=f"i-{n}")) for n in range(5)))
+    answers = await read_answers(reader, 5)
+    assert [(status, body["offset"]) for status, _, body in answers] == [
+        (200, n) for n in range(1, 6)
+    ]
+    writer.close()
+    page = await broker.history("game:g-1", 0, 10)
+    assert [json.loads(p.data)["incidentId"] for p in page.publications] == [
+        f"i-{n}" for n in range(5)
+    ]
+
+
+async def test_a_request_sent_byte_by_byte_is_answered(fast: tuple[str, int]) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    for byte in raw_publish(incident()):
+        writer.write(bytes([byte]))
+        await writer.drain()
+    [(status, _, body)] = await read_answers(reader, 1)
+    assert (status, body["offset"]) == (200, 1)
+    writer.close()
+
+
+async def test_other_routes_on_the_same_connection_go_to_aiohttp_and_stay_there(
+    fast: tuple[str, int],
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(raw_publish(incident()))
+    writer.write(
+        f"GET /api/v1/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
+    )
+    writer.write(raw_publish(incident(incidentId="i-2")))
+    answers = await read_answers(reader, 3)
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert answers[1][2]["node"] == "node-test"
+    assert answers[2][2]["offset"] == 2
+    # aiohttp's own answers carry its Server header; the fast path's do not.
+    assert "server" not in answers[0][1] and "server" in answers[2][1]
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        # chunked framing: aiohttp parses it (and publishes)
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "{size:x}\r\n{body}\r\n0\r\n\r\n",
+            200,
+        ),
+        # HTTP/1.0
+        (
+            "POST /api/v1/publish HTTP/1.0\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{body}",
+            200,
+        ),
+        # two Content-Length fields: refused by aiohttp, never guessed at here
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\nContent-Length: 5\r\n"
+            "\r\n{body}",
+            400,
+        ),
+        # a space before the colon (RFC 9112 5.1 says reject)
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{body}",
+            400,
+        ),
+        # Content-Length with a sign
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: +{size}\r\n\r\n{body}",
+            400,
+        ),
+        # Expect: 100-continue is aiohttp's to answer
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {size}"
+            "\r\n\r\n{body}",
+            100,
+        ),
+    ],
+    ids=["chunked", "http-1.0", "two-lengths", "space-before-colon", "signed-length", "expect"],
+)
+async def test_anything_unusual_is_aiohttp_s_to_answer(
+    fast: tuple[str, int], broker: MemoryBroker, head: str, status: int
+) -> None:
+    body = json.dumps(incident())
+    request = head.format(key=API_KEY, size=len(body), body=body).encode()
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(request)
+    async with asyncio.timeout(5):
+        line = await reader.readline()
+    assert line.split(b" ")[1] == str(status).encode(), line
+    writer.close()
+    assert await top(broker, "game:g-1") == (1 if status in (200, 100) else 0)
+
+
+async def test_connection_close_is_honoured(fast: tuple[str, int]) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(raw_publish(incident(), extra="Connection: close\r\n"))
+    [(status, headers, _)] = await read_answers(reader, 1)
+    assert status == 200 and headers["connection"] == "close"
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(
+    fast: tuple[str, int],
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(raw_publish(incident()))
+    await read_answers(reader, 1)
+    writer.write(b"POST /api/v1/publish HTTP/1.1\r\n")  # a head that never completes
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_errors_on_the_fast_path_have_the_api_s_shape(
+    fast: tuple[str, int], node: FakeNode
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    wrong_key = raw_publish(incident()).replace(API_KEY.encode(), b"nope")
+    text_plain = raw_publish(incident()).replace(b"application/json", b"text/plain")
+    writer.write(wrong_key + text_plain + raw_publish({"event": "x"}))
+    node.broker_down = True
+    writer.write(raw_publish(incident()))
+    answers = await read_answers(reader, 4)
+    assert [(s, b["error"]["code"]) for s, _, b in answers] == [
+        (401, "unauthorized"),
+        (415, "unsupported_media_type"),
+        (400, "bad_message"),
+        (503, "broker_unavailable"),
+    ]
+    assert answers[0][1]["www-authenticate"].startswith("Bearer")
+    writer.close()
+
+
+async def test_a_publish_in_flight_finishes_when_the_site_stops(
+    node: FakeNode, broker: MemoryBroker
+) -> None:
+    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    runner = web.AppRunner(app, shutdown_timeout=5)
+    await runner.setup()
+    site = PublishFastSite(runner, "127.0.0.1", 0)
+    await site.start()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    publish = node.publish
+
+    async def slow(*args: Any, **kwargs: Any) -> Outcome:
+        started.set()
+        await release.wait()
+        return await publish(*args, **kwargs)
+
+    node.publish = slow  # type: ignore[method-assign]
+    reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+    writer.write(raw_publish(incident()))
+    await asyncio.wait_for(started.wait(), 5)
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    await asyncio.sleep(0.1)
+    assert not cleanup.done()  # waiting for the publish in flight
+    release.set()
+    [(status, _, body)] = await read_answers(reader, 1)
+    assert (status, body["offset"]) == (200, 1)
+    await asyncio.wait_for(cleanup, 5)
+    writer.close()
