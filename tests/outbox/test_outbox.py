@@ -264,3 +264,12 @@ def test_the_derived_key_is_stable_and_fits_the_key_format() -> None:
     meta = IdempotencyKey.__metadata__[0]
     assert re.search(meta.pattern, key) and len(key) <= meta.max_length
     assert len(derived_key("s" * 63 + "." + "t" * 57, 2**63 - 1, created)) <= meta.max_length
+
+
+def test_the_ddl_in_the_docs_is_the_gateway_s() -> None:
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "publishing.md").read_text()
+    block = docs.split("apply yourself instead:\n\n```sql\n", 1)[1].split("```", 1)[0]
+    ours = [s.as_string(None) + ";" for s in Outbox(DedupNode.__new__(DedupNode), "x").ddl()]
+    assert block.strip().splitlines() == ours
