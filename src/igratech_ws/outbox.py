@@ -296,6 +296,14 @@ class Outbox:
             " extract(epoch FROM now() - created_at)"
             " FROM {table} ORDER BY id LIMIT %(limit)s"
         ).format(**names)
+        delete = sql.SQL("DELETE FROM {table} WHERE id = ANY(%(ids)s)").format(**names)
+        move = sql.SQL(
+            "WITH dead AS (INSERT INTO {dead} (id, body, created_at, error)"
+            " SELECT t.id, t.body, t.created_at, e.error FROM {table} t"
+            " JOIN unnest(%(dead_ids)s::bigint[], %(errors)s::text[]) AS e(id, error) USING (id)"
+            " ON CONFLICT (id) DO NOTHING)"
+            " DELETE FROM {table} WHERE id = ANY(%(ids)s)"
+        ).format(**names)
         backoff = BACKOFF_MIN
         while True:
             cursor = await conn.execute(
@@ -305,22 +313,19 @@ class Outbox:
             self.stats.passes += 1
             self.stats.lag_seconds = float(rows[0][3]) if rows else 0.0
             done, dead, failed = await self._publish_rows(rows)
-            if done or dead:
-                async with conn.transaction():
-                    if dead:
-                        await conn.cursor().executemany(
-                            sql.SQL(
-                                "INSERT INTO {dead} (id, body, created_at, error)"
-                                " SELECT id, body, created_at, %s FROM {table} WHERE id = %s"
-                                " ON CONFLICT (id) DO NOTHING"
-                            ).format(**names),
-                            [(error, row_id) for row_id, error in dead],
-                        )
-                    await conn.execute(
-                        sql.SQL("DELETE FROM {table} WHERE id = ANY(%s)").format(**names),
-                        ([*done, *(row_id for row_id, _ in dead)],),
-                    )
+            if dead:
+                # One statement, so atomic: the dead letters move and the published rows go.
+                await conn.execute(
+                    move,
+                    {
+                        "dead_ids": [row_id for row_id, _ in dead],
+                        "errors": [error for _, error in dead],
+                        "ids": [*done, *(row_id for row_id, _ in dead)],
+                    },
+                )
                 self.stats.dead_letters += len(dead)
+            elif done:
+                await conn.execute(delete, {"ids": done})
             if failed:
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
