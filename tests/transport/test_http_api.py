@@ -877,8 +877,30 @@ async def test_other_routes_on_the_same_connection_go_to_aiohttp_and_stay_there(
             "\r\n\r\n{body}",
             100,
         ),
+        # a control character in a value
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\x01\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{body}",
+            400,
+        ),
+        # a bare LF hiding a Transfer-Encoding from a CRLF-only reader
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\nTransfer-Encoding: chunked\r\n"
+            "Authorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{body}",
+            400,
+        ),
     ],
-    ids=["chunked", "http-1.0", "two-lengths", "space-before-colon", "signed-length", "expect"],
+    ids=[
+        "chunked",
+        "http-1.0",
+        "two-lengths",
+        "space-before-colon",
+        "signed-length",
+        "expect",
+        "control-character",
+        "bare-lf",
+    ],
 )
 async def test_anything_unusual_is_aiohttp_s_to_answer(
     fast: tuple[str, int], broker: MemoryBroker, head: str, status: int
