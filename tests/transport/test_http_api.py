@@ -15,6 +15,8 @@ from typing import Any, Literal
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication
 from igratech_ws.brokers.memory import MemoryBroker
@@ -987,3 +989,61 @@ async def test_a_publish_in_flight_finishes_when_the_site_stops(
     assert (status, body["offset"]) == (200, 1)
     await asyncio.wait_for(cleanup, 5)
     writer.close()
+
+
+# --- the one-pass batch reading agrees with the two-pass one ------------------------------------
+
+_MUTATIONS: list[tuple[str, Any]] = [
+    ("event", "jackpot"),
+    ("event", "stats"),
+    ("event", 5),
+    ("gameId", None),
+    ("gameId", "g-2"),
+    ("gameId", "bad id"),
+    ("userId", "u-1"),
+    ("idempotencyKey", "k-1"),
+    ("idempotencyKey", ""),
+    ("idempotencyKey", "x" * 129),
+    ("data", []),
+    ("data", {}),
+    ("extra", 1),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["incident", "bet", "balance", "global"]),
+            st.lists(st.sampled_from(_MUTATIONS), max_size=2),
+        ),
+        min_size=0,
+        max_size=6,
+    ),
+    st.integers(min_value=1, max_value=5),
+)
+def test_the_one_pass_batch_reading_accepts_exactly_what_the_two_pass_reading_does(
+    specs: list[tuple[str, list[tuple[str, Any]]]], max_items: int
+) -> None:
+    from igratech_ws.core.codec import ProtocolError
+    from igratech_ws.core.publishing import decode_valid_batch, parse_batch_body, validate_publish
+
+    makers = {"incident": incident, "bet": bet, "balance": balance, "global": global_stats}
+    items = []
+    for kind, mutations in specs:
+        item = makers[kind]()
+        for key, value in mutations:
+            if value is None:
+                item.pop(key, None)
+            else:
+                item[key] = value
+        items.append(item)
+    body = json.dumps({"items": items}).encode()
+    try:
+        expected = [
+            (validate_publish(item), item.idempotencyKey)
+            for item in parse_batch_body(body, max_items)
+        ]
+    except ProtocolError:
+        expected = None
+    assert decode_valid_batch(body, max_items) == expected

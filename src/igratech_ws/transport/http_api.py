@@ -44,6 +44,7 @@ from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError, split_validation_error
 from igratech_ws.core.publishing import (
     ValidatedPublication,
+    decode_valid_batch,
     parse_batch_body,
     parse_publish_body,
     validate_publish,
@@ -216,12 +217,13 @@ def _protocol_error_answer(exc: ProtocolError, field_prefix: str = "") -> Answer
 
 def _result(outcome: PublishOutcome) -> PublishAnswer:
     publication = outcome.publication
+    # Positional: this runs once per published item of a batch.
     return PublishAnswer(
-        channel=publication.channel,
-        offset=publication.offset,
-        epoch=publication.epoch,
-        event=publication.event,
-        duplicate=outcome.duplicate,
+        publication.channel,
+        publication.offset,
+        publication.epoch,
+        publication.event,
+        outcome.duplicate,
     )
 
 
@@ -385,25 +387,30 @@ class PublishRoutes:
         """``POST /api/v1/publish/batch``: validate every item, then publish them in order."""
         if not body.strip():
             return _EMPTY_BODY
+        # Validate every item before publishing any: a batch is all or nothing.
+        validated = decode_valid_batch(body, self.max_batch_items)
+        if validated is None:
+            return self._batch_error(body)
+        publish = self.node.publish
+        # One at a time, in order: each channel's offsets follow the list order, and a key
+        # repeated inside the batch is a duplicate of its first item.
+        results = [_result(await publish(v, idempotency_key=key)) for v, key in validated]
+        return json_answer(BatchAnswer(results))
+
+    def _batch_error(self, body: bytes) -> Answer:
+        """What is wrong with a batch that `decode_valid_batch` refused (the two-pass reading,
+        which names the first offending item and field)."""
         try:
             items = parse_batch_body(body, self.max_batch_items)
         except ProtocolError as exc:
             return _protocol_error_answer(exc)
-        # Validate every item before publishing any: a batch is all or nothing.
-        validated: list[ValidatedPublication] = []
         for index, item in enumerate(items):
             try:
-                validated.append(validate_publish(item))
+                validate_publish(item)
             except ProtocolError as exc:
                 return _protocol_error_answer(exc, f"items[{index}]")
-        publish = self.node.publish
-        # One at a time, in order: each channel's offsets follow the list order, and a key
-        # repeated inside the batch is a duplicate of its first item.
-        results = [
-            _result(await publish(v, idempotency_key=item.idempotencyKey))
-            for v, item in zip(validated, items, strict=True)
-        ]
-        return json_answer(BatchAnswer(results))
+        # Unreachable unless the two readings disagree: fail loudly rather than publish.
+        raise AssertionError("a batch refused in one pass was accepted in two")
 
 
 _EMPTY_BODY = error_answer(400, "bad_json", "Body is empty; expected a JSON object")
