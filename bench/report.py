@@ -599,6 +599,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
     lines += [
         "## Reproduce",
         "",
+        "<!-- not-run: installs the peers and runs for about 15 minutes -->",
         "```sh",
         "make bench-peers   # once: Node peers into bench/peers/, python-socketio + matplotlib",
         "make bench         # about 15 minutes; writes this file and docs/benchmarks/*.png",

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import publish, scenarios
+from bench import attacks, publish, scenarios
 from bench.servers import (
     ALL_KINDS,
     KINDS,
@@ -36,7 +36,7 @@ from bench.servers import (
     missing_reason,
 )
 
-SCENARIOS = ("burst", "paced", "idle", "storm", "publish", "many", "workers")
+SCENARIOS = ("burst", "paced", "idle", "storm", "publish", "many", "workers", "attacks")
 # Run only when named in --scenarios: the default run already fills its ~14-minute budget, and
 # `workers` (igratech-ws --workers 1 vs 2 on Redis, 30,000 idle connections) needs ~2 more.
 OPT_IN = ("workers",)
@@ -221,6 +221,11 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                     need=40,
                 )
+    if "attacks" in chosen and OURS in kinds:
+        try:  # about a minute; its rows become docs/security.md's figures
+            rows += await attacks.run(ctx)
+        except Exception as exc:
+            ctx.notes.append(f"attacks failed: {type(exc).__name__}: {exc}"[:400])
     if "workers" in chosen:
         if OURS not in kinds:
             ctx.notes.append("skipped workers: igratech-ws is not among the servers run")
@@ -337,6 +342,7 @@ def _main(args: argparse.Namespace, runner: Callable[[Any], Any]) -> int:
         from bench import report
 
         report.write(results, args.out)
+        attacks.write_doc(results["rows"])
         _log(f"report: {args.out}")
     return 0
 

@@ -1,7 +1,10 @@
 """Consume live events from an igratech-ws gateway with the Python client SDK.
 
-    python examples/consume_events.py ws://127.0.0.1:8080/wspublic --game g-1001 --stats
-    python examples/consume_events.py ws://127.0.0.1:8080/wspublic --token "$JWT" --game g-1001
+    python3 examples/consume_events.py ws://127.0.0.1:8080/wspublic --game g-1001 --stats
+    python3 examples/consume_events.py --token "$IGRATECH_WS_TOKEN" --game g-1001
+
+Any Python 3.11+ runs it from a checkout where `make run` made `.venv` (it re-runs itself with
+`.venv/bin/python`).
 
 Prints goals, bets, the user's balance and settlements as they happen; reconnects and resumes by
 itself. Stop with Ctrl-C (or --max-events N).
@@ -12,6 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import sys
+from pathlib import Path
+
+try:
+    import igratech_ws  # noqa: F401
+except ModuleNotFoundError:  # run by a Python without the project: use the checkout's .venv
+    VENV = Path(__file__).resolve().parents[1] / ".venv"
+    if (VENV / "bin" / "python").exists() and Path(sys.prefix).resolve() != VENV.resolve():
+        os.execv(VENV / "bin" / "python", [str(VENV / "bin" / "python"), *sys.argv])
+    sys.exit("igratech_ws is not installed: run `make run` once (it creates .venv)")
 
 from igratech_ws.client import Event, connect
 from igratech_ws.core.messages import BalanceData, BetData, BetsResultData, IncidentData
@@ -55,5 +69,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except OSError as exc:  # the first connection failed: say so in one line
+        sys.exit(f"cannot connect: {exc}; is the gateway running?")

@@ -173,5 +173,6 @@ def test_config_reads_the_new_fields_from_the_environment() -> None:
     )
     assert config.jwt_jwks_file == "/etc/jwks.json"
     assert config.jwt_leeway == 2.5
-    assert Config(allow_anonymous=False, jwt_jwks_file="/etc/jwks.json").validate() == []
-    assert Config(jwt_leeway=-1).validate() == ["jwt_leeway must be between 0 and 300 seconds"]
+    Config(allow_anonymous=False, jwt_jwks_file="/etc/jwks.json")  # valid: constructs
+    with pytest.raises(ValueError, match="jwt_leeway must be a number from 0 to 300, not -1"):
+        Config(jwt_leeway=-1)

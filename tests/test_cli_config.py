@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from igratech_ws.cli import main
-from igratech_ws.config import Config
+from igratech_ws.config import Config, ConfigError, resolve
 
 
 def test_precedence_is_defaults_then_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -38,9 +38,9 @@ def test_the_file_can_come_from_the_environment(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("prot = 1\n", "unknown setting 'prot'"),
-        ('port = "eighty"\n', "port must be int, not str"),
-        ("allow_anonymous = 1\n", "allow_anonymous must be bool"),
+        ("prot = 1\n", "unknown setting 'prot' (did you mean port?)"),
+        ('port = "8080"\n', "bad.toml: port must be an integer from 0 to 65535, not '8080'"),
+        ("allow_anonymous = 1\n", "bad.toml: allow_anonymous must be true or false, not 1"),
         ('api_key = "k"\n', "api_key is a secret; set IGRATECH_WS_API_KEY instead"),
         ("port = \n", "is not valid TOML"),
     ],
@@ -48,24 +48,94 @@ def test_the_file_can_come_from_the_environment(tmp_path: Path) -> None:
 def test_bad_files_are_explained(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    with pytest.raises(ValueError, match=message):
-        Config.from_toml(str(path))
+    with pytest.raises(ConfigError) as caught:
+        Config.load(file=str(path), environ={})
+    assert len(caught.value.problems) == 1
+    assert message in caught.value.problems[0]
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read the configuration file /nowhere\.toml"):
+        Config.load(environ={"IGRATECH_WS_CONFIG": "/nowhere.toml"})
+
+
+def test_every_source_is_checked_by_the_same_model(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text("history_size = 0\n")
+    with pytest.raises(ConfigError) as caught:
+        Config.load(
+            file=str(path),
+            environ={"IGRATECH_WS_HISTORY_SIZE": "-1"},
+            flags={"port": "70000"},
+        )
+    assert caught.value.problems == [
+        f"{path}: history_size must be a positive integer, not 0",
+        "IGRATECH_WS_HISTORY_SIZE must be a positive integer, not '-1'",
+        "--port must be an integer from 0 to 65535, not '70000'",
+    ]
+
+
+def test_sources_are_remembered(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text("port = 9000\nhistory_ttl = 60\n")
+    secret = tmp_path / "key"
+    secret.write_text("k")
+    resolved = resolve(
+        file=str(path),
+        environ={"IGRATECH_WS_HISTORY_TTL": "30", "IGRATECH_WS_API_KEY_FILE": str(secret)},
+        flags={"host": "127.0.0.1", "port": None},
+    )
+    assert resolved.sources["port"] == f"file {path}"
+    assert resolved.sources["history_ttl"] == "environment IGRATECH_WS_HISTORY_TTL"
+    assert resolved.sources["api_key"] == "environment IGRATECH_WS_API_KEY_FILE"
+    assert resolved.sources["host"] == "flag --host"
+    assert resolved.sources["broker"] == "default"
+    assert (resolved.config.port, resolved.config.history_ttl) == (9000, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("IGRATECH_WS_PROT", "did you mean IGRATECH_WS_PORT?"),
+        ("IGRATECH_WS_API_KEY_FIEL", "did you mean IGRATECH_WS_API_KEY_FILE?"),
+        ("IGRATECH_WS_MAX_CONNECTION_PER_IP", "did you mean IGRATECH_WS_MAX_CONNECTIONS_PER_IP?"),
+        ("IGRATECH_WS_WHATEVER", ""),
+    ],
+)
+def test_misspelled_variables_are_reported(variable: str, hint: str) -> None:
+    warnings = resolve(environ={variable: "1", "IGRATECH_WS_REQUIRE_SERVICES": "1"}).warnings
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{variable} is not a setting and is ignored")
+    assert warnings[0].endswith(f"({hint})" if hint else "ignored")
 
 
 def test_config_command_masks_secrets_and_explains_invalid_values(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("IGRATECH_WS_API_KEY", "very-secret-key")
-    monkeypatch.setenv("IGRATECH_WS_IDLE_TIMEOUT", "10")
-    monkeypatch.setenv("IGRATECH_WS_PING_INTERVAL", "20")
-    assert main(["config", "--port", "70000"]) == 2
+    monkeypatch.setenv("IGRATECH_WS_HISTROY_SIZE", "5")
+    assert main(["config", "--port", "9000"]) == 0
     out, err = capsys.readouterr()
-    assert "api_key = '***'" in out and "very-secret-key" not in out
-    assert "port must be between 0 and 65535, not 70000" in err
-    assert "idle_timeout must be greater than ping_interval" in err
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "'***'" in lines["api_key"] and "very-secret-key" not in out
+    assert lines["api_key"].endswith("# environment IGRATECH_WS_API_KEY")
+    assert lines["port"].split("=")[1].split("#")[0].strip() == "9000"
+    assert lines["port"].endswith("# flag --port")
+    assert lines["broker"].endswith("# default")
+    assert "IGRATECH_WS_HISTROY_SIZE is not a setting" in err and "IGRATECH_WS_HISTORY_SIZE?" in err
+    assert main(["config", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "--port must be an integer from 0 to 65535, not '70000'" in err
+    assert "idle_timeout (10) must be greater than ping_interval (20)" not in err  # one at a time
     monkeypatch.setenv("IGRATECH_WS_PORT", "eighty")
     assert main(["config"]) == 2
-    assert "IGRATECH_WS_PORT must be an integer, not 'eighty'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "IGRATECH_WS_PORT must be an integer from 0 to 65535, not 'eighty'" in err
+    monkeypatch.delenv("IGRATECH_WS_PORT")
+    monkeypatch.setenv("IGRATECH_WS_IDLE_TIMEOUT", "10")
+    monkeypatch.setenv("IGRATECH_WS_PING_INTERVAL", "20")
+    assert main(["config"]) == 2
+    assert "idle_timeout (10) must be greater than ping_interval (20)" in capsys.readouterr().err
 
 
 def test_workers_need_a_shared_broker(capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,7 +191,7 @@ def test_token_mints_a_token_the_server_accepts(
     token = capsys.readouterr().out.strip()
     assert TokenVerifier(secret="t" * 40).verify(token).user_id == "u-42"
     monkeypatch.delenv("IGRATECH_WS_JWT_SECRET")
-    assert main(["token", "--user", "u-42"]) == 2
+    assert main(["token", "--user", "u-42"]) == 1
 
 
 async def test_publish_goes_through_the_api_and_reports_validation_errors(
@@ -142,4 +212,6 @@ async def test_publish_goes_through_the_api_and_reports_validation_errors(
         assert (answer["channel"], answer["offset"]) == ("user:u-1", 1)
         bad = {**data, "balance": 10}
         assert await asyncio.to_thread(main, [*args, "--data", json.dumps(bad)]) == 1
-        assert '"field":"data.balance"' in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "HTTP 400: bad_message:" in err
+        assert err.rstrip().endswith("(data.balance)")

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from igratech_ws.auth import ANONYMOUS, AuthError, Principal, TokenVerifier, mint_token
-from igratech_ws.config import Config
+from igratech_ws.config import Config, ConfigError
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 
@@ -26,9 +26,7 @@ SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 
 
 def test_defaults_are_valid() -> None:
-    config = Config()
-    assert config.validate() == []
-    assert Config.from_env({}) == config
+    assert Config.from_env({}) == Config()
 
 
 def test_from_env_parses_each_type() -> None:
@@ -63,7 +61,8 @@ def test_true_words(raw: str) -> None:
 
 @pytest.mark.parametrize("raw", ["0", "False", "no", "off"])
 def test_false_words(raw: str) -> None:
-    assert Config.from_env({"IGRATECH_WS_ALLOW_ANONYMOUS": raw}).allow_anonymous is False
+    env = {"IGRATECH_WS_ALLOW_ANONYMOUS": raw, "IGRATECH_WS_JWT_SECRET": SECRET}
+    assert Config.from_env(env).allow_anonymous is False
 
 
 @pytest.mark.parametrize(
@@ -128,48 +127,59 @@ def test_with_overrides_applies_non_none_values() -> None:
 
 
 def test_with_overrides_refuses_unknown_settings() -> None:
-    with pytest.raises(ValueError, match="unknown settings: bogus, port_number"):
+    with pytest.raises(ConfigError, match="unknown settings: bogus, port_number"):
         Config().with_overrides({"port_number": 1, "bogus": 2, "port": 3})
 
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"port": 70000}, "port must be between 0 and 65535, not 70000"),
-        ({"api_port": -1}, "api_port must be between 0 and 65535, not -1"),
+        ({"port": 70000}, "port must be an integer from 0 to 65535, not 70000"),
+        ({"api_port": -1}, "api_port must be an integer from 0 to 65535, not -1"),
+        ({"port": "80"}, "port must be an integer from 0 to 65535, not '80'"),
         (
             {"idle_timeout": 25, "ping_interval": 25},
-            "idle_timeout must be greater than ping_interval",
+            "idle_timeout (25) must be greater than ping_interval (25)",
         ),
-        ({"ping_interval": 0}, "idle_timeout must be greater than ping_interval"),
+        ({"ping_interval": 0}, "ping_interval must be a positive integer, not 0"),
         ({"allow_anonymous": False}, "allow_anonymous is off"),
-        ({"history_size": 0}, "history_size must be positive"),
-        ({"max_frame_bytes": -5}, "max_frame_bytes must be positive"),
-        ({"max_games_per_connection": 0}, "max_games_per_connection must be positive"),
-        ({"max_batch_items": 0}, "max_batch_items must be positive"),
-        ({"history_ttl": 0.0}, "history_ttl must be positive"),
+        ({"history_size": 0}, "history_size must be a positive integer, not 0"),
+        ({"max_frame_bytes": -5}, "max_frame_bytes must be a positive integer, not -5"),
+        ({"max_games_per_connection": 0}, "max_games_per_connection must be a positive integer"),
+        ({"max_batch_items": 0}, "max_batch_items must be a positive integer"),
+        ({"history_ttl": 0.0}, "history_ttl must be a positive number, not 0.0"),
+        ({"history_ttl": math.inf}, "history_ttl must be a positive number, not inf"),
+        ({"max_message_rate": math.nan}, "max_message_rate must be a positive number, not nan"),
+        ({"message_burst": 0.5}, "message_burst must be a number of at least 1, not 0.5"),
+        ({"max_flush_delay": 2}, "max_flush_delay must be a number from 0 to 1, not 2"),
+        ({"log_level": "loud"}, "log_level must be one of debug, info, warning, error"),
+        ({"demo": "yes"}, "demo must be true or false, not 'yes'"),
+        ({"trusted_proxies": "10.0.0.1/8"}, "trusted_proxies: '10.0.0.1/8' has host bits set"),
     ],
 )
-def test_validate_names_the_setting(overrides: dict[str, Any], expected: str) -> None:
-    problems = Config().with_overrides(overrides).validate()
-    assert len(problems) == 1, problems
-    assert problems[0].startswith(expected)
+def test_an_invalid_config_cannot_be_made(overrides: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config().with_overrides(overrides)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert caught.value.problems[0].startswith(expected)
+    with pytest.raises(ConfigError):
+        Config(**overrides)  # the constructor checks the same
 
 
-def test_validate_reports_every_problem() -> None:
-    problems = Config(port=-1, api_port=70000, history_size=0).validate()
-    assert len(problems) == 3
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config(port=-1, api_port=70000, history_size=0)
+    assert len(caught.value.problems) == 3
 
 
 def test_anonymous_off_is_valid_with_a_secret_or_a_key() -> None:
-    assert Config(allow_anonymous=False, jwt_secret=SECRET).validate() == []
-    assert Config(allow_anonymous=False, jwt_public_key="PEM").validate() == []
+    Config(allow_anonymous=False, jwt_secret=SECRET)
+    Config(allow_anonymous=False, jwt_public_key="PEM")
 
 
 def test_nan_history_ttl_is_refused() -> None:
-    config = Config.from_env({"IGRATECH_WS_HISTORY_TTL": "nan"})
-    assert math.isnan(config.history_ttl)
-    assert any("history_ttl" in problem for problem in config.validate())
+    with pytest.raises(ConfigError, match="IGRATECH_WS_HISTORY_TTL must be a positive number"):
+        Config.from_env({"IGRATECH_WS_HISTORY_TTL": "nan"})
 
 
 # --- tokens -----------------------------------------------------------------------------------

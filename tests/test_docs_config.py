@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
+
+import msgspec
 
 from igratech_ws.config import Config
 
@@ -12,7 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_operations_guide_documents_every_setting() -> None:
     text = (ROOT / "docs" / "operations.md").read_text()
-    missing = [f.name for f in fields(Config) if f"IGRATECH_WS_{f.name.upper()}" not in text]
+    missing = [
+        f.name
+        for f in msgspec.structs.fields(Config)
+        if f"IGRATECH_WS_{f.name.upper()}" not in text
+    ]
     assert missing == []
 
 

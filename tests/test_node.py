@@ -454,21 +454,3 @@ async def test_per_address_limit_closes_with_1013(broker: RecordingBroker) -> No
         assert again.closes == []
     finally:
         await node.close()
-
-
-async def test_message_rate_limit_errors_then_closes_with_1008(broker: RecordingBroker) -> None:
-    # a refill of 0.001 token/s: nothing refills during the test however slow the machine is
-    node = Node(Config(max_message_rate=0.001, message_burst=2), broker)
-    await broker.start(node.hub.on_publication, node.on_control, node.on_broker_state)
-    try:
-        a = connect(node, None)
-        for i in range(2 + 10):
-            text(node, a, "ping", {"ts": i})
-        await settle()
-        assert a.events() == ["connected", "pong", "pong", *["error"] * 10]
-        assert set(a.errors()) == {"rate_limited"}
-        assert a.closes == []
-        text(node, a, "ping", {"ts": 99})
-        assert a.closes == [CloseCode.POLICY_VIOLATION]
-    finally:
-        await node.close()

@@ -268,9 +268,9 @@ class Example:
         victim = self.gateways[index]
         # Python 3.11's asyncio.Server cannot abort its clients: reach the node's connections.
         for connection in list(getattr(victim.app.node, "_connections", ())):
-            transport = getattr(connection, "transport", None)
+            transport = getattr(connection, "_transport", None)  # the connection's raw socket
             if transport is not None:
-                transport.underlying_transport.abort()
+                transport.abort()
         if self.ws is not None and self.ws_node == index:
             # Everything owed was received before the fault: the next thing is the dead socket.
             with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -346,7 +346,7 @@ class Example:
             validated = validate_publish(parse_publish_body(json.dumps(body).encode()))
             try:
                 async with asyncio.timeout(WAIT_S):
-                    publication = await app.node.publish(validated)
+                    publication = (await app.node.publish(validated)).publication
             except BrokerError:
                 return None
             return publication.channel, publication.offset, publication.epoch
@@ -403,8 +403,8 @@ class Example:
     def caught_up(self, channel: str) -> bool:
         held = self.held[channel]
         for goal in (self.last[channel], self.targets[channel]):
-            if goal is None:
-                continue
+            if goal is None or goal[0] == 0:
+                continue  # nothing to reach (offset 0: of no stream, D1)
             if held is None:
                 return False
             if goal[1] == held[1]:
@@ -465,6 +465,9 @@ class Example:
         assert held is not None, f"push before the channel's start: {frame}"
         if epoch == held[1]:
             assert offset == held[0] + 1, f"{offset}@{epoch} after {held}: {self.log[channel]}"
+        elif held[0] == 0:
+            # Offset 0 has seen nothing: the stream's first epoch is new to it (D1).
+            assert offset == 1, f"{offset}@{epoch} after offset 0: {self.log[channel]}"
         else:
             # Only a lost stream may be left, and the new one is delivered from its start.
             assert held[1] in self.dead, f"epoch switch away from a live stream: {frame} {held}"
@@ -484,6 +487,8 @@ class Example:
 
     def hold(self, channel: str, position: Position) -> None:
         self.held[channel] = position
+        if position[0] == 0:
+            return  # offset 0 has seen nothing, of no stream (D1): no epoch to know or reach
         self.known.add(position[1])
         reached = self.reached[channel]
         reached[position[1]] = max(reached.get(position[1], 0), position[0])
@@ -501,7 +506,11 @@ class Example:
                 self.hold(channel, (offset, epoch))
                 continue
             recovered = state["recovered"]
-            if held[1] in self.dead:
+            if held[0] == 0:
+                # Offset 0 has seen nothing: its epoch does not matter (D1).
+                assert epoch not in self.dead, f"a lost epoch came back: {state}"
+                assert recovered is (offset <= WINDOW), f"window {WINDOW}: {held} -> {state}"
+            elif held[1] in self.dead:
                 assert recovered is False, f"recovered from a lost epoch: {held} -> {state}"
                 assert epoch not in self.dead, f"a lost epoch came back: {state}"
             else:

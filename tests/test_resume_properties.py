@@ -84,7 +84,9 @@ async def _run_example(kind: str, base: str | None, ops: list[Op]) -> None:
                         for _ in range(count):
                             frame = await recv_event(ws, "incident")
                             assert frame["offset"] == model.offset + 1, (frame, model)
-                            model.offset = frame["offset"]
+                            # A client holds the position of each push (from offset 0 that
+                            # includes the stream's first epoch, D1).
+                            model.offset, model.epoch = frame["offset"], frame["epoch"]
                 elif op == "drop" and ws is not None:
                     await ws.close()
                     ws = None
@@ -103,10 +105,13 @@ async def _run_example(kind: str, base: str | None, ops: list[Op]) -> None:
                         for _ in range(missed):
                             frame = await recv_event(ws, "incident")
                             assert frame["offset"] == model.offset + 1, (frame, model)
-                            model.offset = frame["offset"]
+                            # A client holds the position of each push (from offset 0 that
+                            # includes the stream's first epoch, D1).
+                            model.offset, model.epoch = frame["offset"], frame["epoch"]
                     else:
                         assert state["recovered"] is False, (state, model)
-                        model.offset = model.top  # reload, then go on from the top
+                        # Reload, then go on from the position reported.
+                        model.offset, model.epoch = model.top, state["epoch"]
             # Exactly once: after a sentinel publication, the next frame is that one, nothing else.
             if ws is not None:
                 status, body = await publish(app, incident(game, 0))

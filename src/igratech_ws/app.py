@@ -19,7 +19,6 @@ from aiohttp import web
 
 from igratech_ws import brokers
 from igratech_ws.auth import TokenVerifier
-from igratech_ws.brokers.base import HistoryLimits
 from igratech_ws.config import Config
 from igratech_ws.node import Node
 from igratech_ws.outbox import Outbox, OutboxCollector
@@ -76,14 +75,7 @@ async def running_app(
     from igratech_ws.transport.http_api import build_api_app
     from igratech_ws.transport.http_fastpath import PublishFastSite
 
-    problems = config.validate()
-    if problems:
-        raise ValueError("invalid configuration: " + "; ".join(problems))
-    broker = brokers.from_url(
-        config.broker,
-        node_id=config.node_id,
-        limits=HistoryLimits(size=config.history_size, ttl=config.history_ttl),
-    )
+    broker = brokers.from_url(config.broker, brokers.options_from_config(config))
     node = Node(config, broker)
     await node.start()
     ws_server: asyncio.Server | None = None
@@ -104,7 +96,7 @@ async def running_app(
         port = ws_server.sockets[0].getsockname()[1]
 
         def routes(api_app: web.Application) -> None:
-            # Operator and developer pages: /metrics (API key), /docs and /console (public).
+            # Operator and developer pages: /metrics (metrics key, if any), /docs and /console.
             node_metrics = metrics.install(api_app, node)
             if outbox is not None:
                 node_metrics.registry.register(OutboxCollector(outbox, node.node_id))
@@ -116,6 +108,7 @@ async def running_app(
         api = build_api_app(
             node,
             api_key=config.api_key,
+            metrics_key=config.metrics_key,
             asyncapi_yaml=document_text(),
             max_body_bytes=config.max_publish_body_bytes,
             max_batch_items=config.max_batch_items,

@@ -150,6 +150,14 @@ class Hub:
         """Queue one frame (a JSON payload) to `subscriber`, in order with its publications."""
         self._push(subscriber, text_frame(frame_payload))
 
+    def send_wire(self, subscriber: Subscriber, wire: bytes) -> None:
+        """Queue one complete WebSocket frame (a pong, from the transport) like `send` does."""
+        self._push(subscriber, wire)
+
+    def on_writable(self, subscriber: Subscriber) -> None:
+        """`subscriber`'s socket drained after a pause (D7). Nothing waits for it yet: the hub
+        writes as frames come (recovery replays paged on drain are the hub's part of D7)."""
+
     def _push(self, subscriber: Subscriber, wire: bytes) -> None:
         pending = subscriber.pending
         if pending is None:
@@ -237,8 +245,11 @@ class Hub:
                         join.buffer.append(publication)
                     continue
                 if publication.epoch != join.epoch:
-                    subscriber.close_with(CloseCode.SERVICE_RESTART)
-                    continue
+                    if join.start != 0:
+                        subscriber.close_with(CloseCode.SERVICE_RESTART)
+                        continue
+                    # Offset 0 has seen nothing: the stream's first epoch is new to it (D1).
+                    join.epoch = publication.epoch
                 if publication.offset > join.start:
                     wire = wire or self._wire(publication)
                     self._push(subscriber, wire)
@@ -310,12 +321,13 @@ class Hub:
             self._push(subscriber, self._wire(publication))
         buffered = join.buffer or []
         join.buffer = None
-        join.start, join.epoch = start, epoch
         for publication in buffered:
+            if start == 0:
+                epoch = publication.epoch  # offset 0 has seen nothing: any epoch is new (D1)
             if publication.epoch == epoch and publication.offset > start:
                 self._push(subscriber, self._wire(publication))
                 start = publication.offset
-        join.start = start
+        join.start, join.epoch = start, epoch
         last = self._last.get(channel)
         if last is not None and last[1] == epoch and last[0] >= start:
             del joining[subscriber]

@@ -8,8 +8,9 @@ the hub's `on_delivered` hook.
 Every node gets its own `CollectorRegistry` (not prometheus_client's global one): a process may
 run several nodes (tests do), and the global registry would refuse their duplicate names.
 
-``/metrics`` is not public: scrape it with ``Authorization: Bearer <api key>`` (see
-``docs/operations.md`` for a Prometheus scrape config).
+``/metrics`` answers without a key on the internal listener (which is private), unless the
+node has a read-only ``metrics_key``: then scrape it with ``Authorization: Bearer <metrics key>``
+(see ``docs/operations.md`` for a Prometheus scrape config). The API key is never needed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from igratech_ws.brokers.base import BrokerState, Publication
-from igratech_ws.core.close_codes import CloseCode
+from igratech_ws.core.close_codes import OTHER, CloseCode, counted_as
 
 PREFIX = "igratech_ws"
 #: Publish-to-send latency buckets (seconds): sub-millisecond on one node, up to seconds when a
@@ -141,17 +142,33 @@ class NodeCollector(Collector):
 
         closes = CounterMetricFamily(
             f"{PREFIX}_closes",
-            "Connections closed, by WebSocket close code.",
+            "Connections closed, by WebSocket close code (codes outside the documented table: "
+            "`other`).",
             labels=["node", "code"],
         )
-        for code, count in sorted(node.closes.items()):
-            closes.add_metric([node.node_id, str(code)], count)
+        by_label: dict[str, int] = {}
+        for code, count in node.closes.items():
+            # Labels only from the close table: a client picks its close code, and each
+            # distinct label would be a new series.
+            key = counted_as(code)
+            label = "other" if key == OTHER else str(key)
+            by_label[label] = by_label.get(label, 0) + count
+        for label, count in sorted(by_label.items()):
+            closes.add_metric([node.node_id, label], count)
         yield closes
         yield counter(
             "slow_consumer_closes",
             "Connections closed with 1013 (slow consumer or overload).",
             node.closes.get(int(CloseCode.TRY_AGAIN_LATER), 0),
         )
+
+        handler_errors: int | None = getattr(broker, "handler_errors", None)
+        if handler_errors is not None:
+            yield counter(
+                "broker_handler_errors",
+                "Exceptions raised by the node's handlers of broker events (bugs; each logged).",
+                handler_errors,
+            )
 
         state = GaugeMetricFamily(
             f"{PREFIX}_broker_state",
@@ -209,7 +226,7 @@ class NodeMetrics:
 def install(app: web.Application, node: MeteredNode) -> NodeMetrics:
     """Add ``GET /metrics`` to the internal API `app` and hook the latency histogram into `node`.
 
-    The route is protected like every API route (the API key); call once per node.
+    The API's auth middleware guards the route (see `http_api.METRICS_PATH`); call once per node.
     """
     metrics = NodeMetrics(node)
     node.hub.on_delivered = metrics.on_delivered

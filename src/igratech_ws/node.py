@@ -22,16 +22,16 @@ from igratech_ws.brokers.base import (
     ControlKinds,
     NodePresence,
     Publication,
+    PublishResult,
     UserLogin,
     UserLogout,
 )
 from igratech_ws.config import Config
 from igratech_ws.core import channels
-from igratech_ws.core.close_codes import CloseCode, close_reason
+from igratech_ws.core.close_codes import CloseCode, close_reason, counted_as
 from igratech_ws.core.codec import ProtocolError, event_frame
 from igratech_ws.core.messages import ChannelState, LogoutReason, Status
 from igratech_ws.core.publishing import ValidatedPublication
-from igratech_ws.core.ratelimit import take
 from igratech_ws.core.session import Session, SessionState, SettingsPlan
 from igratech_ws.hub import Hub, JoinResult, Subscriber
 
@@ -39,8 +39,6 @@ log = logging.getLogger("igratech_ws.node")
 
 #: Settings requests a connection may have waiting while one is carried out.
 MAX_QUEUED_SETTINGS = 8
-#: Messages refused by the rate limit in a row before the connection is closed with 1008.
-RATE_LIMIT_STRIKES = 10
 #: Seconds between presence reports to the other nodes.
 PRESENCE_INTERVAL = 5.0
 #: Presence reports kept from other nodes (a bound on a map filled from the bus).
@@ -61,16 +59,13 @@ def utc_now() -> str:
 class Connection(Subscriber, Protocol):
     """What the node needs of a client connection, beyond what the hub needs.
 
-    `settings_queue`, `rate_tokens`, `rate_at` and `rate_strikes` are owned by the node.
+    `settings_queue` is owned by the node.
     `last_seen` is `time.monotonic()` of the last frame received, kept up to date by the
     transport. `address` is the client's IP address (for the per-address limit).
     """
 
     session: Session
     address: str
-    rate_tokens: float
-    rate_at: float
-    rate_strikes: int
     expires_at: float | None
     connected_at: float
     last_seen: float
@@ -254,33 +249,8 @@ class Node:
             self._queue_settings(connection, plan, answer)
 
     def on_text(self, connection: Connection, frame: bytes) -> None:
-        """A text frame from the client, after the rate limit."""
-        now = time.monotonic()
-        allowed, connection.rate_tokens = take(
-            connection.rate_tokens,
-            connection.rate_at,
-            now,
-            self.config.max_message_rate,
-            self.config.message_burst,
-        )
-        connection.rate_at = now
-        if not allowed:
-            connection.rate_strikes += 1
-            self.rate_limited += 1
-            if connection.rate_strikes > RATE_LIMIT_STRIKES:
-                connection.close_with(CloseCode.POLICY_VIOLATION)
-            else:
-                self.send_error(
-                    connection,
-                    ProtocolError(
-                        "rate_limited",
-                        f"Too many messages: at most {self.config.max_message_rate:g} per second "
-                        f"(bursts of {self.config.message_burst:g}); this one was dropped, and "
-                        "going on closes the connection (1008)",
-                    ),
-                )
-            return
-        connection.rate_strikes = 0
+        """A text message from the client: valid UTF-8, inside the rate limit (the transport
+        enforces both, RFC 6455 section 8.1 and the per-connection budget)."""
         queue = connection.settings_queue
         # The first queued request is the one being carried out; the others wait.
         settings_allowed = queue is None or len(queue) <= MAX_QUEUED_SETTINGS
@@ -297,6 +267,10 @@ class Node:
             self.messages_in[kind] += 1
             self.hub.send(connection, action.frame)
 
+    def on_writable(self, connection: Connection) -> None:
+        """The transport's socket drained after a pause (D7): the hub may write to it again."""
+        self.hub.on_writable(connection)
+
     def send_error(self, connection: Connection, error: ProtocolError) -> None:
         self.hub.send(connection, event_frame("error", error.to_data()))
 
@@ -311,7 +285,9 @@ class Node:
         else:
             self._by_address.pop(connection.address, None)
         if code is not None:
-            self.closes[code] = self.closes.get(code, 0) + 1
+            # Only the documented codes are keys: a client chooses its own code.
+            key = counted_as(code)
+            self.closes[key] = self.closes.get(key, 0) + 1
         session = connection.session
         session.closed()
         for channel in session.subscribed:
@@ -410,15 +386,21 @@ class Node:
 
     # --- publishing and logout through the API -----------------------------------------------
 
-    async def publish(self, publication: ValidatedPublication) -> Publication:
-        """Append and fan out one validated publication. Raises `BrokerError`."""
+    async def publish(
+        self, publication: ValidatedPublication, *, idempotency_key: str | None = None
+    ) -> PublishResult:
+        """Append and fan out one validated publication (D2: once per `idempotency_key` and
+        channel within the broker's window). Raises `BrokerError`."""
         return await self.broker.publish(
-            publication.channel, publication.event, publication.data_json
+            publication.channel,
+            publication.event,
+            publication.data_json,
+            idempotency_key=idempotency_key,
         )
 
     async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
         """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`."""
-        return [await self.publish(p) for p in publications]
+        return [(await self.publish(p)).publication for p in publications]
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"

@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from igratech_ws.brokers import from_url
+from igratech_ws.brokers import BrokerOptions, from_url
 from igratech_ws.brokers.base import (
     Broker,
     BrokerState,
@@ -23,6 +24,7 @@ from igratech_ws.brokers.base import (
     HistoryLimits,
     Publication,
 )
+from igratech_ws.brokers.memory import MemoryBroker
 
 BROKER_KINDS = ["memory", "redis", "nats"]
 DEFAULT_LIMITS = HistoryLimits(size=50, ttl=30.0)
@@ -109,17 +111,53 @@ class BrokerFactory:
         node_id: str | None = None,
         limits: HistoryLimits | None = None,
         start: bool = True,
+        **options: Any,
     ) -> Node:
+        """A new node (a broker instance) of this kind; `options` are `BrokerOptions` fields."""
         if self.nodes and not self.multi_node:
             pytest.skip("the memory broker is a single node: multi-node behaviour does not apply")
         node_id = node_id or f"n{len(self.nodes) + 1}-{self.namespace}"
-        broker = from_url(self.url(), node_id=node_id, limits=limits or DEFAULT_LIMITS)
+        broker = from_url(
+            self.url(),
+            BrokerOptions(node_id=node_id, limits=limits or DEFAULT_LIMITS, **options),
+        )
         node = Node(broker)
         self.nodes.append(node)
         if start:
             await broker.start(node.on_publication, node.on_control, node.on_state)
             assert broker.state is BrokerState.CONNECTED
         return node
+
+    async def stored_items(self) -> int:
+        """What the broker holds for this test's namespace: streams (memory), keys (Redis), or
+        stored messages plus consumers (NATS)."""
+        if self.kind == "memory":
+            total = 0
+            for node in self.nodes:
+                broker = node.broker
+                assert isinstance(broker, MemoryBroker)
+                total += broker.channel_count + broker.idempotency_key_count
+            return total
+        if self.kind == "redis":
+            from redis.asyncio import Redis
+
+            self.url()  # resolves the fixture
+            assert self._base_url is not None
+            client = Redis.from_url(self._base_url)
+            try:
+                return len([k async for k in client.scan_iter(match=self.namespace + ":*")])
+            finally:
+                await client.aclose()
+        import nats
+
+        from igratech_ws.brokers.nats import stream_name
+
+        nc = await nats.connect(self.url().partition("?")[0], connect_timeout=2)
+        try:
+            info = await nc.jetstream().stream_info(stream_name(self.namespace))
+            return int(info.state.messages) + int(info.state.consumer_count)
+        finally:
+            await nc.close()
 
     async def cleanup(self) -> None:
         for node in self.nodes:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -22,8 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from igratech_ws.brokers import from_url
+from igratech_ws.brokers import BrokerOptions, from_url
 from igratech_ws.brokers.base import (
+    EMPTY_EPOCH,
     BrokerError,
     BrokerState,
     ControlKinds,
@@ -43,6 +41,8 @@ from igratech_ws.brokers.nats import (
     stream_name,
 )
 from igratech_ws.core.recovery import decide_recovery
+
+from .servers import private_server
 
 # --- names (no server needed) ------------------------------------------------------------------
 
@@ -93,7 +93,7 @@ def test_url_options_are_ours_and_stripped() -> None:
     with pytest.raises(ValueError, match="unknown NATS URL option"):
         parse_url("nats://127.0.0.1:4222?prefx=a")
     with pytest.raises(ValueError, match="prefix"):
-        NatsBroker("nats://127.0.0.1:4222?prefix=a.*", node_id="n")
+        NatsBroker("nats://127.0.0.1:4222?prefix=a.*", BrokerOptions(node_id="n"))
     assert isinstance(from_url("nats://127.0.0.1:4222?prefix=x"), NatsBroker)
     assert stream_name("a.b") == "IGWS_a_b"
 
@@ -145,8 +145,9 @@ async def make_broker(nats_url: str, prefix: str) -> AsyncIterator[BrokerFactory
     ) -> NatsBroker:
         broker = NatsBroker(
             f"{nats_url}?prefix={prefix}",
-            node_id=node_id or uuid.uuid4().hex[:8],
-            limits=HistoryLimits(size=size, ttl=300),
+            BrokerOptions(
+                node_id=node_id or uuid.uuid4().hex[:8], limits=HistoryLimits(size=size, ttl=300)
+            ),
         )
         recorder = recorder or Recorder()
         await broker.start(recorder.publication, recorder.control, recorder.state)
@@ -173,7 +174,7 @@ async def test_epoch_changes_when_the_stream_is_deleted(make_broker: BrokerFacto
     assert old.offset == 3
 
     await broker.delete_stream()
-    fresh = await broker.publish(channel, "bet", b"{}")
+    fresh = (await broker.publish(channel, "bet", b"{}")).publication
     assert fresh.offset == 1
     assert fresh.epoch != old.epoch
 
@@ -183,19 +184,6 @@ async def test_epoch_changes_when_the_stream_is_deleted(make_broker: BrokerFacto
         old.offset, old.epoch, page.top.epoch, page.top.offset, page.publications
     )
     assert not outcome.recovered
-
-
-async def test_position_of_an_unused_channel_is_the_epoch_of_its_first_publication(
-    make_broker: BrokerFactory,
-) -> None:
-    broker = await make_broker()
-    empty = await broker.position("user:u-1")
-    assert empty.offset == 0
-    assert await broker.position("user:u-1") == empty  # stable, not fresh at each call
-    first = await broker.publish("user:u-1", "balance", b"{}")
-    assert (first.offset, first.epoch) == (1, empty.epoch)
-    page = await broker.history("user:u-1", 0, 10)
-    assert [p.offset for p in page.publications] == [1]  # the epoch marker is not history
 
 
 async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
@@ -214,6 +202,7 @@ async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
             for node in (a, b)
         )
     )
+    results = [r.publication for r in results]
     total = 2 * per_node
     assert sorted(p.offset for p in results) == list(range(1, total + 1))
     assert len({p.epoch for p in results}) == 1
@@ -229,6 +218,23 @@ async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
     )
     page = await b.history(channel, 10, 1000)
     assert [p.offset for p in page.publications] == list(range(11, total + 1))
+
+
+async def test_a_duplicate_whose_first_publication_left_the_stream_has_no_position(
+    make_broker: BrokerFactory,
+) -> None:
+    # JetStream remembers the message id for the window, but the first message has been pushed
+    # out by `size` newer ones: the duplicate is still refused, its position is unknown.
+    broker = await make_broker(size=3)
+    first = await broker.publish("user:u-1", "balance", b"{}", idempotency_key="k")
+    assert (await broker.publish("user:u-1", "balance", b"{}", idempotency_key="k")).duplicate
+    for _ in range(3):
+        await broker.publish("user:u-1", "balance", b"{}")
+    late = await broker.publish("user:u-1", "balance", b"{}", idempotency_key="k")
+    assert late.duplicate
+    assert (late.publication.offset, late.publication.epoch) == (0, EMPTY_EPOCH)
+    assert first.publication.offset == 1
+    assert (await broker.position("user:u-1")).offset == 4
 
 
 async def test_history_reads_a_range_and_is_cut_at_the_limit(make_broker: BrokerFactory) -> None:
@@ -269,7 +275,7 @@ async def test_a_backend_publishes_straight_into_nats(
     await broker.publish("game:g-7", "bet", b'{"a":1}')
     nc = await nats.connect(nats_url)
     try:
-        sent = await publish_event(nc, "game:g-7", "bet", b'{"a":2}', prefix=prefix)
+        sent = (await publish_event(nc, "game:g-7", "bet", b'{"a":2}', prefix=prefix)).publication
     finally:
         await nc.close()
     assert (sent.offset, sent.origin) == (2, "backend")
@@ -310,89 +316,44 @@ async def test_control_skips_own_echo_and_malformed(
     assert seen_a.controls == [UserLogout(origin="backend", user_id="u-9")]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-async def test_start_against_a_closed_port_raises_broker_error() -> None:
-    broker = NatsBroker(f"nats://127.0.0.1:{_free_port()}?timeout=1", node_id="n")
-    async with asyncio.timeout(15):
-        with pytest.raises(BrokerError):
-            await broker.start(lambda p: None, lambda m: None)
-    await broker.close()
-    await broker.close()  # idempotent
-    with pytest.raises(BrokerError):
-        await broker.publish("game:x", "bet", b"{}")
-
-
-@contextlib.contextmanager
-def _nats_server(port: int, store: Path) -> Iterator[subprocess.Popen[bytes]]:
-    binary = shutil.which("nats-server")
-    if binary is None:
-        pytest.skip("nats-server binary not found")
-    process = subprocess.Popen(
-        [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-async def _wait_listening(port: int) -> None:
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-
-
 @pytest.mark.slow
-async def test_outage_reports_state_and_fails_fast(tmp_path: Path) -> None:
-    port = _free_port()
+async def test_a_file_stream_survives_a_server_restart_under_the_same_epoch(
+    tmp_path: Path,
+) -> None:
+    # The lifecycle suite checks the states of an outage; this checks what NATS keeps.
     seen = Recorder()
-    broker = NatsBroker(f"nats://127.0.0.1:{port}?prefix=outage&timeout=2", node_id="n")
-    with _nats_server(port, tmp_path) as server:
-        await _wait_listening(port)
+    with private_server("nats", tmp_path) as server:
+        await server.start()
+        broker = NatsBroker(
+            f"{server.url}?prefix=outage&timeout=2", BrokerOptions(node_id="n")
+        )
         await broker.start(seen.publication, seen.control, seen.state)
         try:
             await broker.subscribe("game:o")
-            before = await broker.publish("game:o", "bet", b"{}")
+            before = (await broker.publish("game:o", "stats", b"{}")).publication
             await seen.wait_for(lambda: len(seen.publications) >= 1)
 
-            server.terminate()
-            server.wait(timeout=10)
+            server.stop()
             await seen.wait_for(lambda: BrokerState.DISCONNECTED in seen.states)
-            assert broker.state is BrokerState.DISCONNECTED
             async with asyncio.timeout(10):
                 calls: list[Callable[[], Awaitable[object]]] = [
                     lambda: broker.publish("game:o", "bet", b"{}"),
                     lambda: broker.history("game:o", 0, 10),
                     lambda: broker.position("game:o"),
+                    lambda: broker.latest_state("game:o"),
                     lambda: broker.publish_control(UserLogout(origin="n", user_id="u")),
                 ]
                 for call in calls:
                     with pytest.raises(BrokerError):
                         await call()
 
-            with _nats_server(port, tmp_path):
-                await seen.wait_for(lambda: seen.states[-1] is BrokerState.CONNECTED, 20)
-                after = await broker.publish("game:o", "bet", b"{}")
-                # The file store survived the restart: the same stream goes on.
-                assert (after.offset, after.epoch) == (2, before.epoch)
-                await seen.wait_for(lambda: len(seen.publications) >= 2)
-                assert seen.publications[-1] == after
+            await server.start()
+            await seen.wait_for(lambda: seen.states[-1] is BrokerState.CONNECTED, 20)
+            after = (await broker.publish("game:o", "bet", b"{}")).publication
+            # The file store survived the restart: the same stream goes on, state included.
+            assert (after.offset, after.epoch) == (2, before.epoch)
+            assert await broker.latest_state("game:o") == [before]
+            await seen.wait_for(lambda: len(seen.publications) >= 2)
+            assert seen.publications[-1] == after
         finally:
             await broker.close()
-    assert seen.states[0] is BrokerState.CONNECTED

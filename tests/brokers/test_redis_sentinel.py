@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from igratech_ws.brokers import from_url
+from igratech_ws.brokers import BrokerOptions, from_url
 from igratech_ws.brokers.base import (
     BrokerError,
     BrokerState,
@@ -106,7 +106,7 @@ def test_malformed_sentinel_urls_are_refused(url: str) -> None:
 
 def test_from_url_routes_sentinel_schemes_to_the_redis_broker() -> None:
     for scheme in ("redis+sentinel", "rediss+sentinel"):
-        broker = from_url(f"{scheme}://127.0.0.1:26379/m/2?prefix=x:", node_id="n1")
+        broker = from_url(f"{scheme}://127.0.0.1:26379/m/2?prefix=x:", BrokerOptions(node_id="n1"))
         assert isinstance(broker, RedisBroker)
         assert broker.prefix == "x:"
 
@@ -270,13 +270,15 @@ async def _wait_for(check: Callable[[], Awaitable[bool]], what: str, bound: floa
 async def _start(topo: Topology, url: str, node_id: str) -> Node:
     broker = RedisBroker(
         url,
-        node_id=node_id,
-        limits=LIMITS,
-        op_timeout=1.0,
-        ping_interval=0.5,
-        backoff_min=0.05,
-        backoff_max=0.5,
-        sentinel_check_interval=0.2,
+        BrokerOptions(
+            node_id=node_id,
+            limits=LIMITS,
+            op_timeout=1.0,
+            ping_interval=0.5,
+            backoff_min=0.05,
+            backoff_max=0.5,
+            sentinel_check_interval=0.2,
+        ),
     )
     node = Node(broker)
     await broker.start(node.on_publication, node.on_control, node.on_state)
@@ -298,7 +300,7 @@ async def test_broker_publishes_subscribes_and_reads_history_through_sentinel(
         nodes.append(publisher)
         await subscriber.broker.subscribe(GAME)
 
-        sent = [await publisher.broker.publish(GAME, "incident", b'{"n":%d}' % i) for i in (1, 2)]
+        sent = [(await publisher.broker.publish(GAME, "incident", b'{"n":%d}' % i)).publication for i in (1, 2)]
         assert [p.offset for p in sent] == [1, 2]
         received = await subscriber.wait_for_publications(GAME, 2)
         assert received == sent
@@ -331,7 +333,7 @@ async def _publish_until_accepted(node: Node, data: bytes) -> Publication:
     result: list[Publication] = []
 
     async def attempt() -> bool:
-        result.append(await node.broker.publish(GAME, "incident", data))
+        result.append((await node.broker.publish(GAME, "incident", data)).publication)
         return True
 
     await _wait_for(attempt, "a publish to be accepted after the failover", WAIT_S)
@@ -350,7 +352,7 @@ async def test_broker_follows_a_sentinel_failover(topology: Topology) -> None:
         other = await _start(topology, url, "n2")
         nodes.append(other)
         await node.broker.subscribe(GAME)
-        before = [await other.broker.publish(GAME, "incident", b'{"n":%d}' % i) for i in (1, 2, 3)]
+        before = [(await other.broker.publish(GAME, "incident", b'{"n":%d}' % i)).publication for i in (1, 2, 3)]
         assert await node.wait_for_publications(GAME, 3) == before
         # Make the pre-failover history certain to be on the replica (see the module docstring).
         assert await master.wait(1, 5000) == 1
@@ -414,7 +416,7 @@ async def test_broker_leaves_a_live_old_master_as_soon_as_the_sentinels_switch(
         other = await _start(topology, url, "n2")
         nodes.append(other)
         await node.broker.subscribe(GAME)
-        first = await other.broker.publish(GAME, "incident", b'{"n":1}')
+        first = (await other.broker.publish(GAME, "incident", b'{"n":1}')).publication
         await node.wait_for_publications(GAME, 1)
 
         states_before = len(node.states)

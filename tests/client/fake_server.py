@@ -1,8 +1,10 @@
 """A tiny gateway that speaks the wire protocol, for testing the client SDK on real sockets.
 
 It keeps a per-channel history with offsets and one epoch, answers ping and settings (including
-``recover``), applies the handshake's ``settings`` query before any push, and lets a test publish,
-drop connections without a close frame, close them with a code, or log a user out.
+``recover``), applies the handshake's ``settings`` query before any push, reports the positions of
+the connection's own channels in ``connected`` (protocol decision D5; ``d5=False`` acts as a server
+before it), and lets a test publish, send state snapshots, drop connections without a close frame,
+close them with a code, log a user out, or refuse handshakes that recover given channels.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class FakeConnection(WSListener):
         self.handshake = handshake
         self.games: list[str] = []
         self.stats = False
+        self.joined: dict[str, dict[str, Any]] = {}
         self.transport: WSTransport | None = None
 
     @property
@@ -73,7 +76,8 @@ class FakeConnection(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self.server.connections.append(self)
-        status = {
+        answer, missed = self.plan(self.handshake or {})
+        status: dict[str, Any] = {
             "status": "connected",
             "sessionId": f"s-{len(self.server.connections)}",
             "userId": self.user_id,
@@ -83,9 +87,13 @@ class FakeConnection(WSListener):
             "protocolVersion": "1.0",
             "node": "fake",
         }
+        if self.server.d5:
+            status["channels"] = answer["channels"]
         self.send(event_frame("connected", status))
         if self.handshake is not None:
-            self.apply_settings(self.handshake)
+            self.send(event_frame("settings", answer))
+        for frame in missed:
+            self.send(frame)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
@@ -111,6 +119,14 @@ class FakeConnection(WSListener):
             self.server.connections.remove(self)
 
     def apply_settings(self, data: dict[str, Any]) -> None:
+        answer, missed = self.plan(data)
+        self.send(event_frame("settings", answer))
+        for frame in missed:
+            self.send(frame)
+
+    def plan(self, data: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+        """Apply a settings request: the answer, and the frames recovery replays after it."""
+        before = set(self.joined)
         if data.get("games") is not None:
             self.games = list(dict.fromkeys(data["games"]))
         for game in data.get("follow") or []:
@@ -122,8 +138,12 @@ class FakeConnection(WSListener):
         recover = data.get("recover") or {}
         states, missed = [], []
         for channel in self.channels:
+            if channel in before:  # already joined: listed at the position it was joined at
+                states.append(self.joined[channel])
+                continue
             top = self.server.top.get(channel, 0)
             state: dict[str, Any] = {"channel": channel, "offset": top, "epoch": self.server.epoch}
+            self.joined[channel] = {**state}
             if channel in recover:
                 position = recover[channel]
                 history = self.server.history.get(channel, [])
@@ -135,13 +155,15 @@ class FakeConnection(WSListener):
                     missed += [f for offset, f in history if offset > position["offset"]]
             states.append(state)
         answer = {"games": self.games, "stats": self.stats, "channels": states}
-        self.send(event_frame("settings", answer))
-        for frame in missed:
-            self.send(frame)
+        return answer, missed
 
 
 class FakeGateway:
-    def __init__(self, *, ping_interval: int = 25, history_limit: int = 100) -> None:
+    def __init__(
+        self, *, ping_interval: int = 25, history_limit: int = 100, d5: bool = True
+    ) -> None:
+        self.d5 = d5
+        self.forbidden_recover: set[str] = set()
         self.ping_interval = ping_interval
         self.history_limit = history_limit
         self.epoch = "e1"
@@ -179,6 +201,16 @@ class FakeGateway:
         if self.reject_status is not None:
             response = WSUpgradeResponse.create_error_response(self.reject_status, b"no")
             return WSUpgradeResponseWithListener(response, None)
+        for channel in (handshake or {}).get("recover") or {}:
+            if channel in self.forbidden_recover:
+                error = {
+                    "code": "forbidden_channel",
+                    "message": "not yours",
+                    "field": f"settings.recover.{channel}",
+                }
+                body = json.dumps({"error": error}).encode()
+                response = WSUpgradeResponse.create_error_response(403, body)
+                return WSUpgradeResponseWithListener(response, None)
         # the fake "verifies" a token by taking it as the user id
         user_id = auth.removeprefix("Bearer ") if auth else None
         return FakeConnection(self, user_id, handshake)
@@ -195,11 +227,20 @@ class FakeGateway:
                 conn.send(frame)
         return offset
 
+    def send_raw(self, channel: str, frame: dict[str, Any]) -> None:
+        """Send `frame` (a whole publication frame, e.g. a snapshot) to the channel's followers."""
+        encoded = json.dumps(frame).encode()
+        for conn in self.connections:
+            if channel in conn.channels:
+                conn.send(encoded)
+
     def drop_all(self) -> None:
-        """End every connection without a close frame, as a network failure would."""
+        """End every connection without a close frame, as a network failure would; nothing
+        published afterwards reaches them."""
         for conn in list(self.connections):
             assert conn.transport is not None
             conn.transport.disconnect(graceful=False)
+            self.connections.remove(conn)
 
     def close_all(self, code: int, reason: str = "") -> None:
         for conn in list(self.connections):

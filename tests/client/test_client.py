@@ -160,10 +160,10 @@ async def test_lost_history_yields_recovery_failed(gateway: FakeGateway) -> None
         gateway.drop_all()
         events = await collect_until(client, lambda ev: ev[-1].event == "recovery-failed")
         assert events[-1].data == RecoveryFailed(["game:g-1"])
-        assert events[-2].event == "settings"
+        assert events[-2].event == "connected"  # D5: `connected` reports the positions
         assert client.positions["game:g-1"] == (1, "e2")
         gateway.publish("game:g-1", "incident", incident("g-1", 2))
-        pushed = await next_event(client)
+        pushed = await next_event(client, "settings")
         assert (pushed.offset, pushed.epoch) == (2, "e2")
 
 
@@ -256,3 +256,151 @@ def test_unknown_fields_and_events_still_decode() -> None:
     assert decode_frame(b'{"event":"future-thing","data":{"a":1}}').data == {"a": 1}
     with pytest.raises(msgspec.DecodeError):
         decode_frame(b"[1]")
+
+
+# --- D5 positions, gaps, state, refused resumes, token change ------------------------------
+
+
+async def test_connected_positions_resume_a_user_channel_that_never_got_a_push(
+    gateway: FakeGateway,
+) -> None:
+    gateway.publish("user:u-7", "balance", balance("1.00"))  # before the client connects
+    async with connect(gateway.url, "u-7", backoff=fast_backoff()) as client:
+        assert (await next_event(client)).event == "connected"
+        assert client.positions == {"user:u-7": (1, "e1")}  # from `connected`, no push needed
+        gateway.drop_all()
+        await wait_until(lambda: len(gateway.handshakes) == 2)
+        gateway.publish("user:u-7", "balance", balance("2.00"))
+        pushed = await next_event(client, "disconnected", "connected", "settings")
+        assert (pushed.channel, pushed.offset, pushed.data.balance) == ("user:u-7", 2, "2.00")
+        resume = gateway.handshakes[1]
+        assert resume is not None
+        assert resume["recover"] == {"user:u-7": {"offset": 1, "epoch": "e1"}}
+
+
+async def test_before_d5_positions_come_from_the_settings_answer() -> None:
+    gateway = FakeGateway(d5=False)
+    await gateway.start()
+    try:
+        async with connect(gateway.url, "u-7", games=["g-1"], backoff=fast_backoff()) as client:
+            await next_event(client)
+            answer = await next_event(client)
+            assert answer.event == "settings"
+            assert client.positions == {"user:u-7": (0, "e1"), "game:g-1": (0, "e1")}
+    finally:
+        await gateway.stop()
+
+
+async def test_a_channel_joined_elsewhere_than_held_is_a_gap(gateway: FakeGateway) -> None:
+    """Nothing proves continuity when a channel is joined, without recovery, at another position
+    than the one held (e.g. positions restored from storage but the resume was not asked)."""
+    async with connect(gateway.url, games=["g-1"], backoff=fast_backoff()) as client:
+        await collect_until(client, lambda ev: ev[-1].event == "settings")
+        client.positions["game:g-2"] = (5, "e1")  # held from an earlier run, not followed now
+        for n in range(1, 8):
+            gateway.publish("game:g-2", "incident", incident("g-2", n))
+        await client.follow("g-2")  # a follow carries no `recover`
+        events = await collect_until(client, lambda ev: ev[-1].event == "recovery-failed")
+        assert events[-1].data == RecoveryFailed(["game:g-2"], "not-resumed")
+        assert client.positions["game:g-2"] == (7, "e1")
+
+
+async def test_a_push_that_skips_offsets_or_changes_epoch_is_a_gap(gateway: FakeGateway) -> None:
+    async with connect(gateway.url, games=["g-1"], backoff=fast_backoff()) as client:
+        await collect_until(client, lambda ev: ev[-1].event == "settings")
+        gateway.publish("game:g-1", "incident", incident("g-1", 1))
+        gateway.top["game:g-1"] = 3  # offsets 2 and 3 never reach the client
+        gateway.publish("game:g-1", "incident", incident("g-1", 4))
+        events = await collect_until(client, lambda ev: ev[-1].offset == 4)
+        assert [e.event for e in events] == ["incident", "recovery-failed", "incident"]
+        assert events[1].data == RecoveryFailed(["game:g-1"], "skipped")
+        gateway.epoch = "e2"
+        gateway.publish("game:g-1", "incident", incident("g-1", 5))
+        events = await collect_until(client, lambda ev: ev[-1].offset == 5)
+        assert events[0].data == RecoveryFailed(["game:g-1"], "epoch")
+
+
+async def test_state_follows_pushes_and_snapshots_without_gaps(gateway: FakeGateway) -> None:
+    async with connect(gateway.url, "u-7", games=["g-1"], backoff=fast_backoff()) as client:
+        await collect_until(client, lambda ev: ev[-1].event == "settings")
+        assert client.state("user:u-7") == {}
+        gateway.publish("user:u-7", "balance", balance("1.00"))
+        gateway.publish("user:u-7", "balance", balance("2.00"))
+        await collect_until(client, lambda ev: ev[-1].offset == 2)
+        assert client.state("user:u-7")["balance"].balance == "2.00"
+        # A snapshot at or below the position: delivered, never a gap nor a duplicate, and an
+        # older one does not replace the newer state.
+        snapshot = {"event": "balance", "channel": "user:u-7", "offset": 1, "epoch": "e1",
+                    "snapshot": True, "data": balance("1.00")}  # fmt: skip
+        gateway.send_raw("user:u-7", snapshot)
+        gateway.send_raw("user:u-7", {**snapshot, "offset": 2, "data": balance("2.50")})
+        events = await collect_until(client, lambda ev: len(ev) == 2)
+        assert [(e.event, e.snapshot, e.offset) for e in events] == [
+            ("balance", True, 1),
+            ("balance", True, 2),
+        ]
+        assert client.positions["user:u-7"] == (2, "e1")
+        assert client.state("user:u-7")["balance"].balance == "2.50"
+        # A conflated state push may skip offsets (superseded states were dropped): no gap.
+        gateway.top["user:u-7"] = 4
+        gateway.publish("user:u-7", "balance", balance("3.00"))  # offset 5
+        gateway.send_raw("user:u-7", {**snapshot, "snapshot": False, "conflated": True,
+                                      "offset": 7, "data": balance("4.00")})  # fmt: skip
+        events = await collect_until(client, lambda ev: ev[-1].offset == 7)
+        assert [e.event for e in events] == ["recovery-failed", "balance", "balance"]
+        assert client.state("user:u-7")["balance"].balance == "4.00"
+        # Unfollowed channels are forgotten, state included.
+        gateway.publish("game:g-1", "stats", {"scope": "game", "gameId": "g-1",
+                                              "updatedAt": "2026-11-23T19:45:00Z",
+                                              "values": {"bets": 3}})  # fmt: skip
+        await collect_until(client, lambda ev: ev[-1].event == "stats")
+        assert client.state("game:g-1")["stats"].values == {"bets": 3}
+        await client.unfollow("g-1")
+        assert client.state("game:g-1") == {} and "game:g-1" not in client.positions
+
+
+async def test_a_refused_resume_drops_what_was_refused_and_recovers_the_rest(
+    gateway: FakeGateway,
+) -> None:
+    async with connect(gateway.url, "u-7", games=["g-1"], backoff=fast_backoff()) as client:
+        await collect_until(client, lambda ev: ev[-1].event == "settings")
+        gateway.publish("game:g-1", "incident", incident("g-1", 1))
+        await collect_until(client, lambda ev: ev[-1].offset == 1)
+        client.positions["user:u-9"] = (3, "e1")  # not this token's channel: 403 at the handshake
+        gateway.forbidden_recover = {"user:u-9"}
+        gateway.drop_all()
+        gateway.publish("game:g-1", "incident", incident("g-1", 2))
+        events = await collect_until(client, lambda ev: ev[-1].offset == 2)
+        lost = [e.data for e in events if e.event == "recovery-failed"]
+        assert lost == [RecoveryFailed(["user:u-9"], "refused")]
+        assert "user:u-9" not in client.positions
+        assert [e.offset for e in events if e.channel == "game:g-1"] == [2]
+        assert gateway.handshakes[-1] is not None
+        assert set(gateway.handshakes[-1]["recover"]) == {"user:u-7", "game:g-1"}
+
+
+async def test_a_refusal_of_something_else_ends_iteration(gateway: FakeGateway) -> None:
+    async with connect(gateway.url, "u-7", backoff=fast_backoff()) as client:
+        await next_event(client)
+        gateway.reject_status = 401
+        gateway.drop_all()
+        with pytest.raises(HandshakeRejected) as info:
+            await collect_until(client, lambda ev: False)
+        assert info.value.status == 401
+
+
+async def test_set_token_switches_user_on_reconnect(gateway: FakeGateway) -> None:
+    async with connect(gateway.url, "u-7", backoff=fast_backoff()) as client:
+        gateway.publish("user:u-7", "balance", balance("1.00"))
+        await collect_until(client, lambda ev: ev[-1].event == "balance")
+        assert client.state("user:u-7") != {}
+        client.set_token("u-8")
+        assert "user:u-7" not in client.positions and client.state("user:u-7") == {}
+        client.reconnect()
+        events = await collect_until(client, lambda ev: ev[-1].event == "connected")
+        assert events[0].event == "disconnected" and events[0].data.delay == 0
+        assert client.user_id == "u-8" and gateway.auth_headers[-1] == "Bearer u-8"
+        assert "user:u-7" not in (gateway.handshakes[-1] or {}).get("recover", {})
+        gateway.publish("user:u-8", "balance", balance("8.00"))
+        pushed = await next_event(client, "settings")
+        assert (pushed.channel, pushed.data.balance) == ("user:u-8", "8.00")

@@ -440,7 +440,11 @@ def check_log(log: ChannelLog) -> Verdict:
             problems.append(f"duplicate push {offset}@{epoch}")
         seen.add((offset, epoch))
         if position is not None:
-            if epoch != position[1]:
+            if epoch != position[1] and position[0] == 0:
+                # Offset 0 has seen nothing: a stream's first epoch is new to it (D1).
+                if offset != 1:
+                    problems.append(f"push {offset}@{epoch} after offset 0: not the first")
+            elif epoch != position[1]:
                 switches += 1
             elif offset != position[0] + 1:
                 problems.append(f"push {offset}@{epoch} after {position[0]}: not the next offset")

@@ -70,7 +70,9 @@ async def test_too_many_connections_from_one_address_are_closed_with_1013(
 
 
 async def test_only_allowed_origins_may_connect(make_gateway: MakeGateway) -> None:
-    async with make_gateway(allowed_origins="https://play.example.com, https://m.example.com/") as app:
+    async with make_gateway(
+        allowed_origins="https://play.example.com, https://m.example.com/"
+    ) as app:
         async with websockets.connect(app.ws_url, origin="https://m.example.com") as ws:  # type: ignore[arg-type]
             await recv_event(ws, "connected")
         with pytest.raises(InvalidStatus) as refused:
@@ -80,3 +82,20 @@ async def test_only_allowed_origins_may_connect(make_gateway: MakeGateway) -> No
         # Non-browser clients send no Origin and are not affected.
         async with connect(app) as ws:
             await recv_event(ws, "connected")
+
+
+async def test_binary_frames_and_websocket_pings_count_against_the_rate_limit(
+    make_gateway: MakeGateway,
+) -> None:
+    """Every frame takes a token (not only text messages): after 3 binary frames and 2 pings
+    from a burst of 5, the next `ping` event is refused."""
+    async with make_gateway(max_message_rate=0.001, message_burst=5) as app, connect(app) as ws:
+        await recv_event(ws, "connected")
+        for _ in range(3):
+            await ws.send(b"\x00\x01")
+            assert (await recv_event(ws, "error"))["data"]["code"] == "bad_message"
+        for _ in range(2):
+            await asyncio.wait_for(await ws.ping(), 5)  # answered: inside the budget
+        await send(ws, "ping", {"ts": 1})
+        assert (await recv_event(ws, "error"))["data"]["code"] == "rate_limited"
+        assert app.node.rate_limited == 1

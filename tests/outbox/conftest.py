@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from igratech_ws.brokers.base import BrokerError, Publication
+from igratech_ws.brokers.base import BrokerError, PublishResult
 from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.publishing import ValidatedPublication
 
@@ -24,40 +23,30 @@ def incident(game: str, n: int, **extra: Any) -> dict[str, Any]:
     return {"event": "incident", "gameId": game, "data": data, **extra}
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """D2's `PublishResult`, as the test double returns it."""
-
-    publication: Publication
-    duplicate: bool = False
-
-
 class DedupNode:
-    """A node test double: a MemoryBroker behind D2's `publish`, with per-channel idempotency keys
-    remembered here (the broker's part; the outbox's part is to pass the right key)."""
+    """A node test double: D2's `publish` straight onto a MemoryBroker (which keeps the
+    idempotency window), with a switch that makes the broker fail, and a count of calls."""
 
     def __init__(self, broker: MemoryBroker) -> None:
         self.broker = broker
-        self.keys: dict[tuple[str, str], Publication] = {}
+        self.keys: set[tuple[str, str]] = set()
         self.broker_down = False
         self.calls = 0
 
     async def publish(
         self, publication: ValidatedPublication, *, idempotency_key: str | None = None
-    ) -> Outcome:
+    ) -> PublishResult:
         self.calls += 1
         if self.broker_down:
             raise BrokerError("broker down (test)")
         if idempotency_key is not None:
-            first = self.keys.get((publication.channel, idempotency_key))
-            if first is not None:
-                return Outcome(first, duplicate=True)
-        result = await self.broker.publish(
-            publication.channel, publication.event, publication.data_json
+            self.keys.add((publication.channel, idempotency_key))
+        return await self.broker.publish(
+            publication.channel,
+            publication.event,
+            publication.data_json,
+            idempotency_key=idempotency_key,
         )
-        if idempotency_key is not None:
-            self.keys[(publication.channel, idempotency_key)] = result
-        return Outcome(result)
 
 
 @pytest.fixture

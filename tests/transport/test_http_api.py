@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
@@ -18,7 +17,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication
+from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication, PublishResult
 from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.publishing import ValidatedPublication
 from igratech_ws.transport.http_api import GatewayNode, build_api_app
@@ -30,19 +29,10 @@ ASYNCAPI = "asyncapi: 3.0.0\ninfo:\n  title: Igratech WS\n  version: '1.0'\n"
 TS = "2026-11-23T19:45:00Z"
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """D2's `PublishResult`, as the test double returns it."""
-
-    publication: Publication
-    duplicate: bool = False
-
-
 class FakeNode:
     """Implements `GatewayNode` over a started MemoryBroker; can be made to fail or unready.
 
-    Idempotency keys are remembered here, per channel, without a window (a test double of the
-    broker's window: the API's part is to pass the key and report `duplicate`).
+    The broker keeps the idempotency window (D2); `published_keys` records the keys passed.
     """
 
     def __init__(self, broker: MemoryBroker) -> None:
@@ -52,25 +42,20 @@ class FakeNode:
         self.broker_down = False
         self.explode = False
         self.logouts: list[tuple[str, str]] = []
-        self.keys: dict[tuple[str, str], Publication] = {}
         self.published_keys: list[str | None] = []
 
     async def publish(
         self, publication: ValidatedPublication, *, idempotency_key: str | None = None
-    ) -> Outcome:
+    ) -> PublishResult:
         if self.broker_down:
             raise BrokerError("connection refused")
         self.published_keys.append(idempotency_key)
-        if idempotency_key is not None:
-            first = self.keys.get((publication.channel, idempotency_key))
-            if first is not None:
-                return Outcome(first, duplicate=True)
-        published = await self.broker.publish(
-            publication.channel, publication.event, publication.data_json
+        return await self.broker.publish(
+            publication.channel,
+            publication.event,
+            publication.data_json,
+            idempotency_key=idempotency_key,
         )
-        if idempotency_key is not None:
-            self.keys[(publication.channel, idempotency_key)] = published
-        return Outcome(published)
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
@@ -348,10 +333,11 @@ async def test_extra_routes_docs_public_others_protected(serve: Serve) -> None:
         app.router.add_get("/metrics", page)
 
     base, session = await serve(extra_routes=extra)
-    for path in ("/docs", "/docs/index.html", "/console/"):
+    # /metrics is public without a metrics key (tests/ops/test_metrics_access.py has the rest).
+    for path in ("/docs", "/docs/index.html", "/console/", "/metrics"):
         async with session.get(base + path) as response:
             assert response.status == 200, path
-    for path in ("/docsecret", "/metrics"):
+    for path in ("/docsecret",):
         async with session.get(base + path) as response:
             assert response.status == 401, path
         async with session.get(base + path, headers=AUTH) as response:
@@ -972,7 +958,7 @@ async def test_a_publish_in_flight_finishes_when_the_site_stops(
     release = asyncio.Event()
     publish = node.publish
 
-    async def slow(*args: Any, **kwargs: Any) -> Outcome:
+    async def slow(*args: Any, **kwargs: Any) -> PublishResult:
         started.set()
         await release.wait()
         return await publish(*args, **kwargs)

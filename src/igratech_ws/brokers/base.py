@@ -2,10 +2,16 @@
 
 A broker owns each channel's stream: it appends a publication to the channel's bounded history and
 fans it out to every node subscribed to the channel, *atomically per channel*, so that offsets are
-gap-free and every subscriber sees publications in offset order. It also carries control messages
-(logins, forced logouts) between nodes.
+gap-free. It keeps the latest publication of each state event of a channel (`latest_state`),
+remembers idempotency keys for a window (`PublishResult.duplicate`), and carries control messages
+(logins, forced logouts, presence) between nodes.
+
+Only `publish` creates a stream: reading a channel nobody published (`position`, `history`,
+`latest_state`) creates and refreshes nothing, and answers `StreamPosition(0, EMPTY_EPOCH)`.
 
 Value types are plain and immutable so that a broker can hand the same object to many subscribers.
+The contract is checked against every broker by `tests/brokers/test_contract.py` and
+`tests/brokers/test_lifecycle.py`.
 """
 
 from __future__ import annotations
@@ -13,14 +19,39 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
+
+from igratech_ws.core.recovery import EMPTY_EPOCH
+
+if TYPE_CHECKING:
+    from igratech_ws.brokers.options import BrokerOptions
+
+__all__ = [
+    "EMPTY_EPOCH",
+    "Broker",
+    "BrokerError",
+    "BrokerState",
+    "ControlKinds",
+    "HistoryLimits",
+    "HistoryPage",
+    "NodePresence",
+    "Publication",
+    "PublishResult",
+    "StreamPosition",
+    "UserLogin",
+    "UserLogout",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class StreamPosition:
-    """Where a channel's stream stands: the newest offset (0 = empty) and the stream's epoch."""
+    """Where a channel's stream stands: the newest offset and the stream's epoch.
+
+    A channel with no stream (never published, or dropped) is at ``(0, EMPTY_EPOCH)``; its first
+    publication starts a stream with a fresh epoch at offset 1.
+    """
 
     offset: int
     epoch: str
@@ -39,6 +70,22 @@ class Publication(msgspec.Struct, frozen=True, array_like=True):
     data: bytes
     published_at: float
     origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What `Broker.publish` did: the publication, and whether it was a duplicate.
+
+    `duplicate` is True when the idempotency key was already used for this channel within the
+    window: nothing was published, and `publication` describes the first publication made with
+    that key (its channel, offset, epoch, event, time and origin; `data` is this call's, since
+    brokers keep no payload for deduplication). A broker may know where the first publication is
+    only while it is in history: once it has left, a duplicate is still refused and reported
+    with `publication.offset` 0 and `publication.epoch` `EMPTY_EPOCH` (position unknown).
+    """
+
+    publication: Publication
+    duplicate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,24 +163,69 @@ class BrokerError(Exception):
     """The broker could not do what was asked (unreachable, timed out). Safe to retry later."""
 
 
+#: Longest idempotency key a broker accepts (the HTTP API allows 1-128 identifier characters).
+MAX_IDEMPOTENCY_KEY_LENGTH = 128
+
+
+def check_idempotency_key(key: str | None) -> None:
+    """Raise ValueError unless `key` is None or 1-128 printable ASCII characters without spaces."""
+    if key is None:
+        return
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not (key.isascii() and key.isprintable()):
+        raise ValueError("an idempotency key is 1-128 printable ASCII characters")
+    if " " in key:
+        raise ValueError("an idempotency key has no spaces")
+
+
+def check_data(data: bytes) -> None:
+    """Raise ValueError unless `data` is UTF-8, as the compact JSON of a payload is.
+
+    Every broker checks it before publishing: a stored payload must read back as it was (the
+    Redis broker stores it as a msgpack str), and a bad one must fail the publisher, not readers.
+    """
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        raise ValueError("publication data must be UTF-8 (compact JSON)") from None
+
+
 class Broker(Protocol):
     """What a node needs from a broker. One instance per node process.
 
     Caller's duties: call `start` once before anything else and `close` once at the end; call
     `subscribe` when the node's first local client follows a channel and `unsubscribe` when the last
     one leaves (the hub reference-counts; brokers need not); never block in the handlers, which are
-    called on the event loop, once per publication and in offset order per channel, except that
-    NATS's RePublish may swap two publications stored from different connections: the hub treats
-    a skipped offset as a gap, fills it from history and drops the late one as a duplicate.
+    called on the event loop.
+
+    Delivery: each publication of a subscribed channel is handed to `on_publication` once per
+    subscription. Publications appended through one broker instance arrive in offset order;
+    publications appended through different instances (nodes, backends) may arrive in another
+    order than their offsets, so a caller treats a skipped offset as a gap (fill it from
+    `history`) and an offset at or below the last one it delivered as a duplicate (the hub does).
+    A handler that raises is logged (rate limited) and counted in `handler_errors`; delivery goes
+    on.
+
+    Lifecycle: `start` raises `BrokerError` naming the unreachable address if the broker cannot be
+    reached at start. After that an outage is reported to `on_state` (CONNECTED -> DISCONNECTED
+    -> CONNECTED) while the broker reconnects by itself; after CONNECTED again the caller re-reads
+    history to fill what it missed. While disconnected, calls raise `BrokerError` (bounded by the
+    broker's timeout) rather than hang.
     """
 
     node_id: str
     limits: HistoryLimits
+    #: How the broker behaves (the same for every node of a deployment).
+    options: BrokerOptions
     #: Whether other nodes can share this broker (False for memory: control messages are moot).
     shared: bool
 
     @property
     def state(self) -> BrokerState: ...
+
+    @property
+    def handler_errors(self) -> int:
+        """How many times a handler given to `start` raised."""
+        ...
 
     async def start(
         self,
@@ -141,17 +233,28 @@ class Broker(Protocol):
         on_control: ControlHandler,
         on_state: StateHandler | None = None,
     ) -> None:
-        """Connect, and deliver publications of subscribed channels and others' control messages."""
+        """Connect, and deliver publications of subscribed channels and others' control messages.
+
+        Raises `BrokerError` (naming host:port) if the broker is unreachable.
+        """
         ...
 
     async def close(self) -> None:
         """Stop delivering and release connections. Idempotent."""
         ...
 
-    async def publish(self, channel: str, event: str, data: bytes) -> Publication:
+    async def publish(
+        self, channel: str, event: str, data: bytes, *, idempotency_key: str | None = None
+    ) -> PublishResult:
         """Append to `channel`'s history and fan out to subscribed nodes, atomically per channel.
 
-        Returns the publication with its offset and epoch. Raises `BrokerError` if it cannot.
+        `data` is the validated compact JSON of the payload (UTF-8). With `idempotency_key`, a
+        second publish with the same key to the same channel within the broker's idempotency
+        window publishes nothing and returns the first one (`PublishResult.duplicate`), whichever
+        node receives it. A state event (`BrokerOptions.state_events`) also replaces the channel's
+        state slot for that event, in the same step. Raises `BrokerError` if it cannot (the
+        publication may or may not have been made: retry with the same key), ValueError for a
+        malformed key or data that is not UTF-8 (`check_idempotency_key`, `check_data`).
         """
         ...
 
@@ -164,11 +267,22 @@ class Broker(Protocol):
         ...
 
     async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
-        """Publications of `channel` with offset > `since_offset` (at most `limit`), and the top."""
+        """Publications of `channel` with offset > `since_offset` (at most `limit`), and the top.
+
+        Only publications younger than the history ttl are returned. Creates nothing.
+        """
         ...
 
     async def position(self, channel: str) -> StreamPosition:
-        """The current top of `channel`'s stream (offset 0 and a fresh epoch if never used)."""
+        """The current top of `channel`'s stream; ``(0, EMPTY_EPOCH)`` if it has none.
+
+        Creates and refreshes nothing.
+        """
+        ...
+
+    async def latest_state(self, channel: str) -> list[Publication]:
+        """The latest publication of each state event of `channel` in its current epoch, younger
+        than the state ttl, oldest offset first (empty if none). Creates nothing."""
         ...
 
     async def publish_control(self, message: ControlKinds) -> None:

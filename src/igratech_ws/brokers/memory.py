@@ -1,14 +1,26 @@
 """The embedded default broker: one node, everything in this process's memory.
 
-Each channel has a stream: an epoch (random, chosen when the stream is created), a top offset, and a
-history bounded by `HistoryLimits.size` and `HistoryLimits.ttl`. The number of streams is bounded by
-`max_channels`: the least recently published stream is dropped first, and if it is used again it
-starts over with a new epoch, so a client holding an old position is told recovery failed rather
-than receiving a wrong sequence.
+Streams. Only `publish` creates a channel's stream: an epoch (random, chosen then), a top offset,
+a history bounded by `HistoryLimits.size` and `HistoryLimits.ttl`, and the channel's state slots.
+Reads (`position`, `history`, `latest_state`) of a channel without a stream answer
+``(0, EMPTY_EPOCH)`` and create nothing, so readers (anonymous clients following made-up games)
+cost nothing and cannot push real channels out. The number of streams is bounded by
+`BrokerOptions.max_channels`: the least recently *published* stream is dropped first (reads never
+reorder), and if it is published again it starts over with a new epoch, so a client holding an
+old position is told recovery failed rather than receiving a wrong sequence.
 
-Appending and delivering happen in one synchronous step, so they are atomic per channel. History
-past its age is dropped when a channel is used, and by a sweep every quarter of the ttl for the
-channels nobody uses any more, so memory follows the age bound and not only the channel bound.
+State slots: the latest publication of each state event of a stream (`BrokerOptions.state_events`),
+kept whatever history trims, until `state_ttl` after it was published; they belong to the stream
+and go with it.
+
+Idempotency keys: remembered per (channel, key) for `idempotency_window` seconds, at most
+`max_idempotency_keys` of them (about 300 bytes each): when full, the oldest key is forgotten first
+(a retry of it publishes again) and `idempotency_keys_dropped` counts it. Only the first
+publication's position is kept, not its payload.
+
+Appending and delivering happen in one synchronous step, so they are atomic per channel. Expired
+history, state and keys are dropped when used, and by a sweep every quarter of the history ttl for
+the ones nobody uses any more, so memory follows the age bounds and not only the count bounds.
 """
 
 from __future__ import annotations
@@ -16,58 +28,117 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections import OrderedDict, deque
+from dataclasses import replace
+from typing import Any
 
 from igratech_ws.brokers.base import (
+    EMPTY_EPOCH,
     BrokerState,
     ControlHandler,
     ControlKinds,
-    HistoryLimits,
     HistoryPage,
     Publication,
     PublicationHandler,
+    PublishResult,
     StateHandler,
     StreamPosition,
+    check_data,
+    check_idempotency_key,
 )
+from igratech_ws.brokers.core import BrokerCore, new_epoch
+from igratech_ws.brokers.options import BrokerOptions
+
+_EMPTY = StreamPosition(0, EMPTY_EPOCH)
 
 
 class _Stream:
-    __slots__ = ("epoch", "history", "top")
+    __slots__ = ("epoch", "history", "states", "top")
 
     def __init__(self, size: int) -> None:
-        self.epoch = uuid.uuid4().hex[:8]
+        self.epoch = new_epoch()
         self.top = 0
         self.history: deque[Publication] = deque(maxlen=size)
+        #: event -> latest publication of that state event; at most len(state_events) entries.
+        self.states: dict[str, Publication] = {}
 
 
-class MemoryBroker:
-    """`Broker` for a single node. See the module docstring for the bounds."""
+class KeyMemory:
+    """Idempotency keys per channel, bounded in count and age (see the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        limits: HistoryLimits | None = None,
-        max_channels: int = 100_000,
-    ) -> None:
-        self.node_id = node_id
-        self.shared = False
-        self.limits = limits or HistoryLimits()
-        self.max_channels = max_channels
+    def __init__(self, *, capacity: int, window: float) -> None:
+        self.capacity = capacity
+        self.window = window
+        # (channel, key) -> (expiry, first publication without its data); insertion order is
+        # expiry order, since the window is the same for every key.
+        self._keys: OrderedDict[tuple[str, str], tuple[float, Publication]] = OrderedDict()
+        #: Keys forgotten before their window ended because the map was full.
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, channel: str, key: str, now: float) -> Publication | None:
+        found = self._keys.get((channel, key))
+        if found is None:
+            return None
+        if found[0] <= now:
+            del self._keys[(channel, key)]
+            return None
+        return found[1]
+
+    def put(self, channel: str, key: str, publication: Publication, now: float) -> None:
+        self.expire(now)
+        self._keys[(channel, key)] = (now + self.window, publication)
+        while len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+            self.dropped += 1
+
+    def expire(self, now: float) -> None:
+        keys = self._keys
+        while keys:
+            expiry, _ = next(iter(keys.values()))
+            if expiry > now:
+                return
+            keys.popitem(last=False)
+
+
+class MemoryBroker(BrokerCore):
+    """`Broker` for a single node. See the module docstring for the bounds.
+
+    `options` fields may also be given as keywords (``MemoryBroker(node_id="n", max_channels=5)``),
+    which override those of `options`.
+    """
+
+    shared = False
+
+    def __init__(self, options: BrokerOptions | None = None, **fields: Any) -> None:
+        super().__init__(replace(options or BrokerOptions(), **fields))
+        self.max_channels = self.options.max_channels
+        # Ordered by last publish: the first one is the next to drop.
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._subscribed: set[str] = set()
-        self._on_publication: PublicationHandler | None = None
-        self._state = BrokerState.CONNECTING
+        self._keys = KeyMemory(
+            capacity=self.options.max_idempotency_keys, window=self.options.idempotency_window
+        )
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
-    def state(self) -> BrokerState:
-        return self._state
+    def channel_count(self) -> int:
+        """Streams held (channels published and not dropped)."""
+        return len(self._streams)
 
     @property
-    def channel_count(self) -> int:
-        return len(self._streams)
+    def subscription_count(self) -> int:
+        return len(self._subscribed)
+
+    @property
+    def idempotency_key_count(self) -> int:
+        return len(self._keys)
+
+    @property
+    def idempotency_keys_dropped(self) -> int:
+        return self._keys.dropped
 
     async def start(
         self,
@@ -75,11 +146,9 @@ class MemoryBroker:
         on_control: ControlHandler,
         on_state: StateHandler | None = None,
     ) -> None:
-        self._on_publication = on_publication
-        self._state = BrokerState.CONNECTED
+        self.bind(on_publication, on_control, on_state)
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
-        if on_state is not None:
-            on_state(self._state)
+        self.set_state(BrokerState.CONNECTED)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -87,19 +156,22 @@ class MemoryBroker:
             await self.sweep()
 
     async def sweep(self, chunk: int = 1000) -> int:
-        """Drop expired history of every channel; yields to the loop every `chunk` channels.
+        """Drop expired history, state and keys; yields to the loop every `chunk` channels.
 
-        Returns how many publications were dropped.
+        Returns how many publications were dropped from history.
         """
         dropped = 0
+        now = time.time()
+        self._keys.expire(now)
         for index, channel in enumerate(list(self._streams)):
             stream = self._streams.get(channel)
-            if stream is not None and stream.history:
+            if stream is not None:
                 before = len(stream.history)
-                self._expire(stream, time.time())
+                self._expire(stream, now)
                 dropped += before - len(stream.history)
             if index % chunk == chunk - 1:
                 await asyncio.sleep(0)
+                now = time.time()
         return dropped
 
     async def close(self) -> None:
@@ -108,32 +180,43 @@ class MemoryBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        self._state = BrokerState.CLOSED
-        self._on_publication = None
+        self.mark_closed()
         self._subscribed.clear()
-
-    def _stream(self, channel: str) -> _Stream:
-        stream = self._streams.get(channel)
-        if stream is None:
-            stream = _Stream(self.limits.size)
-            self._streams[channel] = stream
-            while len(self._streams) > self.max_channels:
-                self._streams.popitem(last=False)
-        return stream
 
     def _expire(self, stream: _Stream, now: float) -> None:
         cutoff = now - self.limits.ttl
         history = stream.history
         while history and history[0].published_at < cutoff:
             history.popleft()
+        if stream.states:
+            state_cutoff = now - self.options.state_ttl
+            for event, publication in list(stream.states.items()):
+                if publication.published_at < state_cutoff:
+                    del stream.states[event]
 
-    async def publish(self, channel: str, event: str, data: bytes) -> Publication:
-        return self.publish_now(channel, event, data)
+    async def publish(
+        self, channel: str, event: str, data: bytes, *, idempotency_key: str | None = None
+    ) -> PublishResult:
+        check_idempotency_key(idempotency_key)
+        check_data(data)
+        if idempotency_key is not None:
+            first = self._keys.get(channel, idempotency_key, time.time())
+            if first is not None:
+                return PublishResult(_with_data(first, data), duplicate=True)
+        publication = self.publish_now(channel, event, data)
+        if idempotency_key is not None:
+            self._keys.put(channel, idempotency_key, _with_data(publication, b""), time.time())
+        return PublishResult(publication)
 
     def publish_now(self, channel: str, event: str, data: bytes) -> Publication:
-        """Synchronous `publish`, for callers already on the loop that want no await."""
-        stream = self._stream(channel)
-        self._streams.move_to_end(channel)
+        """Synchronous `publish` without a key, for callers on the loop that want no await."""
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = _Stream(self.limits.size)
+            while len(self._streams) > self.max_channels:
+                self._streams.popitem(last=False)
+        else:
+            self._streams.move_to_end(channel)
         now = time.time()
         stream.top += 1
         publication = Publication(
@@ -146,9 +229,11 @@ class MemoryBroker:
             origin=self.node_id,
         )
         stream.history.append(publication)
+        if event in self.options.state_events:
+            stream.states[event] = publication
         self._expire(stream, now)
-        if channel in self._subscribed and self._on_publication is not None:
-            self._on_publication(publication)
+        if channel in self._subscribed:
+            self.deliver(publication)
         return publication
 
     async def subscribe(self, channel: str) -> None:
@@ -158,7 +243,9 @@ class MemoryBroker:
         self._subscribed.discard(channel)
 
     async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
-        stream = self._stream(channel)
+        stream = self._streams.get(channel)
+        if stream is None:
+            return HistoryPage([], _EMPTY)
         self._expire(stream, time.time())
         top = StreamPosition(stream.top, stream.epoch)
         history = stream.history
@@ -170,9 +257,30 @@ class MemoryBroker:
         return HistoryPage([history[i] for i in range(start, end)], top)
 
     async def position(self, channel: str) -> StreamPosition:
-        stream = self._stream(channel)
+        stream = self._streams.get(channel)
+        if stream is None:
+            return _EMPTY
         return StreamPosition(stream.top, stream.epoch)
+
+    async def latest_state(self, channel: str) -> list[Publication]:
+        stream = self._streams.get(channel)
+        if stream is None or not stream.states:
+            return []
+        self._expire(stream, time.time())
+        return sorted(stream.states.values(), key=lambda p: p.offset)
 
     async def publish_control(self, message: ControlKinds) -> None:
         # One node only: there is nobody else to tell; the node handles its own messages directly.
         return None
+
+
+def _with_data(publication: Publication, data: bytes) -> Publication:
+    return Publication(
+        channel=publication.channel,
+        offset=publication.offset,
+        epoch=publication.epoch,
+        event=publication.event,
+        data=data,
+        published_at=publication.published_at,
+        origin=publication.origin,
+    )

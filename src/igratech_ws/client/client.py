@@ -5,11 +5,19 @@ end, and reconnects with `Backoff` unless the close code says not to
 (`igratech_ws.core.close_codes.should_reconnect`: not after a logout, 4001-4003, nor 1000/1008).
 Frames are decoded in picows' callback and put into one bounded queue that `async for` drains.
 
-Resume: the client remembers the last (offset, epoch) it queued for every channel. A reconnect
-passes the followed games, the stats switch and a ``recover`` entry for every known channel
-(including ``user:<id>``) in the handshake's ``settings`` query parameter, so the server replays
-what was missed before any live push. When the server answers ``recovered: false`` for a channel,
-the client yields a ``recovery-failed`` event (see `RecoveryFailed`).
+Resume: the client remembers the last (offset, epoch) it queued for every channel, from the
+positions ``connected`` reports for the connection's own channels on (protocol decision D5). A
+reconnect passes the followed games, the stats switch and a ``recover`` entry for every known
+channel (including ``user:<id>``) in the handshake's ``settings`` query parameter, so the server
+replays what was missed before any live push. Whenever the client cannot prove that nothing was
+missed on a channel (``recovered: false``, a channel joined at another position than the one held,
+a push that skips offsets or comes from a new epoch, a refused resume), it yields a
+``recovery-failed`` event (see `RecoveryFailed`). A handshake refused with 400/403 because of a
+``recover`` entry drops that entry (``recovery-failed``, reason ``refused``) and reconnects at once.
+
+State (protocol decision D9): the latest payload of each state event (``stats``, ``balance``) of
+every channel is kept, from pushes and from ``snapshot`` frames; `Client.state` returns it. A
+snapshot never moves a position and is never a gap or a duplicate.
 
 Slow consumers: if the queue is full when a frame arrives, the client drops the connection, waits
 until the application has drained half the queue, and reconnects with resume, so nothing is lost;
@@ -25,6 +33,7 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import msgspec
 from picows import WSHandshakeError
@@ -32,6 +41,7 @@ from picows import WSHandshakeError
 from igratech_ws.core import channels, close_codes
 from igratech_ws.core.codec import event_frame
 from igratech_ws.core.messages import (
+    ChannelState,
     ErrorData,
     Ping,
     Settings,
@@ -42,13 +52,23 @@ from igratech_ws.core.messages import (
 
 from .backoff import Backoff
 from .connection import CloseInfo, Connection
-from .events import DISCONNECTED, RECOVERY_FAILED, Disconnected, Event, RecoveryFailed, decode_frame
+from .events import (
+    DISCONNECTED,
+    RECOVERY_FAILED,
+    STATE_EVENTS,
+    Disconnected,
+    Event,
+    RecoveryFailed,
+    connected_channels,
+    decode_frame,
+)
 
 log = logging.getLogger("igratech_ws.client")
 
 MAX_GAMES = 1000  # the protocol's bound on a settings list
 MAX_PENDING_SETTINGS = 64
 _QUEUE_FULL = "client queue full"
+_RECONNECT_ASKED = "reconnect asked"
 
 
 class ClientError(Exception):
@@ -56,11 +76,22 @@ class ClientError(Exception):
 
 
 class HandshakeRejected(ClientError):
-    """The server refused the WebSocket handshake (HTTP `status`, e.g. 401 for a bad token)."""
+    """The server refused the WebSocket handshake (HTTP `status`, e.g. 401 for a bad token).
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"handshake rejected with HTTP {status}")
+    `code` and `field` come from the server's JSON answer when it has one (e.g.
+    ``forbidden_channel``, ``settings.recover.user:u-9``).
+    """
+
+    def __init__(
+        self, status: int, code: str | None = None, field: str | None = None, reason: str = ""
+    ) -> None:
+        detail = f" ({code}{': ' + field if field else ''})" if code else ""
+        super().__init__(f"handshake rejected with HTTP {status}{detail}")
         self.status = status
+        self.code = code
+        self.field = field
+        #: The server's explanation (the error body's message), or "".
+        self.reason = reason
 
 
 class ReconnectFailed(ClientError):
@@ -112,6 +143,13 @@ class Client:
     ) -> None:
         self._url = url
         self._token = token
+        # channel -> event -> (payload, offset, epoch) of the latest state publication seen
+        self._states: dict[str, dict[str, tuple[Any, int, str]]] = {}
+        # channels joined on the current connection (an answer lists them at their join position)
+        self._in_force: set[str] = set()
+        # channels whose `recover` the last handshake carried
+        self._handshake_recover: set[str] = set()
+        self._reconnect_asked = False
         self._want_games: list[str] = _checked_games(games, [])
         self._want_stats = stats
         self._reconnect = reconnect
@@ -148,6 +186,31 @@ class Client:
     def user_id(self) -> str | None:
         user_id = self.session.userId if self.session else None
         return user_id if isinstance(user_id, str) else None
+
+    def state(self, channel: str) -> dict[str, Any]:
+        """The current state of `channel`: the latest payload of each state event received there
+        (``stats``, ``balance``), by push or snapshot; ``{}`` when none (or not followed)."""
+        return {event: known[0] for event, known in self._states.get(channel, {}).items()}
+
+    def set_token(self, token: str | None) -> None:
+        """Use `token` from the next connection on (`reconnect` switches now). The positions and
+        state of user channels are forgotten: they belong to the previous token's user."""
+        if token == self._token:
+            return
+        self._token = token
+        for channel in [c for c in self.positions if channels.channel_kind(c) == "user"]:
+            self._forget(channel)
+
+    def reconnect(self) -> None:
+        """Drop the connection and reconnect at once, resuming every channel (e.g. after
+        `set_token`). Does nothing while no connection is open."""
+        if self._conn is not None and not self._closing:
+            self._reconnect_asked = True
+            self._conn.abort()
+
+    def _forget(self, channel: str) -> None:
+        self.positions.pop(channel, None)
+        self._states.pop(channel, None)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -258,7 +321,9 @@ class Client:
         recover = {
             ch: StreamPositionData(offset=offset, epoch=epoch)
             for ch, (offset, epoch) in self.positions.items()
+            if self._token is not None or channels.channel_kind(ch) != "user"
         }
+        self._handshake_recover = set(recover)
         if not (self._want_games or self._want_stats or recover or self._generation > 0):
             return self._url
         request = SettingsRequest(
@@ -282,6 +347,7 @@ class Client:
             self._pending.append(covered)
         self._generation += 1
         self._overflowed = False
+        self._in_force = set()
         self._greeted.clear()
         try:
             conn = await Connection.open(
@@ -290,13 +356,15 @@ class Client:
         except WSHandshakeError as exc:
             self._unsent = covered + self._unsent
             status = exc.response.status if exc.response is not None else 0
-            raise HandshakeRejected(int(status)) from None
+            raise HandshakeRejected(
+                int(status), *_refusal(exc), reason=_refusal_reason(exc.raw_body)
+            ) from None
         except BaseException:
             self._unsent = covered + self._unsent
             raise
         self._conn = conn
         self._last_frame = time.monotonic()
-        if self._overflowed:
+        if self._overflowed or self._closing:
             conn.abort()
         # requests made while the handshake was in flight are not in it: send the wanted state
         late = self._unsent if handshake_settings else covered + self._unsent
@@ -323,6 +391,9 @@ class Client:
                 self._pending.clear()
                 if self._overflowed:
                     info = CloseInfo(None, _QUEUE_FULL)
+                elif self._reconnect_asked:
+                    info = CloseInfo(None, _RECONNECT_ASKED)
+                self._reconnect_asked = False
                 if time.monotonic() - opened_at >= self._reset_after:
                     self._backoff.reset()
                 if not await self._reconnect_after(info):
@@ -345,8 +416,10 @@ class Client:
             self._fail_waiters(ClientClosed(f"connection closed: {info.reason}"))
             await self._finish(None)
             return False
+        retry_now = info.reason in (_QUEUE_FULL, _RECONNECT_ASKED)
         while True:
-            delay = 0.0 if info.reason == _QUEUE_FULL else self._backoff.next_delay()
+            delay = 0.0 if retry_now else self._backoff.next_delay()
+            retry_now = False
             if delay is None:
                 event = Disconnected(info.code, info.reason, False, self._backoff.attempt)
                 await self._put(Event(DISCONNECTED, event))
@@ -364,6 +437,15 @@ class Client:
                 # a cancellation racing the connect's completion may have been swallowed
                 return not self._closing
             except HandshakeRejected as exc:
+                lost = self._refused_recovery(exc)
+                if lost:
+                    # The resume was refused, not the client: drop what was refused, say so,
+                    # and connect again at once without it.
+                    for channel in lost:
+                        self._forget(channel)
+                    await self._put(Event(RECOVERY_FAILED, RecoveryFailed(lost, "refused")))
+                    info, retry_now = CloseInfo(None, str(exc)), True
+                    continue
                 if 400 <= exc.status < 500 and exc.status not in (408, 429):
                     await self._put(Event(DISCONNECTED, Disconnected(None, str(exc), False)))
                     self._fail_waiters(ClientClosed(str(exc)))
@@ -372,6 +454,25 @@ class Client:
                 info = CloseInfo(None, str(exc))
             except (OSError, TimeoutError) as exc:
                 info = CloseInfo(None, f"connect failed: {exc or type(exc).__name__}")
+
+    def _refused_recovery(self, exc: HandshakeRejected) -> list[str]:
+        """The channels to stop recovering after handshake refusal `exc` (empty: not the resume).
+
+        A 400/403 whose `field` names a ``recover`` entry refuses that channel; one that names no
+        field of the request, when the handshake carried ``recover``, refuses all of it (the
+        next attempt, without it, tells whether something else is refused).
+        """
+        if exc.status not in (400, 403) or not self._handshake_recover:
+            return []
+        prefix = "settings.recover."
+        if exc.field and exc.field.startswith(prefix):
+            named = exc.field[len(prefix) :]
+            hits = [c for c in self._handshake_recover if c[:80] == named]
+            if hits:
+                return sorted(hits)
+        if exc.field and exc.field != "settings":
+            return []  # another field (e.g. too many games): recovery is not what was refused
+        return sorted(self._handshake_recover)
 
     async def _put(self, event: Event) -> None:
         await self._queue.put(event)
@@ -409,24 +510,65 @@ class Client:
             if isinstance(ts, int | float):
                 self.latency = max(0.0, time.time() - ts / 1000)
             return
-        if event.channel is not None and event.offset is not None and event.epoch is not None:
-            known = self.positions.get(event.channel)
-            if known and known[1] == event.epoch and event.offset <= known[0]:
-                return  # a replay overlapping what we already queued
-        extra = self._extra_events(event)
-        if self._queue.qsize() + 1 + len(extra) > self._max_queue:
+        joined = connected_channels(frame) if event.event == "connected" else []
+        if event.event == "settings" and isinstance(event.data, Settings):
+            joined = event.data.channels
+        items = self._judge(event, joined)
+        if not items:
+            return  # a replay overlapping what we already queued
+        if self._queue.qsize() + len(items) > self._max_queue:
             self._overflow()
             return
-        self._queue.put_nowait(event)
-        for item in extra:
+        for item in items:
             self._queue.put_nowait(item)
-        self._apply(event)
+        self._apply(event, joined)
 
-    def _extra_events(self, event: Event) -> list[Event]:
-        if event.event != "settings" or not isinstance(event.data, Settings):
+    def _judge(self, event: Event, joined: list[ChannelState]) -> list[Event]:
+        """What to queue for `event` (empty: a duplicate), with the ``recovery-failed`` events it
+        implies. Reads the client's state only: `_apply` changes it once the items are queued, so
+        a frame dropped by a full queue leaves no trace and is replayed by the resume."""
+        if joined:
+            lost: dict[str, list[str]] = {}
+            for state in self._newly_joined(joined):
+                held = self.positions.get(state.channel)
+                if state.recovered is True and held is not None:
+                    continue
+                if held is not None and (
+                    state.recovered is False or not _same(held, (state.offset, state.epoch))
+                ):
+                    reason = "not-recovered" if state.recovered is False else "not-resumed"
+                    lost.setdefault(reason, []).append(state.channel)
+            gaps = [Event(RECOVERY_FAILED, RecoveryFailed(c, r)) for r, c in lost.items()]
+            return [event, *gaps]
+        if (
+            event.channel is None
+            or event.offset is None
+            or event.epoch is None
+            or event.snapshot  # the current state, at or below the position: never a gap
+        ):
+            return [event]
+        held = self.positions.get(event.channel)
+        if held is None:
+            return [event]
+        same_epoch = held[1] == event.epoch
+        if same_epoch and event.offset <= held[0]:
             return []
-        lost = [c.channel for c in event.data.channels if c.recovered is False]
-        return [Event(RECOVERY_FAILED, RecoveryFailed(lost))] if lost else []
+        nxt = event.offset == 1 if held[0] == 0 else same_epoch and event.offset == held[0] + 1
+        # A conflated state push replaced older ones of its event: skipped offsets are expected.
+        if nxt or (event.conflated and same_epoch and event.event in STATE_EVENTS):
+            return [event]
+        gap = RecoveryFailed([event.channel], "skipped" if same_epoch else "epoch")
+        return [Event(RECOVERY_FAILED, gap), event]
+
+    def _newly_joined(self, joined: list[ChannelState]) -> list[ChannelState]:
+        """The channels of an answer not yet joined on this connection (their first listing)."""
+        seen = set(self._in_force)
+        fresh = []
+        for state in joined:
+            if state.channel not in seen:
+                seen.add(state.channel)
+                fresh.append(state)
+        return fresh
 
     def _overflow(self) -> None:
         self._overflowed = True
@@ -434,13 +576,18 @@ class Client:
         if self._conn is not None:
             self._conn.abort()
 
-    def _apply(self, event: Event) -> None:
+    def _apply(self, event: Event, joined: list[ChannelState]) -> None:
         """Update the client's state from an event that was just queued."""
         data = event.data
         if event.channel is not None and event.offset is not None and event.epoch is not None:
-            self.positions[event.channel] = (event.offset, event.epoch)
-        elif event.event == "connected" and isinstance(data, Status):
-            self.session = data
+            if not event.snapshot:
+                self.positions[event.channel] = (event.offset, event.epoch)
+            if event.event in STATE_EVENTS:
+                self._keep_state(event, event.channel, event.offset, event.epoch)
+        elif event.event == "connected":
+            if isinstance(data, Status):
+                self.session = data
+            self._join(joined)
             self._greeted.set()
         elif event.event == "settings" and isinstance(data, Settings):
             self._apply_settings(data)
@@ -453,16 +600,33 @@ class Client:
 
     def _apply_settings(self, data: Settings) -> None:
         self.games, self.stats = list(data.games), data.stats
-        in_force = set()
-        for state in data.channels:
-            in_force.add(state.channel)
-            # A recovered channel's missed pushes follow this answer: keep our older position
-            # so that a drop during the replay resumes from where we really are.
-            if state.channel not in self.positions or state.recovered is False:
-                self.positions[state.channel] = (state.offset, state.epoch)
+        self._join(data.channels)
+        listed = {state.channel for state in data.channels}
+        self._in_force &= listed
         for channel in list(self.positions):
-            if channel not in in_force and channels.channel_kind(channel) != "user":
-                del self.positions[channel]  # unfollowed: forget, so the map stays bounded
+            if channel not in listed and channels.channel_kind(channel) != "user":
+                self._forget(channel)  # unfollowed: forget, so the maps stay bounded
+
+    def _join(self, joined: list[ChannelState]) -> None:
+        """Record the positions of newly joined channels (the rule `_judge` applied).
+
+        A recovered channel's missed pushes follow the answer: the older position is kept, so a
+        drop during the replay resumes from where the client really is. Any other newly joined
+        channel starts from the server's position (after a gap, if it differs from the held one).
+        """
+        for state in self._newly_joined(joined):
+            self._in_force.add(state.channel)
+            if state.recovered is True and state.channel in self.positions:
+                continue
+            self.positions[state.channel] = (state.offset, state.epoch)
+
+    def _keep_state(self, event: Event, channel: str, offset: int, epoch: str) -> None:
+        states = self._states.setdefault(channel, {})
+        known = states.get(event.event)
+        # An older publication of the same stream (a snapshot, say) never replaces a newer one.
+        if known is not None and known[2] == epoch and offset < known[1]:
+            return
+        states[event.event] = (event.data, offset, epoch)
 
     # --- keep-alive -----------------------------------------------------------------------
 
@@ -484,6 +648,24 @@ class Client:
                 conn.abort()
                 return
             conn.send(event_frame("ping", Ping(ts=round(time.time() * 1000))))
+
+
+def _same(held: tuple[int, str], other: tuple[int, str]) -> bool:
+    """Whether two positions are the same; offset 0 (nothing seen) matches any epoch (D1)."""
+    return held[0] == other[0] and (held[1] == other[1] or held[0] == 0)
+
+
+def _refusal(exc: WSHandshakeError) -> tuple[str | None, str | None]:
+    """The error code and field of a refused handshake's JSON answer, when it has them."""
+    try:
+        error = msgspec.json.decode(getattr(exc, "raw_body", None) or b"{}").get("error") or {}
+        code, field = error.get("code"), error.get("field")
+    except (msgspec.DecodeError, AttributeError):
+        return None, None
+    return (
+        code if isinstance(code, str) else None,
+        field if isinstance(field, str) else None,
+    )
 
 
 def _checked_games(new: Iterable[str], current: list[str]) -> list[str]:
@@ -542,3 +724,12 @@ async def connect(
         yield client
     finally:
         await client.close()
+
+
+def _refusal_reason(body: bytes | None) -> str:
+    """The message of a refused handshake's JSON error body (``{"error": {"message": ...}}``)."""
+    try:
+        error = msgspec.json.decode(body or b"").get("error", {})
+        return str(error["message"])[:500]
+    except (msgspec.DecodeError, AttributeError, KeyError, TypeError):
+        return (body or b"").decode("utf-8", "replace").strip()[:500]

@@ -33,6 +33,10 @@ TARGETS_BY_EVENT: dict[str, frozenset[ChannelKind]] = {
     "bets-result": frozenset({"user"}),
 }
 
+#: State events: a newer one replaces the older, per channel and event (brokers keep the latest);
+#: the other events are stream events, each of which matters.
+STATE_EVENTS = frozenset({"stats", "balance"})
+
 
 def is_valid_id(value: str) -> bool:
     """True if `value` may be a game or user id (the `Identifier` format of the contract)."""

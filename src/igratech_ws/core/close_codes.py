@@ -12,6 +12,8 @@ import enum
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
@@ -27,6 +29,8 @@ class CloseCode(enum.IntEnum):
 CLOSE_TABLE: dict[CloseCode, tuple[str, bool]] = {
     CloseCode.NORMAL: ("normal closure", False),
     CloseCode.GOING_AWAY: ("going away", True),
+    CloseCode.PROTOCOL_ERROR: ("protocol error", False),
+    CloseCode.INVALID_DATA: ("invalid UTF-8 data", False),
     CloseCode.POLICY_VIOLATION: ("policy violation", False),
     CloseCode.MESSAGE_TOO_BIG: ("message too big", False),
     CloseCode.INTERNAL_ERROR: ("internal error", True),
@@ -44,9 +48,22 @@ def close_reason(code: CloseCode) -> str:
     return CLOSE_TABLE[code][0]
 
 
+#: The `Node.closes` key (metric label ``other``) of every close code outside the table: a client
+#: may close with any of about 2,000 valid codes, and each must not become a metric series.
+OTHER = 0
+
+
+def counted_as(code: int) -> int:
+    """The key a close with `code` is counted under: the code when the table has it, else OTHER."""
+    return code if code in _DOCUMENTED else OTHER
+
+
 def should_reconnect(code: int) -> bool:
     """Whether a client receiving `code` should reconnect (unknown codes: yes, with backoff)."""
     try:
         return CLOSE_TABLE[CloseCode(code)][1]
     except ValueError:
         return True
+
+
+_DOCUMENTED = frozenset(int(code) for code in CLOSE_TABLE)

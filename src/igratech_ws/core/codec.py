@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from igratech_ws.core.contract_words import in_contract_words
 from igratech_ws.core.messages import (
     CLIENT_EVENTS,
     PUBLISHED_EVENTS,
@@ -62,8 +63,9 @@ _payload_decoders = {
 
 
 def split_validation_error(error: msgspec.ValidationError) -> tuple[str, str | None]:
-    """msgspec's message without the location suffix, and the field path (``bets[0].stake``)."""
-    text = str(error)
+    """msgspec's message without the location suffix, and the field path (``bets[0].stake``);
+    patterns are said in the contract's words (`core.contract_words`)."""
+    text = in_contract_words(str(error))
     match = _FIELD_RE.search(text)
     if not match:
         return text, None

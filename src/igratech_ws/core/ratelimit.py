@@ -6,6 +6,9 @@ can. The caller stores the returned tokens and time back on the connection.
 
 from __future__ import annotations
 
+#: Frames refused by the rate limit in a row before the connection is closed with 1008.
+STRIKES = 10
+
 
 def take(tokens: float, last: float, now: float, rate: float, burst: float) -> tuple[bool, float]:
     """Whether one more message is allowed, and the tokens left (store them with `now`)."""

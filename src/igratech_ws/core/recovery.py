@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+#: The epoch of a channel that has no stream (never published, or dropped): offset 0.
+EMPTY_EPOCH = "none"
+
 
 class HasOffset(Protocol):
     @property
@@ -41,7 +44,8 @@ def decide_recovery(
     `stream_top` (the offset of the newest publication). The caller sends `missed` before any live
     publication with a greater offset and drops live ones it already sent.
     """
-    if client_epoch != stream_epoch or client_offset > stream_top:
+    # A client at offset 0 has seen nothing, so its epoch does not matter (D1).
+    if (client_offset != 0 and client_epoch != stream_epoch) or client_offset > stream_top:
         return RecoveryOutcome(False, [])
     missed = [p for p in history if p.offset > client_offset]
     expected = stream_top - client_offset

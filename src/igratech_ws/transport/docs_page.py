@@ -5,9 +5,9 @@ external assets and inline CSS only, so it works on a machine with no internet. 
 info, servers, the channel and its bindings, each operation, each message (payload as a nested
 field table, examples pretty-printed), the component schemas, and the close and error codes.
 
-Every string from the document is HTML-escaped; the Markdown in descriptions is rendered by a
-deliberately small subset (paragraphs, headings, lists, fenced code, tables, inline code, bold,
-links) that escapes first and only then adds tags.
+Every string from the document is HTML-escaped; the Markdown in descriptions is rendered by
+markdown-it-py (CommonMark and tables, raw HTML off). String patterns are shown in the contract's
+words (`core.contract_words`), not as regular expressions.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
+from markdown_it import MarkdownIt
+
+from igratech_ws.core.contract_words import pattern_words
 
 _SCHEMA_REF = "#/components/schemas/"
 _MESSAGE_REFS = ("#/channels/wspublic/messages/", "#/components/messages/")
@@ -85,102 +88,32 @@ def _anchor(kind: str, name: str) -> str:
     return kind + "-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-# --- a small Markdown subset -----------------------------------------------------------------
-
-_INLINE_CODE = re.compile(r"`([^`]+)`")
-_BOLD = re.compile(r"\*\*([^*]+)\*\*")
-_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+# --- Markdown --------------------------------------------------------------------------------
 
 
-def _inline(text: str) -> str:
-    """Escape `text`, then render inline code, bold and http(s)/anchor links."""
-    parts = _INLINE_CODE.split(text)
-    out = []
-    for index, part in enumerate(parts):
-        if index % 2:
-            out.append(f"<code>{_e(part)}</code>")
-            continue
-        escaped = _BOLD.sub(r"<strong>\1</strong>", _e(part))
-
-        def link(match: re.Match[str]) -> str:
-            target = html.unescape(match.group(2))
-            if not target.startswith(("http://", "https://", "#")):
-                return match.group(0)
-            return f'<a href="{_e(target)}">{match.group(1)}</a>'
-
-        out.append(_LINK.sub(link, escaped))
-    return "".join(out)
+@functools.cache
+def _markdown_renderer() -> MarkdownIt:
+    # CommonMark with tables; raw HTML off, so every string from the document is escaped, and
+    # markdown-it refuses javascript:, vbscript:, file: and data: link targets.
+    return MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
 def markdown(text: str | None) -> str:
-    """Render the Markdown subset of the document's descriptions as HTML (escaped)."""
+    """The Markdown of a description as HTML (escaped; headings shifted below the page's own:
+    a description's ``#`` is an ``h3``)."""
     if not text:
         return ""
-    lines = str(text).replace("\r\n", "\n").split("\n")
-    out: list[str] = []
-    paragraph: list[str] = []
+    renderer = _markdown_renderer()
+    tokens = renderer.parse(str(text))
+    for token in tokens:
+        if token.type in ("heading_open", "heading_close"):
+            token.tag = f"h{min(6, int(token.tag[1]) + 2)}"
+    return str(renderer.renderer.render(tokens, renderer.options, {})).strip()
 
-    def flush() -> None:
-        if paragraph:
-            out.append("<p>" + _inline(" ".join(paragraph)) + "</p>")
-            paragraph.clear()
 
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if stripped.startswith("```"):
-            flush()
-            block = []
-            i += 1
-            while i < len(lines) and not lines[i].strip().startswith("```"):
-                block.append(lines[i])
-                i += 1
-            out.append("<pre><code>" + _e("\n".join(block)) + "</code></pre>")
-        elif stripped.startswith("#"):
-            flush()
-            level = min(6, len(stripped) - len(stripped.lstrip("#")) + 2)
-            out.append(f"<h{level}>{_inline(stripped.lstrip('#').strip())}</h{level}>")
-        elif stripped.startswith(("- ", "* ")):
-            flush()
-            items = []
-            while i < len(lines) and lines[i].strip().startswith(("- ", "* ")):
-                item = [lines[i].strip()[2:]]
-                # Continuation lines of an item are indented.
-                while (
-                    i + 1 < len(lines)
-                    and lines[i + 1].startswith("  ")
-                    and not lines[i + 1].strip().startswith(("- ", "* "))
-                ):
-                    i += 1
-                    item.append(lines[i].strip())
-                items.append("<li>" + _inline(" ".join(item)) + "</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif stripped.startswith("|"):
-            flush()
-            rows = []
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
-                if not all(re.fullmatch(r":?-{2,}:?", c) for c in cells if c):
-                    rows.append(cells)
-                i += 1
-            if rows:
-                head = "".join(f"<th>{_inline(c)}</th>" for c in rows[0])
-                body = "".join(
-                    "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>"
-                    for row in rows[1:]
-                )
-                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-            continue
-        elif not stripped:
-            flush()
-        else:
-            paragraph.append(stripped)
-        i += 1
-    flush()
-    return "\n".join(out)
+def _inline(text: str) -> str:
+    """A one-line summary's Markdown (code, emphasis, links) as HTML, without a paragraph."""
+    return str(_markdown_renderer().renderInline(text)) if text else ""
 
 
 # --- schemas ---------------------------------------------------------------------------------
@@ -225,8 +158,15 @@ def _constraints(schema: dict[str, Any]) -> str:
             value = schema[key]
             if key == "enum":
                 shown = ", ".join(json.dumps(v) for v in value)
-            elif key in ("pattern", "format") and isinstance(value, str):
-                shown = value  # a regular expression reads better without JSON's escaping
+            elif key == "pattern" and isinstance(value, str):
+                words = pattern_words(value)
+                if words is not None:  # the contract's words, not the validator's regex
+                    items.append(f"format: {_e(words)}")
+                    continue
+                # Python's `$(?!\n)` (no trailing newline) is how `$` reads everywhere else.
+                shown = value.replace(r"$(?!\n)", "$")
+            elif key == "format" and isinstance(value, str):
+                shown = value
             else:
                 shown = json.dumps(value)
             items.append(f"{_e(key)}: <code>{_e(shown)}</code>")

@@ -12,7 +12,9 @@ Routes (see ``docs/http-api.md`` for the full reference with examples):
 - ``GET /api/v1/info``: the node's counters.
 
 Every other route needs ``Authorization: Bearer <api key>``. Without a configured key the API
-refuses those routes with 503, so a gateway cannot be run unprotected by accident.
+refuses those routes with 503, so a gateway cannot be run unprotected by accident. ``/metrics``
+(added by the application) is the exception: public on this private listener, or, when a
+`metrics_key` is given, readable with that read-only key (or the API key).
 
 Every answer the API makes itself is JSON encoded with msgspec, errors included:
 ``{"error": {"code": ..., "message": ..., "field": ...}}``. Validation happens before anything
@@ -291,6 +293,9 @@ def _error_middleware(max_body_bytes: int) -> Middleware:
     return errors
 
 
+#: Prometheus's route: public unless a metrics key is configured (then it or the API key).
+METRICS_PATH = "/metrics"
+
 _NO_KEY = error_answer(
     503,
     "api_key_not_configured",
@@ -304,6 +309,13 @@ _UNAUTHORIZED = error_answer(
 )
 
 
+def _bearer_is(authorization: bytes, key: bytes) -> bool:
+    """Whether `authorization` (a raw header value) is ``Bearer <key>``, compared in constant
+    time; the scheme is case-insensitive."""
+    scheme, _, token = authorization.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
 def check_api_key(expected: bytes | None, authorization: bytes) -> Answer | None:
     """None when `authorization` (the raw header value) is ``Bearer <expected>``, else the answer.
 
@@ -312,20 +324,28 @@ def check_api_key(expected: bytes | None, authorization: bytes) -> Answer | None
     """
     if expected is None:
         return _NO_KEY
-    scheme, _, token = authorization.strip().partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected):
+    if not _bearer_is(authorization, expected):
         return _UNAUTHORIZED
     return None
 
 
-def _auth_middleware(expected: bytes | None) -> Middleware:
+def _auth_middleware(expected: bytes | None, metrics_expected: bytes | None) -> Middleware:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Require ``Authorization: Bearer <api key>`` on every route but the public ones."""
+        """Require ``Authorization: Bearer <api key>`` on every route but the public ones;
+        ``/metrics`` is public without a metrics key, else needs it (or the API key)."""
         if _is_public(request.path):
             return await handler(request)
         # surrogatepass never fails, so odd header bytes become a mismatch rather than an error.
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
+        if request.path == METRICS_PATH:
+            if (
+                metrics_expected is None
+                or _bearer_is(given, metrics_expected)
+                or (expected is not None and _bearer_is(given, expected))
+            ):
+                return await handler(request)
+            return to_response(_UNAUTHORIZED)
         refused = check_api_key(expected, given)
         if refused is not None:
             return to_response(refused)
@@ -514,6 +534,7 @@ def build_api_app(
     *,
     api_key: str | None,
     asyncapi_yaml: str,
+    metrics_key: str | None = None,
     max_body_bytes: int = 1_048_576,
     max_batch_items: int = 1000,
     extra_routes: Callable[[web.Application], None] | None = None,
@@ -537,7 +558,10 @@ def build_api_app(
     api = _Api(routes, asyncapi_yaml=asyncapi_yaml)
     app = web.Application(
         client_max_size=max_body_bytes,
-        middlewares=[_error_middleware(max_body_bytes), _auth_middleware(expected)],
+        middlewares=[
+            _error_middleware(max_body_bytes),
+            _auth_middleware(expected, metrics_key.encode("utf-8") if metrics_key else None),
+        ],
     )
     app[PUBLISH_ROUTES_KEY] = routes
     app.router.add_get("/healthz", api.healthz)

@@ -1,0 +1,372 @@
+"""`NatsBroker`: the connection and its lifecycle, the stream's configuration, delivery, control.
+
+Live delivery uses the stream's RePublish (NATS >= 2.9): the server republishes a message to
+``P.live.<token>`` only once it is stored, in stream order for one publishing connection (two
+messages stored from different connections may be republished swapped: the `Broker` contract
+lets them arrive out of offset order, and the hub fills the gap from history). A node holds one
+core subscription per channel its clients follow. Subscribing to the append subject instead would
+be wrong: core subscribers also receive publishes that the stream *refused*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+
+from igratech_ws.brokers.base import (
+    EMPTY_EPOCH,
+    BrokerError,
+    BrokerState,
+    ControlHandler,
+    ControlKinds,
+    HistoryPage,
+    Publication,
+    PublicationHandler,
+    PublishResult,
+    StateHandler,
+    StreamPosition,
+    check_data,
+    check_idempotency_key,
+)
+from igratech_ws.brokers.core import Backoff, BrokerCore, encode_control
+from igratech_ws.brokers.nats.append import append
+from igratech_ws.brokers.nats.history import (
+    Stored,
+    StreamMissing,
+    err_code,
+    publication_from,
+    read_history,
+    read_last,
+    read_state,
+)
+from igratech_ws.brokers.nats.subjects import (
+    DEFAULT_PREFIX,
+    H_EVENT,
+    append_subject,
+    check_prefix,
+    control_subject,
+    describe_server,
+    live_subject,
+    parse_url,
+    stream_name,
+)
+from igratech_ws.brokers.options import BrokerOptions
+
+log = logging.getLogger("igratech_ws.brokers.nats")
+
+_ERR_STREAM_NAME_IN_USE = 10058
+#: Local publishers to one channel wait on one of this many locks (by hash) instead of racing
+#: each other through JetStream; a fixed array keeps the map bounded whatever the channel names.
+_LOCK_STRIPES = 256
+_T = TypeVar("_T")
+
+
+@contextlib.contextmanager
+def _as_broker_error(what: str) -> Iterator[None]:
+    """Turn every failure of the NATS client into BrokerError, which callers know to handle."""
+    try:
+        yield
+    except BrokerError:
+        raise
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise BrokerError(f"NATS {what} failed: {exc!r}") from exc
+
+
+class NatsBroker(BrokerCore):
+    """`Broker` over NATS JetStream. See the package docstring for subjects, format and design.
+
+    `url` is ``nats://host:port[?prefix=P&storage=file|memory&replicas=N&timeout=S&max_age=S]``;
+    the query is ours and is stripped before connecting. Every node of one deployment must use
+    the same prefix and options (the stream is updated to those of the node that starts last).
+    """
+
+    def __init__(self, url: str, options: BrokerOptions | None = None) -> None:
+        super().__init__(options or BrokerOptions())
+        self._server, query = parse_url(url)
+        self.address = describe_server(self._server)
+        self.prefix = check_prefix(query.get("prefix") or DEFAULT_PREFIX)
+        self.stream = stream_name(self.prefix)
+        storage = query.get("storage", "file")
+        if storage not in ("file", "memory"):
+            raise ValueError("NATS URL option storage must be 'file' or 'memory'")
+        self._storage = api.StorageType.FILE if storage == "file" else api.StorageType.MEMORY
+        self._replicas = int(query.get("replicas", "1"))
+        self._timeout = float(query.get("timeout", self.options.op_timeout))
+        retention = float(query.get("max_age", self.options.retention))
+        self._max_age = max(self.limits.ttl, retention)
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        # One entry per channel the hub follows; the hub bounds that set.
+        self._subscriptions: dict[str, Subscription] = {}
+        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+        self._closing = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(
+        self,
+        on_publication: PublicationHandler,
+        on_control: ControlHandler,
+        on_state: StateHandler | None = None,
+    ) -> None:
+        """Connect, create or update the stream, and listen for control messages.
+
+        Raises `BrokerError` naming host:port if NATS cannot be reached within a few seconds;
+        after that, an outage is reported through `on_state` and nats-py reconnects forever.
+        """
+        self.bind(on_publication, on_control, on_state)
+
+        async def disconnected() -> None:
+            self.set_state(BrokerState.DISCONNECTED)
+
+        async def reconnected() -> None:
+            self.set_state(BrokerState.CONNECTED)
+
+        backoff = Backoff(self.options.backoff_min, self.options.backoff_max)
+
+        def next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[None, float]:
+            # nats-py's own wait is fixed; ours grows with the failed attempts, with jitter.
+            return None, backoff.delay(min((s.reconnects for s in servers), default=0))
+
+        async def error(exc: Exception) -> None:
+            # nats-py reports each failed reconnect here; the state change already said it.
+            log.debug("NATS client error: %r", exc)
+
+        try:
+            async with asyncio.timeout(self._timeout + 2):
+                self._nc = await nats.connect(
+                    self._server,
+                    name=f"igratech-ws {self.node_id}",
+                    connect_timeout=self._timeout,
+                    # The first connect tries each server twice, then fails (a node that cannot
+                    # reach its broker at start should say so); endless reconnects are switched
+                    # on below, once connected.
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_to_server_handler=next_server,
+                    ping_interval=10,
+                    max_outstanding_pings=3,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=error,
+                )
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            await self.close()
+            raise BrokerError(f"cannot reach NATS at {self.address}: {exc!r}") from exc
+        # nats-py reads these options at each disconnect; there is no other way to have a failing
+        # first connect and endless reconnects afterwards.
+        self._nc.options["allow_reconnect"] = True
+        self._nc.options["max_reconnect_attempts"] = -1
+        self._js = self._nc.jetstream(timeout=self._timeout)
+        try:
+            with _as_broker_error("stream setup"):
+                async with asyncio.timeout(self._timeout * 2):
+                    await self._ensure_stream()
+                    await self._nc.subscribe(control_subject(self.prefix), cb=self._control_msg)
+                    await self._nc.flush(timeout=int(max(1, self._timeout)))
+        except BrokerError:
+            await self.close()
+            raise
+        self.set_state(BrokerState.CONNECTED)
+
+    async def close(self) -> None:
+        """Stop delivering and disconnect. Idempotent. Does not delete the stream."""
+        if self._closing:
+            return
+        self._closing = True
+        self.mark_closed()
+        self._subscriptions.clear()
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout):
+                    await nc.close()
+
+    def stream_config(self) -> api.StreamConfig:
+        """The stream every node creates or updates at start (see the package docstring)."""
+        return api.StreamConfig(
+            name=self.stream,
+            description="igratech-ws channel history and state",
+            subjects=[f"{self.prefix}.ch.>", f"{self.prefix}.st.>"],
+            max_msgs_per_subject=self.limits.size,
+            max_age=self._max_age,
+            storage=self._storage,
+            num_replicas=self._replicas,
+            discard=api.DiscardPolicy.OLD,
+            duplicate_window=min(self.options.idempotency_window, self._max_age),
+            allow_rollup_hdrs=True,
+            republish=api.RePublish(src=f"{self.prefix}.ch.>", dest=f"{self.prefix}.live.>"),
+        )
+
+    async def _ensure_stream(self) -> None:
+        js = self._require_js()
+        config = self.stream_config()
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if err_code(exc) != _ERR_STREAM_NAME_IN_USE:
+                raise
+            await js.update_stream(config)
+
+    async def delete_stream(self) -> None:
+        """Delete the stream and with it every channel's history and state (tests, operators).
+
+        Every channel starts over with a new epoch. Raises BrokerError if NATS cannot do it.
+        """
+        js = self._require_js()
+        with _as_broker_error("stream delete"), contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(self.stream)
+
+    def _require_js(self) -> JetStreamContext:
+        """The JetStream context, or BrokerError at once if NATS is not connected right now."""
+        if self._js is None or self._nc is None or self._closing:
+            raise BrokerError("NATS broker is not started")
+        if not self._nc.is_connected:
+            raise BrokerError("NATS is disconnected")
+        return self._js
+
+    async def _with_stream(self, what: str, operation: Callable[[], Awaitable[_T]]) -> _T:
+        """Run `operation` within the time limit; recreate the stream once if it is missing."""
+        with _as_broker_error(what):
+            async with asyncio.timeout(self._timeout * 3):
+                try:
+                    return await operation()
+                except StreamMissing:
+                    log.warning("NATS stream %s is missing: creating it", self.stream)
+                    await self._ensure_stream()
+                try:
+                    return await operation()
+                except StreamMissing as exc:
+                    raise BrokerError(f"NATS stream {self.stream} vanished again") from exc
+
+    # --- channels -----------------------------------------------------------------------------
+
+    async def publish(
+        self, channel: str, event: str, data: bytes, *, idempotency_key: str | None = None
+    ) -> PublishResult:
+        check_idempotency_key(idempotency_key)
+        check_data(data)
+        js = self._require_js()
+
+        async def append_it() -> PublishResult:
+            return await append(
+                js,
+                self.prefix,
+                channel,
+                event,
+                data,
+                origin=self.node_id,
+                request_timeout=self._timeout,
+                idempotency_key=idempotency_key,
+                state_events=self.options.state_events,
+            )
+
+        async with self._locks[hash(channel) % _LOCK_STRIPES]:
+            return await self._with_stream("publish", append_it)
+
+    async def _last(self, channel: str) -> Stored | None:
+        js = self._require_js()
+        subject = append_subject(self.prefix, channel)
+        return await self._with_stream("read", lambda: read_last(js, self.stream, subject))
+
+    async def position(self, channel: str) -> StreamPosition:
+        last = await self._last(channel)
+        if last is None:
+            return StreamPosition(0, EMPTY_EPOCH)
+        return StreamPosition(last.offset, last.epoch)
+
+    async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
+        js = self._require_js()
+        nc = self._nc
+        assert nc is not None
+
+        async def read() -> HistoryPage:
+            return await read_history(
+                nc,
+                js,
+                self.stream,
+                append_subject(self.prefix, channel),
+                channel,
+                since_offset=since_offset,
+                limit=limit,
+                ttl=self.limits.ttl,
+                wait=self._timeout,
+            )
+
+        return await self._with_stream("history", read)
+
+    async def latest_state(self, channel: str) -> list[Publication]:
+        """See `Broker.latest_state` and `history.read_state`."""
+        js = self._require_js()
+
+        async def read() -> list[Publication]:
+            return await read_state(
+                js,
+                self.stream,
+                self.prefix,
+                channel,
+                events=self.options.state_events,
+                ttl=self.options.state_ttl,
+            )
+
+        return await self._with_stream("state read", read)
+
+    async def subscribe(self, channel: str) -> None:
+        """Deliver `channel`'s publications from now on (also during an outage: nats-py
+        subscribes again on reconnect; only the wait for the server's confirmation is skipped)."""
+        if channel in self._subscriptions:
+            return
+        if self._nc is None or self._closing:
+            raise BrokerError("NATS broker is not started")
+        nc = self._nc
+
+        async def deliver(msg: Msg) -> None:
+            headers = msg.headers
+            if headers is None or H_EVENT not in headers:
+                return  # an epoch marker of an older version
+            try:
+                publication = publication_from(channel, headers, msg.data)
+            except (KeyError, ValueError):
+                self.malformed(f"message on {msg.subject}", msg.data)
+                return
+            self.deliver(publication)
+
+        with _as_broker_error("subscribe"):
+            self._subscriptions[channel] = await nc.subscribe(
+                live_subject(self.prefix, channel), cb=deliver
+            )
+            if nc.is_connected:
+                # Returns once the server has the subscription, so no later publication is missed.
+                await nc.flush(timeout=int(max(1, self._timeout)))
+
+    async def unsubscribe(self, channel: str) -> None:
+        sub = self._subscriptions.pop(channel, None)
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+
+    @property
+    def subscription_count(self) -> int:
+        return len(self._subscriptions)
+
+    # --- control ------------------------------------------------------------------------------
+
+    async def publish_control(self, message: ControlKinds) -> None:
+        self._require_js()
+        assert self._nc is not None
+        with _as_broker_error("control publish"):
+            await self._nc.publish(control_subject(self.prefix), encode_control(message))
+
+    async def _control_msg(self, msg: Msg) -> None:
+        self.deliver_control_bytes(msg.data)

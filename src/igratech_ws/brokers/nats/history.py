@@ -1,0 +1,310 @@
+"""Reading a channel back from the JetStream stream: its newest message, a range, a state slot.
+
+Nothing here writes: a read of a subject with no message answers None / empty and leaves no trace
+(no epoch marker, no consumer). A range read of a channel that has messages uses one short-lived
+ephemeral pull consumer, deleted at the end (and by the server after its inactivity threshold if
+the delete is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+import msgspec
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from igratech_ws.brokers.base import (
+    EMPTY_EPOCH,
+    BrokerError,
+    HistoryPage,
+    Publication,
+    StreamPosition,
+)
+from igratech_ws.brokers.nats.subjects import (
+    H_EPOCH,
+    H_EVENT,
+    H_OFFSET,
+    H_ORIGIN,
+    H_TIME,
+    append_subject,
+    state_subject,
+)
+
+log = logging.getLogger("igratech_ws.brokers.nats")
+
+ERR_STREAM_NOT_FOUND = 10059
+#: Backward probes for the start of a history read before reading the subject from its start.
+_START_PROBES = 6
+
+
+class StreamMissing(Exception):
+    """The stream does not exist (deleted, or the server lost it)."""
+
+
+def err_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "err_code", None)
+    return code if isinstance(code, int) else None
+
+
+class Stored(msgspec.Struct, frozen=True):
+    """A stored message of a channel: its stream sequence, offset, epoch, and (when read back,
+    not when just appended) its headers and payload."""
+
+    seq: int
+    offset: int
+    epoch: str
+    headers: dict[str, str] | None = None
+    data: bytes = b""
+
+    def publication(self, channel: str) -> Publication | None:
+        """The publication this message holds; None for an epoch marker (older versions)."""
+        if self.headers is None or H_EVENT not in self.headers:
+            return None
+        return publication_from(channel, self.headers, self.data)
+
+
+def publication_from(channel: str, headers: dict[str, str] | None, data: bytes) -> Publication:
+    """Decode a stored publication. Raises KeyError/ValueError if the headers are not ours."""
+    if headers is None:
+        raise KeyError(H_OFFSET)
+    return Publication(
+        channel=channel,
+        offset=int(headers[H_OFFSET]),
+        epoch=headers[H_EPOCH],
+        event=headers[H_EVENT],
+        data=data,
+        published_at=float(headers[H_TIME]),
+        origin=headers.get(H_ORIGIN, ""),
+    )
+
+
+async def read_last(js: JetStreamContext, stream: str, subject: str) -> Stored | None:
+    """The subject's newest message, or None if it has none. Raises StreamMissing."""
+    try:
+        # The JetStream API (not direct get): a missing stream answers 10059 at once, where a
+        # direct get would wait for its timeout.
+        raw = await js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError as exc:
+        if err_code(exc) == ERR_STREAM_NOT_FOUND:
+            raise StreamMissing from exc
+        return None
+    return _stored(raw, subject)
+
+
+async def read_seq(js: JetStreamContext, stream: str, seq: int) -> Stored | None:
+    """The message at stream sequence `seq`, or None if it is gone. Raises StreamMissing."""
+    try:
+        raw = await js.get_msg(stream, seq=seq)
+    except nats.js.errors.NotFoundError as exc:
+        if err_code(exc) == ERR_STREAM_NOT_FOUND:
+            raise StreamMissing from exc
+        return None
+    return _stored(raw, raw.subject or "")
+
+
+def _stored(raw: api.RawStreamMsg, subject: str) -> Stored:
+    headers = raw.headers or {}
+    try:
+        return Stored(
+            int(raw.seq or 0),
+            int(headers[H_OFFSET]),
+            headers[H_EPOCH],
+            dict(headers),
+            raw.data or b"",
+        )
+    except (KeyError, ValueError) as exc:
+        raise BrokerError(
+            f"{subject} holds a message without igws headers (seq {raw.seq})"
+        ) from exc
+
+
+async def _start_seq(
+    js: JetStreamContext, stream: str, subject: str, since_offset: int, last: Stored
+) -> int:
+    """A stream sequence at or before the message with offset `since_offset` + 1, or 0.
+
+    Offsets are not sequences, but the wanted message is at least `last.offset - want` sequences
+    before the newest; other channels' messages in between push it further. So probe backwards
+    with growing steps (each probe: the subject's first message at or after a sequence) until
+    one lands at or before it: a few requests instead of reading the whole subject.
+    """
+    want = since_offset + 1
+    step = max(1, last.offset - want)
+    for _ in range(_START_PROBES):
+        guess = last.seq - step
+        if guess <= 1:
+            return 0
+        try:
+            raw = await js.get_msg(stream, seq=guess, subject=subject, next=True)
+            offset = int((raw.headers or {})[H_OFFSET])
+        except (nats.js.errors.NotFoundError, KeyError, ValueError):
+            return 0
+        if offset <= want:
+            return int(raw.seq or 0)
+        step *= 4
+    return 0
+
+
+async def read_range(
+    nc: NatsClient,
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    channel: str,
+    *,
+    since_offset: int,
+    limit: int,
+    last: Stored,
+    cutoff: float,
+    wait: float,
+) -> list[Publication]:
+    """Publications with since_offset < offset <= last.offset, published at or after `cutoff`
+    (at most `limit`), in order, waiting at most `wait` seconds for the messages.
+
+    Reads the subject through a short-lived pull consumer from `_start_seq` on; the subject holds
+    at most `history_size` messages, which bounds the read.
+    """
+    start = await _start_seq(js, stream, subject, since_offset, last)
+    config = api.ConsumerConfig(
+        filter_subject=subject,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.NONE,
+        inactive_threshold=max(5.0, wait * 3),
+        mem_storage=True,
+        num_replicas=1,
+    )
+    if start:
+        config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = start
+    try:
+        info = await js.add_consumer(stream, config)
+    except nats.js.errors.NotFoundError as exc:
+        if err_code(exc) == ERR_STREAM_NOT_FOUND:
+            raise StreamMissing from exc
+        raise
+    pending = int(info.num_pending or 0)
+    out: list[Publication] = []
+    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def collect(msg: Msg) -> None:
+        # A callback, not `next_msg` / `messages`, which cost tasks per message.
+        nonlocal pending
+        if finished.done():
+            return
+        headers = msg.headers or {}
+        if "Status" in headers and not msg.data:
+            finished.set_result(None)  # 404 / 408: nothing more (e.g. expired meanwhile)
+            return
+        pending -= 1
+        try:
+            offset = int(headers.get(H_OFFSET, "0"))
+        except ValueError:
+            offset = 0
+        if since_offset < offset <= last.offset and H_EVENT in headers:
+            try:
+                publication = publication_from(channel, headers, msg.data)
+            except (KeyError, ValueError):
+                log.warning("skipping a malformed message in %s", subject)
+            else:
+                if publication.published_at >= cutoff:
+                    out.append(publication)
+        if msg.metadata.sequence.stream >= last.seq or len(out) >= limit or pending <= 0:
+            finished.set_result(None)
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=collect, pending_msgs_limit=max(1024, pending + 16))
+    try:
+        if pending > 0:
+            # One request for everything: `pending` is at most the subject's bound.
+            request = json.dumps({"batch": pending, "no_wait": True}).encode()
+            next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{info.name}"
+            await nc.publish(next_subject, request, reply=inbox)
+            async with asyncio.timeout(wait):
+                await finished
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, info.name)
+    return out
+
+
+async def read_history(
+    nc: NatsClient,
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    channel: str,
+    *,
+    since_offset: int,
+    limit: int,
+    ttl: float,
+    wait: float,
+) -> HistoryPage:
+    """`Broker.history` of the channel stored on `subject`: younger than `ttl` seconds (the
+    stream keeps messages longer). Raises StreamMissing."""
+    last = await read_last(js, stream, subject)
+    if last is None:
+        return HistoryPage([], StreamPosition(0, EMPTY_EPOCH))
+    top = StreamPosition(last.offset, last.epoch)
+    if since_offset >= last.offset or limit <= 0:
+        return HistoryPage([], top)
+    cutoff = time.time() - ttl
+    newest = last.publication(channel)
+    if since_offset == last.offset - 1 and newest is not None:
+        # Missed only the newest: it is at hand, no consumer needed.
+        return HistoryPage([newest] if newest.published_at >= cutoff else [], top)
+    publications = await read_range(
+        nc,
+        js,
+        stream,
+        subject,
+        channel,
+        since_offset=since_offset,
+        limit=limit,
+        last=last,
+        cutoff=cutoff,
+        wait=wait,
+    )
+    return HistoryPage(publications, top)
+
+
+async def read_state(
+    js: JetStreamContext,
+    stream: str,
+    prefix: str,
+    channel: str,
+    *,
+    events: frozenset[str],
+    ttl: float,
+) -> list[Publication]:
+    """The channel's state slots of its current epoch younger than `ttl` seconds, oldest offset
+    first, and its newest message if that is a newer state (a slot write lost with its
+    publisher, see `append`). Raises StreamMissing."""
+    last, *slots = await asyncio.gather(
+        read_last(js, stream, append_subject(prefix, channel)),
+        *(read_last(js, stream, state_subject(prefix, channel, event)) for event in sorted(events)),
+    )
+    if last is None:
+        return []
+    cutoff = time.time() - ttl
+    latest: dict[str, Publication] = {}
+    for stored in [*slots, last]:
+        publication = stored.publication(channel) if stored is not None else None
+        if (
+            publication is not None
+            and publication.event in events
+            and publication.epoch == last.epoch
+            and publication.published_at >= cutoff
+        ):
+            known = latest.get(publication.event)
+            if known is None or known.offset < publication.offset:
+                latest[publication.event] = publication
+    return sorted(latest.values(), key=lambda p: p.offset)

@@ -1,0 +1,236 @@
+"""The Redis stream store: publish, history, position and state, by Lua script and plain reads.
+
+Publishing is one script (``lua/publish.lua``) so that everything about one publication happens
+in one atomic step per channel: the idempotency check, creating the stream with a new epoch if it
+has none (dropping any history and state of an earlier life), HINCRBY ``top``, XADD, trimming by
+length and age, the state slot of a state event, PUBLISH, and the idempotency record. Any backend
+can publish straight into Redis by running that script (`publish_direct` does it without a node).
+
+Reads create and refresh nothing: `position` is one HMGET; `history` and `latest_state` are
+read-only scripts; a channel without a meta key is ``(0, EMPTY_EPOCH)`` with no history or state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from igratech_ws.brokers.base import (
+    EMPTY_EPOCH,
+    BrokerError,
+    HistoryPage,
+    Publication,
+    PublishResult,
+    StreamPosition,
+    check_data,
+    check_idempotency_key,
+)
+from igratech_ws.brokers.core import RateLimitedLog, new_epoch
+from igratech_ws.brokers.options import BrokerOptions
+from igratech_ws.brokers.redis.names import (
+    idempotency_key as record_key,
+)
+from igratech_ws.brokers.redis.names import (
+    meta_key,
+    pubsub_channel,
+    state_key,
+    stream_key,
+)
+from igratech_ws.brokers.redis.wire import (
+    HISTORY_SCRIPT,
+    PUBLISH_SCRIPT,
+    STATE_SCRIPT,
+    decode_publication,
+)
+
+#: What a lost or refused connection looks like, from redis-py and from the OS.
+CONNECTION_ERRORS = (RedisError, OSError, TimeoutError)
+_malformed_log = RateLimitedLog(logging.getLogger("igratech_ws.brokers.redis"))
+#: What a reply that is not ours looks like while decoding it.
+_BAD_REPLY = (msgspec.DecodeError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class StreamStore:
+    """Channel streams in one Redis (through `client`), under `prefix`, per `options`.
+
+    Every method raises `BrokerError` (never a raw redis-py error) when Redis is unreachable or
+    answers something that is not ours; each call is bounded by twice `options.op_timeout`.
+    """
+
+    def __init__(self, client: Redis, prefix: str, options: BrokerOptions) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.options = options
+        self._publish: AsyncScript = client.register_script(PUBLISH_SCRIPT)
+        self._history: AsyncScript = client.register_script(HISTORY_SCRIPT)
+        self._state: AsyncScript = client.register_script(STATE_SCRIPT)
+        self._deadline = options.op_timeout * 2
+
+    async def _run(
+        self, what: str, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        try:
+            # Socket timeouts bound each step; this bounds the sum (pool wait, connect, reply).
+            async with asyncio.timeout(self._deadline):
+                return await script(keys=list(keys), args=list(args))
+        except CONNECTION_ERRORS as exc:
+            raise BrokerError(f"Redis {what} failed: {exc!r}") from exc
+
+    def publish_call(
+        self,
+        channel: str,
+        event: str,
+        data: bytes,
+        *,
+        origin: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of the publish script for one publication (see ``lua/publish.lua``).
+
+        Separate from running it so that several calls can share one pipeline (in order: each
+        channel's offsets follow the order of the calls). Raises ValueError for a malformed key.
+        """
+        check_idempotency_key(idempotency_key)
+        check_data(data)
+        prefix, options = self.prefix, self.options
+        keys = [meta_key(prefix, channel), stream_key(prefix, channel), state_key(prefix, channel)]
+        if idempotency_key is not None:
+            keys.append(record_key(prefix, channel, idempotency_key))
+        args: list[Any] = [
+            pubsub_channel(prefix, channel),
+            channel,
+            event,
+            data,
+            origin,
+            options.limits.size,
+            _ms(options.limits.ttl),
+            _ms(options.retention),
+            new_epoch(),
+            "1" if event in options.state_events else "0",
+            _ms(options.state_ttl),
+            _ms(options.idempotency_window),
+        ]
+        return keys, args
+
+    @staticmethod
+    def publish_result(reply: Any, data: bytes) -> PublishResult:
+        """The `PublishResult` of a publish script's `reply` (`data`: what was published)."""
+        try:
+            duplicate = bool(int(reply[0]))
+            publication = decode_publication(reply[1])
+        except _BAD_REPLY as exc:
+            raise BrokerError(f"bad publish reply from Redis: {exc}") from exc
+        if duplicate:
+            publication = msgspec.structs.replace(publication, data=data)
+        return PublishResult(publication, duplicate)
+
+    async def publish(
+        self,
+        channel: str,
+        event: str,
+        data: bytes,
+        *,
+        origin: str,
+        idempotency_key: str | None = None,
+    ) -> PublishResult:
+        """See `Broker.publish`. On `BrokerError` the publication may or may not have been made."""
+        keys, args = self.publish_call(
+            channel, event, data, origin=origin, idempotency_key=idempotency_key
+        )
+        reply = await self._run("publish", self._publish, keys, args)
+        return self.publish_result(reply, data)
+
+    async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
+        reply = await self._run(
+            "history",
+            self._history,
+            [meta_key(self.prefix, channel), stream_key(self.prefix, channel)],
+            [max(0, since_offset), max(0, limit), _ms(self.options.limits.ttl), EMPTY_EPOCH],
+        )
+        try:
+            top = StreamPosition(int(reply[0]), reply[1].decode())
+        except _BAD_REPLY as exc:
+            raise BrokerError(f"bad history reply from Redis: {exc}") from exc
+        return HistoryPage(self._decode_all(reply[2:], "history entry"), top)
+
+    def _decode_all(self, payloads: Sequence[Any], what: str) -> list[Publication]:
+        """Decode stored publications, skipping (and logging) any that is not ours: one bad
+        entry must not make a channel unreadable; a reader then sees a gap, as it should."""
+        publications = []
+        for payload in payloads:
+            try:
+                publications.append(decode_publication(payload))
+            except _BAD_REPLY:
+                _malformed_log.warning("skipping a malformed %s in Redis: %r", what, payload[:80])
+        return publications
+
+    async def position(self, channel: str) -> StreamPosition:
+        try:
+            async with asyncio.timeout(self._deadline):
+                reply: list[Any] = await self.client.hmget(
+                    meta_key(self.prefix, channel), "epoch", "top"
+                )
+        except CONNECTION_ERRORS as exc:
+            raise BrokerError(f"Redis position failed: {exc!r}") from exc
+        epoch, top = reply
+        if epoch is None:
+            return StreamPosition(0, EMPTY_EPOCH)
+        try:
+            return StreamPosition(int(top or 0), epoch.decode())
+        except _BAD_REPLY as exc:
+            raise BrokerError(f"bad position reply from Redis: {exc}") from exc
+
+    async def latest_state(self, channel: str) -> list[Publication]:
+        reply = await self._run(
+            "state",
+            self._state,
+            [meta_key(self.prefix, channel), state_key(self.prefix, channel)],
+            [],
+        )
+        if not reply or reply[0] is None:
+            return []
+        cutoff = time.time() - self.options.state_ttl
+        try:
+            epoch = reply[0].decode()
+        except _BAD_REPLY as exc:
+            raise BrokerError(f"bad state reply from Redis: {exc}") from exc
+        slots = self._decode_all(reply[1:], "state slot")
+        # A slot of another epoch cannot survive the publish script; the check costs nothing.
+        kept = [p for p in slots if p.epoch == epoch and p.published_at >= cutoff]
+        return sorted(kept, key=lambda p: p.offset)
+
+
+async def publish_direct(
+    client: Redis,
+    prefix: str,
+    channel: str,
+    event: str,
+    data_json: bytes,
+    *,
+    options: BrokerOptions | None = None,
+    origin: str = "direct",
+    idempotency_key: str | None = None,
+) -> PublishResult:
+    """Publish into Redis without a node, exactly as a node would (same script, same format).
+
+    `data_json` must already be the validated compact JSON of the payload (see
+    `core.publishing`); `options` must match the nodes' history, state and idempotency settings
+    (`options_from_config` of their configuration, or `BrokerOptions(limits=..., ...)`).
+    Raises `BrokerError`, or ValueError for a malformed key.
+    """
+    store = StreamStore(client, prefix, options or BrokerOptions(node_id=origin))
+    return await store.publish(
+        channel, event, data_json, origin=origin, idempotency_key=idempotency_key
+    )

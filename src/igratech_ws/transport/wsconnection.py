@@ -1,0 +1,540 @@
+"""One WebSocket connection after picows's HTTP upgrade: frames in, frames out, closing.
+
+Each accepted socket gets one `WebSocketConnection`, a plain asyncio protocol, from the first byte:
+
+1. **Upgrade.** It hands picows exactly the bytes of the HTTP request, up to the blank line that
+   ends it; picows parses the request, calls `_decide` and writes its answer. Frames a client
+   pipelined behind its request never reach picows: they stay here and are parsed like every
+   later byte. (Taking the socket over in picows's `on_ws_connected` instead would lose them: a
+   frame cut in picows's buffer cannot be recovered.) A request over `MAX_REQUEST_BYTES` without
+   its blank line is answered 431. Once the 101 is written the picows objects are dropped, read
+   buffer included, so an idle connection holds no read buffer at all (uvloop and aiofastnet
+   read into one buffer per read for plain protocols).
+2. **Frames in.** Every byte goes through one path, `core.wsframes.Inbound`: RFC 6455 framing,
+   unmasking, message assembly, UTF-8 (1007), the size bound (1009, from the header), and the
+   per-connection budget (every frame takes a token; 1008 after `ratelimit.STRIKES` refused in
+   a row). Every complete frame counts as activity (`last_seen`). Pings are answered through
+   the application's outbound path (`_send`), so pongs count against `max_write_buffer_bytes`;
+   the pongs of one read are flushed at its end, so the buffer's pause acts before the next read.
+3. **Frames out.** `write_wire` writes to the socket; past `max_write_buffer_bytes` buffered the
+   client is a slow consumer and the socket is aborted at once (1013). Above a quarter of the
+   bound (`pause_writing`) the client is no longer read (TCP backpressure) until the socket
+   drains below an eighth (`resume_writing`, which tells the application it may write again);
+   a socket paused for `idle_timeout / 2` is a slow consumer too.
+4. **Closing** (section 7), one way for every cause: `close_with(code)` sends the close frame
+   after what is queued, then waits (at most `CLOSE_TIMEOUT`) for the client's close before
+   closing TCP; `fail(code)` does the same for a protocol violation but stops parsing and
+   half-closes at once (section 7.1.7); a client's close is answered with its own code (1000 for
+   an empty body, section 5.5.1) and TCP is closed. The application hears of the end once
+   (`_ended`), with the code sent (None when the TCP connection was simply lost).
+
+The application is a subclass: `transport.websocket.ClientConnection` for /wspublic (the node),
+the Autobahn echo testee in tests/autobahn for the conformance suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any, cast
+
+from picows import (
+    WSAutoPingStrategy,
+    WSListener,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not re-exported
+
+from igratech_ws.config import Config
+from igratech_ws.core import wsframes
+from igratech_ws.core.close_codes import CloseCode, close_reason
+from igratech_ws.core.codec import encode
+from igratech_ws.core.framing import close_frame, pong_frame
+from igratech_ws.logs import RateLimitFilter
+
+log = logging.getLogger("igratech_ws.websocket")
+# Clients can make this logger speak (a bug they trigger, their odd closes): never unbounded.
+log.addFilter(RateLimitFilter())
+
+#: An upgrade request (request line and headers) longer than this is answered 431.
+MAX_REQUEST_BYTES = 16 * 1024
+#: Seconds to complete the upgrade after connecting (a silent client is dropped).
+HANDSHAKE_TIMEOUT = 5.0
+#: Seconds to wait for the client's close frame (or its EOF) after ours, then abort.
+CLOSE_TIMEOUT = 3.0
+
+REQUEST_TOO_LONG = f"The upgrade request (its line and headers) is over {MAX_REQUEST_BYTES} bytes"
+
+_HANDSHAKE, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
+_picows_log = logging.getLogger("picows.ws")
+
+
+class _Upgraded(WSListener):
+    """picows's listener for the moment the 101 is written: hands the socket back."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: WebSocketConnection) -> None:
+        self.connection = connection
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.connection._upgraded()
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """One client socket: upgrade, frames in, frames out, closing. See the module docstring.
+
+    Subclasses are the application: they implement `_decide` (the upgrade), `_opened`, `_text`,
+    `_binary`, `_refused`, `_send` / `_flush` (their outbound queue), `_ended` and `_drained`.
+    """
+
+    __slots__ = (
+        "_close_timer",
+        "_config",
+        "_inbound",
+        "_live",
+        "_request_bytes",
+        "_stall_timer",
+        "_state",
+        "_tail",
+        "_transport",
+        "_upgrade",
+        "address",
+        "last_seen",
+        "writable",
+    )
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._state = _HANDSHAKE
+        self._transport: asyncio.Transport | None = None
+        self._upgrade: WSProtocol | None = WSProtocol(
+            None,  # host and port: a server's
+            None,  # path: a server's
+            False,  # is_client_side
+            self._on_request,
+            _picows_log,
+            True,  # disconnect_on_exception
+            HANDSHAKE_TIMEOUT,
+            False,  # enable_auto_ping
+            10.0,
+            10.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            False,  # enable_auto_pong: pings are ours (after the upgrade picows sees nothing)
+            config.max_frame_bytes,
+            None,  # extra headers
+            2048,  # its read buffer, for the request only (picows's minimum)
+        )
+        #: The last 3 bytes handed to picows (the blank line may straddle two reads).
+        self._tail = b""
+        self._request_bytes = 0
+        self._inbound: wsframes.Inbound | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        #: The application was told `_opened` and not yet `_ended`.
+        self._live = False
+        self.address = ""
+        self.last_seen = time.monotonic()
+        self.writable = True
+
+    # --- what the application implements ------------------------------------------------------
+
+    def _decide(self, request: WSUpgradeRequest) -> WSUpgradeResponse | None:
+        """The upgrade `request` arrived: None to accept it, or the refusal to answer."""
+        raise NotImplementedError
+
+    def _opened(self) -> None:
+        """The 101 is written; frames may flow."""
+
+    def _refusing(self, code: str) -> None:
+        """The upgrade request is refused before `_decide` could see it (`code`: a fixed word)."""
+
+    def _text(self, payload: bytes) -> None:
+        """A valid UTF-8 text message inside the budget."""
+
+    def _binary(self, payload: bytes) -> None:
+        """A binary message inside the budget."""
+
+    def _refused(self, opcode: int) -> None:
+        """A frame (`opcode`) was dropped by the budget; the connection goes on."""
+
+    def _send(self, wire: bytes) -> None:
+        """Queue `wire` (a complete frame) behind what the application queued."""
+        self.write_wire(wire)
+
+    def _flush(self) -> None:
+        """Write what the application queued, now (before a close frame)."""
+
+    def _ended(self, code: int | None) -> None:
+        """The connection is over for the application: `code` was sent, received or is None."""
+
+    def _drained(self) -> None:
+        """The socket drained below its low watermark after having been paused."""
+
+    # --- what the hub and node call (hub.Subscriber, node.Connection) -------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == _OPEN
+
+    def backlog_bytes(self) -> int:
+        """Bytes written but still in the socket's buffer (the kernel's not counted)."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def write_wire(self, data: bytes) -> None:
+        """Write complete frames; past `max_write_buffer_bytes` buffered, abort (1013)."""
+        transport = self._transport
+        if transport is None or self._state == _CLOSED:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self._config.max_write_buffer_bytes:
+            # A slow consumer: it would hold memory without bound, and a close frame would only
+            # queue behind what it does not read. Abort at once.
+            self._leave_open(int(CloseCode.TRY_AGAIN_LATER))
+            self._state = _CLOSED
+            transport.abort()
+
+    def close_with(self, code: CloseCode, reason: str | None = None) -> None:
+        """Close with `code` (RFC 6455 section 7.1.2): what is queued, the close frame, then wait
+        for the client's close (at most `CLOSE_TIMEOUT`) and close TCP. Idempotent."""
+        if self._state != _OPEN:
+            return
+        self._flush()  # while open: what is queued goes before the close frame
+        if self._state != _OPEN:
+            return  # the flush found a slow consumer
+        self._state = _CLOSING
+        self._write_close(code, reason)
+        if self._state != _CLOSED:
+            assert self._inbound is not None
+            self._inbound.discard_data()
+            self._arm_close_timer()
+        self._leave_open(int(code))
+
+    def fail(self, code: CloseCode) -> None:
+        """Fail the connection (section 7.1.7): the close frame, then no more parsing, a
+        half-close, and TCP closed on the client's EOF (at most `CLOSE_TIMEOUT`)."""
+        if self._state != _OPEN:
+            if self._state == _CLOSING and self._transport is not None:
+                self._transport.close()
+            return
+        self._flush()
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        self._write_close(code, None)
+        transport = self._transport
+        if self._state != _CLOSED and transport is not None:
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._arm_close_timer()
+        self._leave_open(int(code))
+
+    # --- asyncio protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's and aiofastnet's transports are not asyncio.Transport subclasses.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else ""
+        high = max(1, self._config.max_write_buffer_bytes // 4)
+        transport.set_write_buffer_limits(high=high, low=high // 2)
+        assert self._upgrade is not None
+        self._upgrade.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self._state == _OPEN or self._state == _CLOSING:
+                self._receive(data)
+            elif self._state == _HANDSHAKE:
+                self._handshake_data(data)
+        except Exception:
+            # A bug here must cost one connection and one (rate-limited) log line, not the
+            # event loop's unthrottled "Fatal error" per connection.
+            log.exception("reading a connection failed")
+            if self._state == _OPEN:
+                self.close_with(CloseCode.INTERNAL_ERROR)
+            elif self._transport is not None:
+                self._leave_open(int(CloseCode.INTERNAL_ERROR))
+                self._state = _CLOSED
+                self._transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too (after what is buffered)
+
+    def pause_writing(self) -> None:
+        """The socket's buffer passed a quarter of the budget: stop reading the client (D7)."""
+        self.writable = False
+        transport = self._transport
+        if self._state != _HANDSHAKE and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+        if self._stall_timer is None:
+            # A client that reads nothing for half the idle timeout (its frames are not read
+            # meanwhile, so it cannot be told idle) is a slow consumer.
+            stall = self._config.idle_timeout / 2
+            self._stall_timer = asyncio.get_running_loop().call_later(stall, self._stalled)
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        transport = self._transport
+        if self._state != _HANDSHAKE and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+        if self._state == _OPEN:
+            self._drained()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        upgrade = self._upgrade
+        if upgrade is not None:
+            self._upgrade = None
+            upgrade.connection_lost(exc)
+        for timer in (self._close_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._close_timer = self._stall_timer = None
+        self._inbound = None
+        self._leave_open(None)
+        self._state = _CLOSED
+
+    # --- the upgrade ---------------------------------------------------------------------------
+
+    def _handshake_data(self, data: bytes) -> None:
+        """Bytes before the upgrade: picows gets the request and nothing after it."""
+        upgrade = self._upgrade
+        if upgrade is None:
+            return  # refused: picows answered and closes the socket
+        tail = self._tail
+        end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
+        if end < 0:
+            self._request_bytes += len(data)
+            if self._request_bytes > MAX_REQUEST_BYTES:
+                self._refuse_raw(431, "request_too_large", REQUEST_TOO_LONG)
+                return
+            _feed(upgrade, data)
+            self._tail = (tail + data[-3:])[-3:]
+            return
+        cut = end + 4 - len(tail)
+        if self._request_bytes + cut > MAX_REQUEST_BYTES:
+            self._refuse_raw(431, "request_too_large", REQUEST_TOO_LONG)
+            return
+        self._tail = b""
+        _feed(upgrade, data[:cut])
+        if self._state == _HANDSHAKE:
+            # picows refused (its answer is written and the socket is closing): nothing more.
+            self._upgrade = None
+            self._state = _CLOSED
+            return
+        rest = data[cut:]
+        if rest:
+            self._receive(rest)
+
+    def _on_request(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+        """picows's listener factory: the application decides; picows writes the answer."""
+        try:
+            refusal = self._decide(request)
+        except Exception:  # a bug must refuse one handshake, not take the listener down
+            log.exception("handshake failed")
+            self._refusing("internal_error")
+            refusal = error_response(500, "internal_error", "The server could not accept this")
+        if refusal is not None:
+            return WSUpgradeResponseWithListener(refusal, None)
+        return WSUpgradeResponseWithListener(
+            WSUpgradeResponse.create_101_response(), _Upgraded(self)
+        )
+
+    def _upgraded(self) -> None:
+        """picows wrote the 101: from here on every byte is ours."""
+        config = self._config
+        now = time.monotonic()
+        self._inbound = wsframes.Inbound(
+            max_message_bytes=config.max_frame_bytes,
+            rate=config.max_message_rate,
+            burst=config.message_burst,
+            now=now,
+        )
+        self.last_seen = now
+        self._state = _OPEN
+        self._live = True
+        # picows's objects (its read buffer among them) go with this last reference.
+        self._upgrade = None
+        self._guarded(self._opened)
+
+    def _refuse_raw(self, status: int, code: str, message: str) -> None:
+        """Answer before picows has a whole request (it never will): `status`, then close."""
+        self._refusing(code)
+        self._state = _CLOSED
+        upgrade, self._upgrade = self._upgrade, None
+        transport = self._transport
+        if upgrade is not None:
+            upgrade.connection_lost(None)  # cancels picows's handshake timer
+        if transport is not None:
+            response = error_response(status, code, message, "request")
+            transport.write(bytes(response.to_bytes()))
+            transport.close()
+
+    # --- frames in -----------------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        inbound = self._inbound
+        if inbound is None:
+            return
+        now = time.monotonic()
+        frames = inbound.frames_received
+        events = inbound.receive_data(data, now)
+        if inbound.frames_received != frames:
+            self.last_seen = now
+        pongs = False
+        for event in events:
+            if self._state == _OPEN:
+                if type(event) is wsframes.Ping:
+                    pongs = True
+                self._dispatch(event)
+            elif (
+                isinstance(event, wsframes.CloseFrame | wsframes.Failure)
+                and self._transport is not None
+            ):
+                # Our close was sent: the client's answer (or its garbage) ends it.
+                self._transport.close()
+        if pongs and self._state == _OPEN:
+            # This read's pongs go out now, in one write: the socket's buffer (and with it the
+            # pause of reading, and the budget) sees them before the next read, which an event
+            # loop may do in the same tick (libuv reads up to 32 times per wake-up).
+            self._flush()
+
+    def _dispatch(self, event: wsframes.Event) -> None:
+        kind = type(event)
+        if kind is wsframes.TextMessage:
+            assert isinstance(event, wsframes.TextMessage)
+            self._guarded(self._text, event.payload)
+        elif kind is wsframes.Ping:
+            assert isinstance(event, wsframes.Ping)
+            self._send(pong_frame(event.payload))
+        elif kind is wsframes.Pong:
+            pass  # activity, counted above
+        elif kind is wsframes.BinaryMessage:
+            assert isinstance(event, wsframes.BinaryMessage)
+            self._guarded(self._binary, event.payload)
+        elif kind is wsframes.Refused:
+            assert isinstance(event, wsframes.Refused)
+            self._guarded(self._refused, event.opcode)
+        elif kind is wsframes.CloseFrame:
+            assert isinstance(event, wsframes.CloseFrame)
+            self._close_received(event.code)
+        elif kind is wsframes.Failure:
+            assert isinstance(event, wsframes.Failure)
+            log.debug("failing a connection", extra={"code": int(event.code), "why": event.detail})
+            self.fail(event.code)
+
+    def _close_received(self, code: int | None) -> None:
+        """Section 5.5.1: answer with the client's code (1000 when it sent none), close TCP."""
+        answer = CloseCode.NORMAL if code is None else code
+        self._flush()
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        self._write_close(answer, None)
+        transport = self._transport
+        if self._state != _CLOSED and transport is not None:
+            transport.close()  # after what is buffered; the timer covers a client not reading
+            self._arm_close_timer()
+        self._leave_open(int(answer))
+
+    def _guarded(self, handler: Any, *args: Any) -> None:
+        """Run an application handler; a bug there fails this connection (1011), once logged."""
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("connection handler failed")
+            if self._state == _OPEN:
+                self.close_with(CloseCode.INTERNAL_ERROR)
+
+    # --- closing -------------------------------------------------------------------------------
+
+    def _write_close(self, code: int, reason: str | None) -> None:
+        if reason is None:
+            try:
+                reason = close_reason(CloseCode(code))
+            except (ValueError, KeyError):
+                reason = ""  # an echoed client code outside our table
+        self.write_wire(close_frame(int(code), reason))
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._close_timeout)
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        transport = self._transport
+        if transport is not None and self._state != _CLOSED:
+            self._leave_open(int(CloseCode.TRY_AGAIN_LATER))
+            self._state = _CLOSED
+            transport.abort()
+
+    def _close_timeout(self) -> None:
+        self._close_timer = None
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _leave_open(self, code: int | None) -> None:
+        """Tell the application, once, that the connection is over (if it ever opened)."""
+        if not self._live:
+            return
+        self._live = False
+        try:
+            self._ended(code)
+        except Exception:
+            log.exception("connection end handler failed")
+
+
+def _feed(upgrade: WSProtocol, data: bytes) -> None:
+    """Hand `data` to picows through its buffered-protocol interface."""
+    view = memoryview(data)
+    while view:
+        buffer = upgrade.get_buffer(-1)
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        upgrade.buffer_updated(size)
+        view = view[size:]
+
+
+def error_response(
+    status: int, code: str, message: str, field: str | None = None
+) -> WSUpgradeResponse:
+    error: dict[str, str] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    response: WSUpgradeResponse = WSUpgradeResponse.create_error_response(
+        status, encode({"error": error}), {"Content-Type": "application/json"}
+    )
+    return response
+
+
+async def serve(
+    factory: Any, config: Config, host: str, port: int, *, reuse_port: bool = False
+) -> asyncio.Server:
+    """Listen on (`host`, `port`) with one `factory()` protocol per accepted socket."""
+    loop = asyncio.get_running_loop()
+    kwargs: dict[str, Any] = {
+        "reuse_port": reuse_port or None,
+        # asyncio's default backlog of 100 drops handshakes when many clients reconnect at once.
+        "backlog": socket.SOMAXCONN,
+    }
+    if config.use_aiofastnet:
+        # aiofastnet saves CPU per delivery (docs/benchmarks.md); its transports take a plain
+        # protocol like uvloop's do.
+        import aiofastnet
+
+        return await aiofastnet.create_server(loop, factory, host, port, **kwargs)
+    return await loop.create_server(factory, host, port, **kwargs)
+
+
+__all__ = ["CLOSE_TIMEOUT", "MAX_REQUEST_BYTES", "WebSocketConnection", "error_response", "serve"]

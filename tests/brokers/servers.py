@@ -1,0 +1,110 @@
+"""Private broker processes for tests that stop and restart a server: never the shared ones.
+
+`PrivateServer` runs one ``redis-server`` (no persistence) or ``nats-server -js`` (file store in
+the test's directory) on a free port of 127.0.0.1; `stop()` and `start()` again reuse the port, so
+a broker connected to it sees an outage and a recovery. Skipped when the binary is absent (failed
+under IGRATECH_WS_REQUIRE_SERVICES=1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+START_WAIT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"{name} is not on PATH"
+    if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}, and IGRATECH_WS_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(reason)
+
+
+class PrivateServer:
+    """One private Redis or NATS server process (see the module docstring)."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.workdir = workdir
+        self.port = free_port()
+        self.binary = _binary("redis-server" if kind == "redis" else "nats-server")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.kind == "redis":
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _args(self) -> list[str]:
+        if self.kind == "redis":
+            return [
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+            ]
+        return ["-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.workdir)]
+
+    def _spawn(self) -> None:
+        log = (self.workdir / f"{self.kind}.log").open("ab")
+        try:
+            self.process = subprocess.Popen(
+                [self.binary, *self._args()],
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()  # the child has its own copy
+
+    async def start(self) -> None:
+        """Start the process and wait (bounded) until it accepts connections."""
+        self._spawn()
+        async with asyncio.timeout(START_WAIT_S):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                return
+
+    def stop(self) -> None:
+        """SIGKILL the process (no goodbye to the clients) and wait for it."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def private_server(kind: str, workdir: Path) -> Iterator[PrivateServer]:
+    """A `PrivateServer` (not started yet), killed at the end whatever happens."""
+    server = PrivateServer(kind, workdir)
+    try:
+        yield server
+    finally:
+        server.stop()
