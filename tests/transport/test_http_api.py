@@ -1033,3 +1033,48 @@ def test_the_one_pass_batch_reading_accepts_exactly_what_the_two_pass_reading_do
     except ProtocolError:
         expected = None
     assert decode_valid_batch(body, max_items) == expected
+
+
+async def test_a_client_that_never_reads_its_answers_stops_being_served(
+    node: FakeNode, broker: MemoryBroker
+) -> None:
+    """Pipelined requests whose answers are never read: once the answers fill the socket, the
+    server stops serving (and reading) that connection instead of buffering without bound; every
+    request it took is answered once the client reads."""
+    import socket
+
+    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = PublishFastSite(runner, "127.0.0.1", 0)  # the default keep-alive: not idle here
+    await site.start()
+    fast = ("127.0.0.1", site.port)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # answers back up quickly
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, fast)
+    request = raw_publish(incident())
+    chunk = request * 200
+    sent = 0
+    try:
+        async with asyncio.timeout(20):
+            while True:  # until the server stops reading and the send buffer is full
+                try:
+                    async with asyncio.timeout(1.0):
+                        await loop.sock_sendall(sock, chunk)
+                    sent += 200
+                except TimeoutError:
+                    break
+        served = await top(broker, "game:g-1")
+        await asyncio.sleep(0.5)
+        assert await top(broker, "game:g-1") == served  # not serving while answers back up
+        assert served < sent  # requests are waiting, unread, in the socket buffers
+        # Reading the answers lets it go on; every request sent is answered, in order.
+        reader, writer = await asyncio.open_connection(sock=sock)
+        answers = await read_answers(reader, served + 50)
+        assert [body["offset"] for _, _, body in answers] == list(range(1, served + 51))
+        writer.close()
+    finally:
+        sock.close()
+        await runner.cleanup()
