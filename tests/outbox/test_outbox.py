@@ -273,3 +273,18 @@ def test_the_ddl_in_the_docs_is_the_gateway_s() -> None:
     block = docs.split("apply yourself instead:\n\n```sql\n", 1)[1].split("```", 1)[0]
     ours = [s.as_string(None) + ";" for s in Outbox(DedupNode.__new__(DedupNode), "x").ddl()]
     assert block.strip().splitlines() == ours
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["igratech_ws_outbox", "app.outbox_1", "_x", "", "Outbox", "1abc", "a-b", "a.b.c", "x" * 59],
+)
+def test_the_setting_and_the_outbox_accept_the_same_table_names(name: str) -> None:
+    from igratech_ws.config import Config, ConfigError
+
+    try:
+        Config(outbox_table=name)
+        setting_ok = True
+    except ConfigError:
+        setting_ok = False
+    assert setting_ok == (validate_table(name) is None)
