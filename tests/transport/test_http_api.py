@@ -1078,3 +1078,24 @@ async def test_a_client_that_never_reads_its_answers_stops_being_served(
     finally:
         sock.close()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("then", ["publish", "other-route"])
+async def test_a_half_closed_client_gets_every_answer(
+    fast: tuple[str, int], broker: MemoryBroker, then: str
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    last = (
+        raw_publish(incident(incidentId="i-3"))
+        if then == "publish"
+        else f"GET /api/v1/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
+    )
+    writer.write(raw_publish(incident()) + raw_publish(incident(incidentId="i-2")) + last)
+    writer.write_eof()
+    answers = await read_answers(reader, 3)
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert [body.get("offset") for _, _, body in answers[:2]] == [1, 2]
+    if then == "publish":  # (aiohttp keeps a half-closed connection until its keep-alive ends)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+    writer.close()

@@ -136,6 +136,7 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self.closing = False
+        self.eof = False
         self.last_active = time.monotonic()
 
     # --- asyncio.Protocol ------------------------------------------------------------------
@@ -158,11 +159,14 @@ class _Connection(asyncio.Protocol):
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
-        # The client sends no more requests: answer the one in flight, then close.
-        self.closing = True
-        if self.task is None:
+        # The client sends no more (a half-close): answer every complete request it sent, then
+        # close. Returning True keeps the transport open for those answers.
+        self.eof = True
+        if self.task is None and not self.closing:
+            self._serve()
+        if self.closing:  # handed to aiohttp, or closed: not ours to keep open
             return None
-        return True
+        return True if self.task is not None else None
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -270,8 +274,8 @@ class _Connection(asyncio.Protocol):
         self._answer(answer, head.close)
         if self.buffer and not self.closing:
             self._serve()
-        elif self.closing and self.transport is not None:
-            self.transport.close()
+        if self.eof and self.task is None and not self.closing and self.transport is not None:
+            self.transport.close()  # every complete request of a half-closed client answered
 
     def _answer(self, answer: Answer, close: bool) -> None:
         transport = self.transport
@@ -312,6 +316,8 @@ class _Connection(asyncio.Protocol):
         pending, self.buffer = bytes(self.buffer), bytearray()
         if pending:
             protocol.data_received(pending)
+        if self.eof:
+            protocol.eof_received()
 
     def close_if_idle(self, now: float) -> None:
         """Close the connection if no request is in flight and none completed for too long."""
