@@ -1,8 +1,9 @@
 """The publish routes' fast path: HTTP/1.1 requests parsed here, anything else handed to aiohttp.
 
 aiohttp's request machinery (parser callbacks, a request object, middlewares, a response object, a
-task wake-up per request) costs about 100 µs of CPU per request on the benchmark's machine, more
-than everything a publish does. The publish routes are the internal API's hot path: a backend
+task wake-up per request) cost more CPU than everything else a publish does: serving the publish
+routes here halves the server's instructions per request (docs/benchmarks.md, section 5, has the
+CPU figures). The publish routes are the internal API's hot path: a backend
 sends thousands of small requests a second on keep-alive connections. So the API's listener runs
 this protocol, which serves exactly those requests itself:
 
@@ -15,8 +16,9 @@ with the same `PublishRoutes` and the same API-key and content-type checks as th
 routes, so the answers are the same. At the first request that is anything else (another route
 or method, chunked or oversized bodies, HTTP/1.0, a head this strict reading refuses), the
 connection is handed to aiohttp's own protocol with every byte not yet consumed, and it stays
-with aiohttp. Each request is parsed by exactly one parser, so the two can never disagree on
-where a request ends (no request smuggling between them).
+with aiohttp. A repeated header field is handed over too (which one would count?). Each request
+is parsed by exactly one parser, so the two can never disagree on where a request ends (no
+request smuggling between them).
 
 Requests on one connection are answered in order (pipelining works); reading pauses while a
 connection holds more than one request's worth of unread bytes or its writes are paused. A
