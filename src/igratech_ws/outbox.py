@@ -57,7 +57,7 @@ from typing import Any, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from igratech_ws.brokers.base import BrokerError
+from igratech_ws.brokers.base import BrokerError, PublishResult
 from igratech_ws.core.codec import ProtocolError
 from igratech_ws.core.publishing import ValidatedPublication, parse_publish_body, validate_publish
 
@@ -81,8 +81,8 @@ class OutboxNode(Protocol):
 
     async def publish(
         self, publication: ValidatedPublication, *, idempotency_key: str | None = None
-    ) -> Any:
-        """Publish; the result has ``duplicate: bool``. Raises `BrokerError`."""
+    ) -> PublishResult:
+        """Publish, at most once per key and channel within the window. Raises `BrokerError`."""
         ...
 
 
@@ -374,7 +374,7 @@ class Outbox:
                 return done, True
             done.append(row.id)
             self.stats.rows_published += 1
-            if getattr(outcome, "duplicate", False):
+            if outcome.duplicate:
                 self.stats.duplicates += 1
         return done, False
 

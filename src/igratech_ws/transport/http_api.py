@@ -41,7 +41,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from igratech_ws.brokers.base import BrokerError, Publication
+from igratech_ws.brokers.base import BrokerError, PublishResult
 from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError, split_validation_error
 from igratech_ws.core.publishing import (
@@ -63,17 +63,6 @@ _JSON_TYPES = frozenset({"application/json"})
 _MEMBER_RE = re.compile(r"^Object (?:missing required|contains unknown) field `(?P<name>[^`]+)`")
 
 
-class PublishOutcome(Protocol):
-    """What a publish did (the broker's `PublishResult`): the publication, and whether it was a
-    duplicate (then `publication` is the first one, with its offset and epoch)."""
-
-    @property
-    def publication(self) -> Publication: ...
-
-    @property
-    def duplicate(self) -> bool: ...
-
-
 class GatewayNode(Protocol):
     """What the HTTP API needs from the node it fronts.
 
@@ -89,7 +78,7 @@ class GatewayNode(Protocol):
 
     async def publish(
         self, publication: ValidatedPublication, *, idempotency_key: str | None = None
-    ) -> PublishOutcome: ...
+    ) -> PublishResult: ...
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
@@ -217,7 +206,7 @@ def _protocol_error_answer(exc: ProtocolError, field_prefix: str = "") -> Answer
     return error_answer(400, exc.code, message, field)
 
 
-def _result(outcome: PublishOutcome) -> PublishAnswer:
+def _result(outcome: PublishResult) -> PublishAnswer:
     publication = outcome.publication
     # Positional: this runs once per published item of a batch.
     return PublishAnswer(
