@@ -255,7 +255,9 @@ class _Connection(asyncio.Protocol):
             start,
             start + body_length,
             authorization,
-            content_type.partition(b";")[0].strip(b" \t").decode("latin-1"),
+            # (absent: RFC 9110 8.3's default, as aiohttp reports it)
+            content_type.partition(b";")[0].strip(b" \t").decode("latin-1")
+            or "application/octet-stream",
             # (find, not `in`: bytes.__contains__ first tries the operand as an int, and
             # formats an exception to find out it is not one)
             connection.find(b"close") >= 0,
