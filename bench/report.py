@@ -275,6 +275,34 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     else:
         out.append(("≥ 5,000 JWT handshakes/s on one core", "not measured", "–"))
     out.extend(_worker_targets(rows))
+    out.extend(_publish_targets(rows))
+    return out
+
+
+def _publish_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """Issue 13: single-publish server CPU, batch throughput, outbox commit-to-client p50."""
+    out: list[tuple[str, str, str]] = []
+    single = _one(rows, "publish_api", server=OURS, batch=1)
+    if single and single.get("us_per_event") is not None:
+        out.append(("single publish ≤ 80 µs server CPU per request", f"{single['us_per_event']:.1f} µs",
+                    "met" if single["us_per_event"] <= 80 else "NOT met"))
+    else:
+        out.append(("single publish ≤ 80 µs server CPU per request", "not measured", "–"))
+    batch = _one(rows, "publish_api", server=OURS, batch=100)
+    if batch and batch.get("us_per_event"):
+        capacity = 1e6 / batch["us_per_event"]
+        out.append(("batches of 100: ≥ 100,000 events/s per node",
+                    f"observed {batch['events_per_s']:,.0f}/s at {batch['server_cpu_frac']:.0%} "
+                    f"server CPU; server CPU allows {capacity:,.0f}/s",
+                    "met" if capacity >= 100_000 else "NOT met"))
+    else:
+        out.append(("batches of 100: ≥ 100,000 events/s per node", "not measured", "–"))
+    outbox = _one(rows, "outbox_latency", server=OURS)
+    if outbox and outbox.get("p50_ms") is not None:
+        out.append(("outbox commit-to-client p50 < 150 ms", f"{outbox['p50_ms']:.1f} ms",
+                    "met" if outbox["p50_ms"] < 150 and outbox["complete"] else "NOT met"))
+    else:
+        out.append(("outbox commit-to-client p50 < 150 ms", "not measured", "–"))
     return out
 
 
@@ -522,6 +550,21 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         lines += _table(
             ["server", "events per request", "events/s", "CPU µs/event", "server CPU",
              "failed requests"], body,
+        )
+    outbox = [r for r in _pick(rows, "outbox_latency") if "p50_ms" in r]
+    if outbox:
+        lines += [
+            "PostgreSQL outbox (`IGRATECH_WS_OUTBOX_DSN`): a writer commits one row per "
+            "transaction at a steady rate; one WebSocket client follows the game on the same node "
+            "(memory broker). Latency runs from the writer sending `COMMIT` to the client "
+            "receiving the push.",
+            "",
+        ]
+        lines += _table(
+            ["rows/s", "rows", "delivered", "p50 ms", "p99 ms", "max ms", "server CPU µs/row"],
+            [[_num(r["rate"]), _num(r["rows"]), _num(r["delivered"]), _num(r["p50_ms"], 1),
+              _num(r["p99_ms"], 1), _num(r["max_ms"], 1), _num(r["server_cpu_us_per_row"])]
+             for r in outbox],
         )
 
     many = _pick(rows, "many_games")

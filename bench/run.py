@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import attacks, scenarios
+from bench import attacks, publish, scenarios
 from bench.servers import (
     ALL_KINDS,
     KINDS,
@@ -191,6 +191,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     f"publish {kind.name} batch={batch}",
                     functools.partial(scenarios.publish_api, ctx, kind, batch),
                 )
+        if OURS in kinds:
+            await _guard(
+                ctx, rows, "publish outbox latency", functools.partial(publish.outbox_latency, ctx)
+            )
     if "many" in chosen:
         for kind in kinds:
             await _guard(

@@ -9,6 +9,9 @@ import pytest
 
 REDIS_URL = os.environ.get("IGRATECH_WS_TEST_REDIS", "redis://127.0.0.1:6379/11")
 NATS_URL = os.environ.get("IGRATECH_WS_TEST_NATS", "nats://127.0.0.1:4222")
+POSTGRES_DSN = os.environ.get(
+    "IGRATECH_WS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -39,3 +42,9 @@ def redis_url() -> str:
 def nats_url() -> str:
     require_service("NATS", "127.0.0.1", 4222)
     return NATS_URL
+
+
+@pytest.fixture
+def postgres_dsn() -> str:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    return POSTGRES_DSN

@@ -348,7 +348,7 @@ class Example:
             validated = validate_publish(parse_publish_body(json.dumps(body).encode()))
             try:
                 async with asyncio.timeout(WAIT_S):
-                    publication = await app.node.publish(validated)
+                    publication = (await app.node.publish(validated)).publication
             except BrokerError:
                 return None
             return publication.channel, publication.offset, publication.epoch

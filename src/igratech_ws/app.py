@@ -21,6 +21,7 @@ from igratech_ws import brokers
 from igratech_ws.auth import TokenVerifier
 from igratech_ws.config import Config
 from igratech_ws.node import Node
+from igratech_ws.outbox import Outbox, OutboxCollector
 from igratech_ws.transport.websocket import start_listener
 
 log = logging.getLogger("igratech_ws.app")
@@ -72,13 +73,23 @@ async def running_app(
     from igratech_ws.contract import document_text
     from igratech_ws.transport import console, docs_page
     from igratech_ws.transport.http_api import build_api_app
+    from igratech_ws.transport.http_fastpath import PublishFastSite
 
     broker = brokers.from_url(config.broker, brokers.options_from_config(config))
     node = Node(config, broker)
     await node.start()
     ws_server: asyncio.Server | None = None
     runner: web.AppRunner | None = None
+    outbox: Outbox | None = None
     try:
+        if config.outbox_dsn:
+            outbox = Outbox(
+                node,
+                config.outbox_dsn,
+                config.outbox_table,
+                max_body_bytes=config.max_publish_body_bytes,
+            )
+            await outbox.start()
         ws_server = await start_listener(
             node, build_verifier(config), config.host, config.port, reuse_port=config.reuse_port
         )
@@ -86,7 +97,9 @@ async def running_app(
 
         def routes(api_app: web.Application) -> None:
             # Operator and developer pages: /metrics (metrics key, if any), /docs and /console.
-            metrics.install(api_app, node)
+            node_metrics = metrics.install(api_app, node)
+            if outbox is not None:
+                node_metrics.registry.register(OutboxCollector(outbox, node.node_id))
             docs_page.install(api_app)
             console.install(api_app, node, config, ws_port=port)
             if extra_routes is not None:
@@ -105,7 +118,7 @@ async def running_app(
             api, access_log=None, handle_signals=False, shutdown_timeout=API_SHUTDOWN_SECONDS
         )
         await runner.setup()
-        site = web.TCPSite(
+        site = PublishFastSite(
             runner, config.api_host, config.api_port, reuse_port=config.reuse_port or None
         )
         await site.start()
@@ -126,6 +139,8 @@ async def running_app(
         # reach the clients still connected); then tell every client to reconnect (1012) after
         # flushing what it is owed; give the close frames a moment to leave; stop the broker.
         node.draining = True
+        if outbox is not None:
+            await outbox.close()
         if ws_server is not None:
             ws_server.close()
         if runner is not None:

@@ -37,6 +37,8 @@ OTHER_VARIABLES = frozenset(
         "IGRATECH_WS_REQUIRE_SERVICES",  # tests: fail instead of skipping without Redis/NATS
         "IGRATECH_WS_TEST_REDIS",
         "IGRATECH_WS_TEST_NATS",
+        "IGRATECH_WS_TEST_POSTGRES",
+        "IGRATECH_WS_BENCH_POSTGRES",
         "IGRATECH_WS_SCREENSHOT_DIR",
         "IGRATECH_WS_ASYNCAPI_CLI_DIR",
     }
@@ -132,6 +134,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxies: str = DEFAULT_TRUSTED_PROXIES
     #: Connections from trusted proxies start with a PROXY protocol v1/v2 header.
     proxy_protocol: bool = False
+    #: PostgreSQL outbox (outbox.py, docs/publishing.md): connection string (it may hold a
+    #: password) and table (a lowercase SQL identifier, optionally schema-qualified).
+    outbox_dsn: Secret = None
+    outbox_table: Annotated[
+        str, Meta(pattern=r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,57}$")
+    ] = "igratech_ws_outbox"
     # demo
     demo: bool = False
     log_level: LogLevel = "info"

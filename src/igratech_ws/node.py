@@ -22,6 +22,7 @@ from igratech_ws.brokers.base import (
     ControlKinds,
     NodePresence,
     Publication,
+    PublishResult,
     UserLogin,
     UserLogout,
 )
@@ -460,16 +461,21 @@ class Node:
 
     # --- publishing and logout through the API -----------------------------------------------
 
-    async def publish(self, publication: ValidatedPublication) -> Publication:
-        """Append and fan out one validated publication. Raises `BrokerError`."""
-        result = await self.broker.publish(
-            publication.channel, publication.event, publication.data_json
+    async def publish(
+        self, publication: ValidatedPublication, *, idempotency_key: str | None = None
+    ) -> PublishResult:
+        """Append and fan out one validated publication (D2: once per `idempotency_key` and
+        channel within the broker's window). Raises `BrokerError`."""
+        return await self.broker.publish(
+            publication.channel,
+            publication.event,
+            publication.data_json,
+            idempotency_key=idempotency_key,
         )
-        return result.publication
 
     async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
         """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`."""
-        return [await self.publish(p) for p in publications]
+        return [(await self.publish(p)).publication for p in publications]
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"

@@ -107,6 +107,32 @@ BAD_REQUESTS: list[tuple[str, bytes, str, str]] = [
         "/api/v1/publish/batch",
     ),
     ("batch of garbage", b'{"items": "x"}', "application/json", "/api/v1/publish/batch"),
+    ("empty idempotency key", _with(idempotencyKey=""), "application/json", "/api/v1/publish"),
+    (
+        "long idempotency key",
+        _with(idempotencyKey="k" * 129),
+        "application/json",
+        "/api/v1/publish",
+    ),
+    (
+        "idempotency key with a space",
+        _with(idempotencyKey="a b"),
+        "application/json",
+        "/api/v1/publish",
+    ),
+    (
+        "idempotency key with a newline",
+        _with(idempotencyKey="ab\n"),
+        "application/json",
+        "/api/v1/publish",
+    ),
+    ("idempotency key a number", _with(idempotencyKey=5), "application/json", "/api/v1/publish"),
+    (
+        "batch item with a bad idempotency key",
+        json.dumps({"items": [{**incident("g-1", 1), "idempotencyKey": "-x"}]}).encode(),
+        "application/json",
+        "/api/v1/publish/batch",
+    ),
 ]
 
 
@@ -229,8 +255,40 @@ async def test_the_api_refuses_everything_protected_when_no_key_is_configured(
         assert await _positions(app) == [0, 0, 0]
 
 
+def _deep(depth: int, where: str) -> bytes:
+    nested = b"[" * depth + b"]" * depth
+    if where == "data":
+        return b'{"event":"incident","gameId":"g-1","data":' + nested + b"}"
+    if where == "field":
+        return (
+            json.dumps(incident("g-1", 1))
+            .encode()
+            .replace(b'"minute": ', b'"minute": ' + nested + b', "x": ', 1)
+        )
+    return b'{"items":[' + _deep(depth, "data") + b"]}"
+
+
+@pytest.mark.parametrize("depth", [999, 5_000])
+@pytest.mark.parametrize("where", ["data", "field", "batch"])
+async def test_a_deeply_nested_body_is_a_400_not_a_500(
+    gateway: App, depth: int, where: str
+) -> None:
+    """Nesting deeper than the decoder's recursion limit is the documented 400 (the codec's one
+    mapping of decode failures), never an internal error."""
+    path = "/api/v1/publish/batch" if where == "batch" else "/api/v1/publish"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.api_url + path,
+            data=_deep(depth, where),
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        ) as answer:
+            status, body = answer.status, await answer.json()
+        assert (status, body["error"]["code"]) == (400, "bad_message"), body
+        assert await _positions(gateway) == [0, 0, 0]
+
+
 def test_the_api_key_is_compared_in_constant_time() -> None:
-    source = inspect.getsource(http_api._auth_middleware)
+    source = inspect.getsource(http_api._bearer_is)
     assert "hmac.compare_digest(" in source
     # No other comparison of the key: neither == nor != against the expected bytes.
     assert "== expected" not in source and "expected ==" not in source

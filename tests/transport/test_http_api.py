@@ -1,7 +1,12 @@
-"""The internal HTTP API over real sockets, before a fake node wrapping a real MemoryBroker."""
+"""The internal HTTP API over real sockets, before a fake node wrapping a real MemoryBroker.
+
+Every test runs twice: on aiohttp's own site, and on `PublishFastSite` (the publish fast path,
+which hands every other request to aiohttp), so both paths answer the same.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -9,11 +14,14 @@ from typing import Any, Literal
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication
+from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication, PublishResult
 from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.publishing import ValidatedPublication
 from igratech_ws.transport.http_api import GatewayNode, build_api_app
+from igratech_ws.transport.http_fastpath import PublishFastSite
 
 API_KEY = "test-key-\u00e9-123"  # non-ASCII on purpose: compare_digest must not choke on it
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -22,7 +30,10 @@ TS = "2026-11-23T19:45:00Z"
 
 
 class FakeNode:
-    """Implements `GatewayNode` over a started MemoryBroker; can be made to fail or unready."""
+    """Implements `GatewayNode` over a started MemoryBroker; can be made to fail or unready.
+
+    The broker keeps the idempotency window (D2); `published_keys` records the keys passed.
+    """
 
     def __init__(self, broker: MemoryBroker) -> None:
         self.node_id = "node-test"
@@ -31,17 +42,20 @@ class FakeNode:
         self.broker_down = False
         self.explode = False
         self.logouts: list[tuple[str, str]] = []
+        self.published_keys: list[str | None] = []
 
-    async def publish(self, publication: ValidatedPublication) -> Publication:
+    async def publish(
+        self, publication: ValidatedPublication, *, idempotency_key: str | None = None
+    ) -> PublishResult:
         if self.broker_down:
             raise BrokerError("connection refused")
-        result = await self.broker.publish(
-            publication.channel, publication.event, publication.data_json
+        self.published_keys.append(idempotency_key)
+        return await self.broker.publish(
+            publication.channel,
+            publication.event,
+            publication.data_json,
+            idempotency_key=idempotency_key,
         )
-        return result.publication
-
-    async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
-        return [await self.publish(p) for p in publications]
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
@@ -93,8 +107,8 @@ def node(broker: MemoryBroker) -> FakeNode:
 Serve = Callable[..., Awaitable[tuple[str, aiohttp.ClientSession]]]
 
 
-@pytest.fixture
-async def serve(node: FakeNode) -> AsyncIterator[Serve]:
+@pytest.fixture(params=["aiohttp", "fastpath"])
+async def serve(node: FakeNode, request: pytest.FixtureRequest) -> AsyncIterator[Serve]:
     """Start the API on 127.0.0.1 (port 0) and return its base URL and a client session."""
     runners: list[web.AppRunner] = []
     sessions: list[aiohttp.ClientSession] = []
@@ -106,7 +120,11 @@ async def serve(node: FakeNode) -> AsyncIterator[Serve]:
         runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = (
+            PublishFastSite(runner, "127.0.0.1", 0)
+            if request.param == "fastpath"
+            else web.TCPSite(runner, "127.0.0.1", 0)
+        )
         await site.start()
         host, port = runner.addresses[0][:2]
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
@@ -384,7 +402,13 @@ async def test_publish(
     status, body, _ = await post(api, "/api/v1/publish", request_body)
     assert status == 200, body
     epoch = (await broker.position(channel)).epoch
-    assert body == {"channel": channel, "offset": 1, "epoch": epoch, "event": request_body["event"]}
+    assert body == {
+        "channel": channel,
+        "offset": 1,
+        "epoch": epoch,
+        "event": request_body["event"],
+        "duplicate": False,
+    }
     status, body, _ = await post(api, "/api/v1/publish", request_body)
     assert body["offset"] == 2
     page = await broker.history(channel, 0, 10)
@@ -707,3 +731,437 @@ async def test_logout_bad_json_and_content_type(
     assert status == 415
     assert_error(body, "unsupported_media_type")
     assert node.logouts == []
+
+
+# --- the fast path's HTTP/1.1 handling -----------------------------------------------------
+
+
+@pytest.fixture
+async def fast(node: FakeNode) -> AsyncIterator[tuple[str, int]]:
+    """The API on `PublishFastSite` with a short keep-alive timeout, for raw-socket tests."""
+    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = PublishFastSite(runner, "127.0.0.1", 0, keepalive_timeout=0.5)
+    await site.start()
+    yield "127.0.0.1", site.port
+    await runner.cleanup()
+
+
+def raw_publish(body: dict[str, Any], *, path: str = "/api/v1/publish", extra: str = "") -> bytes:
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
+    )
+    return head.encode() + data
+
+
+async def read_answers(
+    reader: asyncio.StreamReader, count: int
+) -> list[tuple[int, dict[str, str], Any]]:
+    """`count` HTTP/1.1 answers (status, lowercase headers, JSON body), each framed by its
+    Content-Length."""
+    answers = []
+    for _ in range(count):
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        async with asyncio.timeout(5):
+            body = await reader.readexactly(int(headers["content-length"]))
+        answers.append((status, headers, json.loads(body)))
+    return answers
+
+
+async def test_pipelined_publishes_are_answered_in_order(
+    fast: tuple[str, int], broker: MemoryBroker
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(b"".join(raw_publish(incident(incidentId=f"i-{n}")) for n in range(5)))
+    answers = await read_answers(reader, 5)
+    assert [(status, body["offset"]) for status, _, body in answers] == [
+        (200, n) for n in range(1, 6)
+    ]
+    writer.close()
+    page = await broker.history("game:g-1", 0, 10)
+    assert [json.loads(p.data)["incidentId"] for p in page.publications] == [
+        f"i-{n}" for n in range(5)
+    ]
+
+
+async def test_a_request_sent_byte_by_byte_is_answered(fast: tuple[str, int]) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    for byte in raw_publish(incident()):
+        writer.write(bytes([byte]))
+        await writer.drain()
+    [(status, _, body)] = await read_answers(reader, 1)
+    assert (status, body["offset"]) == (200, 1)
+    writer.close()
+
+
+async def test_other_routes_on_the_same_connection_go_to_aiohttp_and_stay_there(
+    fast: tuple[str, int],
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(raw_publish(incident()))
+    writer.write(
+        f"GET /api/v1/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
+    )
+    writer.write(raw_publish(incident(incidentId="i-2")))
+    answers = await read_answers(reader, 3)
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert answers[1][2]["node"] == "node-test"
+    assert answers[2][2]["offset"] == 2
+    # aiohttp's own answers carry its Server header; the fast path's do not.
+    assert "server" not in answers[0][1] and "server" in answers[2][1]
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        # chunked framing: aiohttp parses it (and publishes)
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "{size:x}\r\n{body}\r\n0\r\n\r\n",
+            200,
+        ),
+        # HTTP/1.0
+        (
+            "POST /api/v1/publish HTTP/1.0\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{body}",
+            200,
+        ),
+        # two Content-Length fields: refused by aiohttp, never guessed at here
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\nContent-Length: 5\r\n"
+            "\r\n{body}",
+            400,
+        ),
+        # a space before the colon (RFC 9112 5.1 says reject)
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{body}",
+            400,
+        ),
+        # Content-Length with a sign
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: +{size}\r\n\r\n{body}",
+            400,
+        ),
+        # Expect: 100-continue is aiohttp's to answer
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {size}"
+            "\r\n\r\n{body}",
+            100,
+        ),
+        # a control character in a value
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\x01\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{body}",
+            400,
+        ),
+        # a bare LF hiding a Transfer-Encoding from a CRLF-only reader
+        (
+            "POST /api/v1/publish HTTP/1.1\r\nHost: x\nTransfer-Encoding: chunked\r\n"
+            "Authorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n{body}",
+            400,
+        ),
+    ],
+    ids=[
+        "chunked",
+        "http-1.0",
+        "two-lengths",
+        "space-before-colon",
+        "signed-length",
+        "expect",
+        "control-character",
+        "bare-lf",
+    ],
+)
+async def test_anything_unusual_is_aiohttp_s_to_answer(
+    fast: tuple[str, int], broker: MemoryBroker, head: str, status: int
+) -> None:
+    body = json.dumps(incident())
+    request = head.format(key=API_KEY, size=len(body), body=body).encode()
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(request)
+    async with asyncio.timeout(5):
+        line = await reader.readline()
+    assert line.split(b" ")[1] == str(status).encode(), line
+    writer.close()
+    assert await top(broker, "game:g-1") == (1 if status in (200, 100) else 0)
+
+
+async def test_connection_close_is_honoured(fast: tuple[str, int]) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(raw_publish(incident(), extra="Connection: close\r\n"))
+    [(status, headers, _)] = await read_answers(reader, 1)
+    assert status == 200 and headers["connection"] == "close"
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(
+    fast: tuple[str, int],
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    writer.write(raw_publish(incident()))
+    await read_answers(reader, 1)
+    writer.write(b"POST /api/v1/publish HTTP/1.1\r\n")  # a head that never completes
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_errors_on_the_fast_path_have_the_api_s_shape(
+    fast: tuple[str, int], node: FakeNode
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    wrong_key = raw_publish(incident()).replace(API_KEY.encode(), b"nope")
+    text_plain = raw_publish(incident()).replace(b"application/json", b"text/plain")
+    writer.write(wrong_key + text_plain + raw_publish({"event": "x"}))
+    node.broker_down = True
+    writer.write(raw_publish(incident()))
+    answers = await read_answers(reader, 4)
+    assert [(s, b["error"]["code"]) for s, _, b in answers] == [
+        (401, "unauthorized"),
+        (415, "unsupported_media_type"),
+        (400, "bad_message"),
+        (503, "broker_unavailable"),
+    ]
+    assert answers[0][1]["www-authenticate"].startswith("Bearer")
+    writer.close()
+
+
+async def test_a_publish_in_flight_finishes_when_the_site_stops(
+    node: FakeNode, broker: MemoryBroker
+) -> None:
+    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    runner = web.AppRunner(app, shutdown_timeout=5)
+    await runner.setup()
+    site = PublishFastSite(runner, "127.0.0.1", 0)
+    await site.start()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    publish = node.publish
+
+    async def slow(*args: Any, **kwargs: Any) -> PublishResult:
+        started.set()
+        await release.wait()
+        return await publish(*args, **kwargs)
+
+    node.publish = slow  # type: ignore[method-assign]
+    reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+    writer.write(raw_publish(incident()))
+    await asyncio.wait_for(started.wait(), 5)
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    await asyncio.sleep(0.1)
+    assert not cleanup.done()  # waiting for the publish in flight
+    release.set()
+    [(status, _, body)] = await read_answers(reader, 1)
+    assert (status, body["offset"]) == (200, 1)
+    await asyncio.wait_for(cleanup, 5)
+    writer.close()
+
+
+# --- the one-pass batch reading agrees with the two-pass one ------------------------------------
+
+_MUTATIONS: list[tuple[str, Any]] = [
+    ("event", "jackpot"),
+    ("event", "stats"),
+    ("event", 5),
+    ("gameId", None),
+    ("gameId", "g-2"),
+    ("gameId", "bad id"),
+    ("userId", "u-1"),
+    ("idempotencyKey", "k-1"),
+    ("idempotencyKey", ""),
+    ("idempotencyKey", "x" * 129),
+    ("data", []),
+    ("data", {}),
+    ("extra", 1),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["incident", "bet", "balance", "global"]),
+            st.lists(st.sampled_from(_MUTATIONS), max_size=2),
+        ),
+        min_size=0,
+        max_size=6,
+    ),
+    st.integers(min_value=1, max_value=5),
+)
+def test_the_one_pass_batch_reading_accepts_exactly_what_the_two_pass_reading_does(
+    specs: list[tuple[str, list[tuple[str, Any]]]], max_items: int
+) -> None:
+    from igratech_ws.core.codec import ProtocolError
+    from igratech_ws.core.publishing import decode_valid_batch, parse_batch_body, validate_publish
+
+    makers = {"incident": incident, "bet": bet, "balance": balance, "global": global_stats}
+    items = []
+    for kind, mutations in specs:
+        item = makers[kind]()
+        for key, value in mutations:
+            if value is None:
+                item.pop(key, None)
+            else:
+                item[key] = value
+        items.append(item)
+    body = json.dumps({"items": items}).encode()
+    try:
+        expected = [
+            (validate_publish(item), item.idempotencyKey)
+            for item in parse_batch_body(body, max_items)
+        ]
+    except ProtocolError:
+        expected = None
+    assert decode_valid_batch(body, max_items) == expected
+
+
+async def test_a_client_that_never_reads_its_answers_stops_being_served(
+    node: FakeNode, broker: MemoryBroker
+) -> None:
+    """Pipelined requests whose answers are never read: once the answers fill the socket, the
+    server stops serving (and reading) that connection instead of buffering without bound; every
+    request it took is answered once the client reads."""
+    import socket
+
+    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = PublishFastSite(runner, "127.0.0.1", 0)  # the default keep-alive: not idle here
+    await site.start()
+    fast = ("127.0.0.1", site.port)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # answers back up quickly
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, fast)
+    request = raw_publish(incident())
+    chunk = request * 200
+    sent = 0
+    try:
+        async with asyncio.timeout(20):
+            while True:  # until the server stops reading and the send buffer is full
+                try:
+                    async with asyncio.timeout(1.0):
+                        await loop.sock_sendall(sock, chunk)
+                    sent += 200
+                except TimeoutError:
+                    break
+        served = await top(broker, "game:g-1")
+        await asyncio.sleep(0.5)
+        assert await top(broker, "game:g-1") == served  # not serving while answers back up
+        assert served < sent  # requests are waiting, unread, in the socket buffers
+        # Reading the answers lets it go on; every request sent is answered, in order.
+        reader, writer = await asyncio.open_connection(sock=sock)
+        answers = await read_answers(reader, served + 50)
+        assert [body["offset"] for _, _, body in answers] == list(range(1, served + 51))
+        writer.close()
+    finally:
+        sock.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("then", ["publish", "other-route"])
+async def test_a_half_closed_client_gets_every_answer(
+    fast: tuple[str, int], broker: MemoryBroker, then: str
+) -> None:
+    reader, writer = await asyncio.open_connection(*fast)
+    last = (
+        raw_publish(incident(incidentId="i-3"))
+        if then == "publish"
+        else f"GET /api/v1/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
+    )
+    writer.write(raw_publish(incident()) + raw_publish(incident(incidentId="i-2")) + last)
+    writer.write_eof()
+    answers = await read_answers(reader, 3)
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert [body.get("offset") for _, _, body in answers[:2]] == [1, 2]
+    if then == "publish":  # (aiohttp keeps a half-closed connection until its keep-alive ends)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+    writer.close()
+
+
+DIFFERENTIAL_REQUESTS: list[tuple[str, bytes]] = [
+    ("valid", raw_publish(incident())),
+    (
+        "no content type",
+        raw_publish(incident()).replace(b"Content-Type: application/json\r\n", b""),
+    ),
+    (
+        "json with charset",
+        raw_publish(incident()).replace(b"application/json", b"application/json; charset=utf-8"),
+    ),
+    (
+        "vendor json",
+        raw_publish(incident()).replace(b"application/json", b"application/vnd.x+json"),
+    ),
+    ("text", raw_publish(incident()).replace(b"application/json", b"text/plain")),
+    (
+        "no key",
+        raw_publish(incident()).replace(f"Authorization: Bearer {API_KEY}\r\n".encode(), b""),
+    ),
+    ("wrong key", raw_publish(incident()).replace(b"Bearer ", b"Bearer x")),
+    ("lowercase scheme", raw_publish(incident()).replace(b"Bearer ", b"bearer ")),
+    (
+        "empty body",
+        raw_publish(incident()).split(b"Content-Length")[0] + b"Content-Length: 0\r\n\r\n",
+    ),
+    ("invalid", raw_publish({**incident(), "gameId": "g 1"})),
+    ("unknown event", raw_publish({**incident(), "event": "nope"})),
+    ("batch", raw_publish({"items": [incident(), balance()]}, path="/api/v1/publish/batch")),
+    (
+        "bad batch",
+        raw_publish({"items": [incident(), bet(stake="x")]}, path="/api/v1/publish/batch"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [r for _, r in DIFFERENTIAL_REQUESTS],
+    ids=[n for n, _ in DIFFERENTIAL_REQUESTS],
+)
+async def test_the_fast_path_answers_like_aiohttp(node: FakeNode, request_bytes: bytes) -> None:
+    """The same raw request to aiohttp's site and to the fast path's: the same status, extra
+    headers and body (offsets aside: the first publishes, the second publishes again)."""
+    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    plain = web.TCPSite(runner, "127.0.0.1", 0)
+    fast = PublishFastSite(runner, "127.0.0.1", 0)
+    await plain.start()
+    await fast.start()
+    try:
+        answers = []
+        for port in (plain.port, fast.port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_bytes)
+            [(status, headers, body)] = await read_answers(reader, 1)
+            writer.close()
+            for result in body.get("results", [body]):
+                result.pop("offset", None)
+            kept = {k: v for k, v in headers.items() if k in ("content-type", "www-authenticate")}
+            answers.append((status, kept, body))
+        assert answers[0] == answers[1]
+    finally:
+        await runner.cleanup()

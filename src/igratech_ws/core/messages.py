@@ -30,6 +30,16 @@ Identifier = Annotated[
         description="An opaque identifier: 1-64 of A-Z a-z 0-9 _ . - (starting alphanumeric).",
     ),
 ]
+#: A publish's idempotency key (HTTP API, outbox): a repeat within the window is not published.
+IdempotencyKey = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$(?!\n)",
+        description="1-128 of A-Z a-z 0-9 _ . - (starting alphanumeric), unique per channel.",
+    ),
+]
 #: Money is a decimal string so that no client rounds it through a binary float.
 Money = Annotated[
     str,

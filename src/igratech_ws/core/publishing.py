@@ -9,22 +9,27 @@ The payload is re-encoded compactly, so what subscribers receive is canonical JS
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import msgspec
 
 from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError, decode_payload, encode, split_validation_error
-from igratech_ws.core.messages import PUBLISHED_EVENTS, Identifier
+from igratech_ws.core.messages import PUBLISHED_EVENTS, IdempotencyKey, Identifier
 
 
 class PublishRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The body of ``POST /api/v1/publish`` (and one item of a batch)."""
+    """The body of ``POST /api/v1/publish`` (and one item of a batch, and an outbox row's body).
+
+    `idempotencyKey`: a repeat with the same key to the same channel, within the broker's
+    window, publishes nothing and answers the first publication (`Node.publish`).
+    """
 
     event: str
     data: msgspec.Raw
     gameId: Identifier | None = None
     userId: Identifier | None = None
+    idempotencyKey: IdempotencyKey | None = None
 
 
 class PublishBatch(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,28 +99,36 @@ def validate_publish(request: PublishRequest) -> ValidatedPublication:
             field="event",
         )
     payload = decode_payload(event, request.data)
+    return _resolve(event, payload, request.gameId, request.userId)
+
+
+def _resolve(
+    event: str, payload: Any, game_id: str | None, user_id: str | None
+) -> ValidatedPublication:
+    """The target channel of a decoded, valid `payload`; raises `ProtocolError` if the target is
+    missing, doubled or wrong for the event."""
     allowed = channels.TARGETS_BY_EVENT[event]
-    if request.gameId is not None and request.userId is not None:
+    if game_id is not None and user_id is not None:
         raise _invalid("Give gameId or userId, not both", "userId", event)
-    if request.gameId is not None:
+    if game_id is not None:
         if "game" not in allowed:
             raise _invalid(
                 f"{event!r} is published to a user (userId), not a game", "gameId", event
             )
         payload_game = getattr(payload, "gameId", None)
-        if payload_game is not None and payload_game != request.gameId:
+        if payload_game is not None and payload_game != game_id:
             raise _invalid(
-                f"data.gameId {payload_game!r} does not match the target gameId {request.gameId!r}",
+                f"data.gameId {payload_game!r} does not match the target gameId {game_id!r}",
                 "data.gameId",
                 event,
             )
         if getattr(payload, "scope", "game") != "game":
             raise _invalid("Stats for a game must have scope 'game'", "data.scope", event)
-        channel = channels.game_channel(request.gameId)
-    elif request.userId is not None:
+        channel = channels.game_channel(game_id)
+    elif user_id is not None:
         if "user" not in allowed:
             raise _invalid(f"{event!r} cannot be published to a user", "userId", event)
-        channel = channels.user_channel(request.userId)
+        channel = channels.user_channel(user_id)
     else:
         if "global" not in allowed:
             field = "userId" if "user" in allowed else "gameId"
@@ -126,3 +139,59 @@ def validate_publish(request: PublishRequest) -> ValidatedPublication:
             )
         channel = channels.GLOBAL_CHANNEL
     return ValidatedPublication(event, channel, encode(payload), payload)
+
+
+# --- one decoding pass for a valid batch ---------------------------------------------------------
+#
+# `parse_batch_body` leaves each item's `data` raw, to be decoded by the event's type once the
+# event is known: two passes over every item, so that the first error is found and worded with
+# the right field. A valid batch can be decoded in one pass, as a list of a union of one request
+# type per event, tagged by `event`. `decode_valid_batch` tries that and returns None on any
+# failure, so that the caller takes the two-pass path, which finds (and words) the error: both
+# accept exactly the same bodies, with the same results.
+
+
+def _typed_request(event: str, payload: type) -> type[msgspec.Struct]:
+    return msgspec.defstruct(
+        f"Publish_{event.replace('-', '_')}",
+        [
+            ("data", payload),
+            ("gameId", Identifier | None, None),
+            ("userId", Identifier | None, None),
+            ("idempotencyKey", IdempotencyKey | None, None),
+        ],
+        kw_only=True,
+        forbid_unknown_fields=True,
+        tag_field="event",
+        tag=event,
+    )
+
+
+_EVENT_OF_TYPED = {_typed_request(event, kind): event for event, kind in PUBLISHED_EVENTS.items()}
+_TypedBatch = msgspec.defstruct(
+    "PublishBatchTyped",
+    [("items", list[Union[tuple(_EVENT_OF_TYPED)]])],  # type: ignore[misc]  # noqa: UP007
+    forbid_unknown_fields=True,
+)
+_typed_batch_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_TypedBatch)
+
+
+def decode_valid_batch(
+    body: bytes, max_items: int
+) -> list[tuple[ValidatedPublication, str | None]] | None:
+    """Each item of a valid batch body (1 to `max_items` items) as its validated publication
+    and idempotency key, in one decoding pass; None if anything is wrong with the body (then
+    `parse_batch_body` and `validate_publish` say what)."""
+    try:
+        items = _typed_batch_decoder.decode(body).items
+        if not 0 < len(items) <= max_items:
+            return None
+        return [
+            (
+                _resolve(_EVENT_OF_TYPED[type(item)], item.data, item.gameId, item.userId),
+                item.idempotencyKey,
+            )
+            for item in items
+        ]
+    except (msgspec.DecodeError, RecursionError, MemoryError, UnicodeError, ProtocolError):
+        return None

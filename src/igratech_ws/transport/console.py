@@ -160,7 +160,7 @@ class _Console:
             validated = validate_publish(parse_publish_body(body))
         except ProtocolError as exc:
             return error_response(400, exc.code, exc.message, exc.field)
-        publication = await self.node.publish(validated)
+        publication = (await self.node.publish(validated)).publication
         return json_response(
             {
                 "channel": publication.channel,

@@ -19,6 +19,14 @@ refuses those routes with 503, so a gateway cannot be run unprotected by acciden
 Every answer the API makes itself is JSON encoded with msgspec, errors included:
 ``{"error": {"code": ..., "message": ..., "field": ...}}``. Validation happens before anything
 is published: an invalid request (or one invalid item of a batch) publishes nothing.
+
+A publish may carry an ``idempotencyKey``: a repeat with the same key to the same channel within
+the broker's window publishes nothing and answers the first publication's position with
+``"duplicate": true``. The broker keeps the window, so the repeat may reach any node.
+
+The answers of the publish routes are computed by `PublishRoutes` as plain `Answer` values, so
+that the aiohttp handlers here and the HTTP/1.1 fast path of `http_fastpath` (which serves the
+publish routes without aiohttp's per-request machinery) answer byte for byte alike.
 """
 
 from __future__ import annotations
@@ -26,18 +34,19 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from igratech_ws.brokers.base import BrokerError, Publication
+from igratech_ws.brokers.base import BrokerError, PublishResult
 from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError, split_validation_error
 from igratech_ws.core.publishing import (
     ValidatedPublication,
+    decode_valid_batch,
     parse_batch_body,
     parse_publish_body,
     validate_publish,
@@ -57,18 +66,19 @@ _MEMBER_RE = re.compile(r"^Object (?:missing required|contains unknown) field `(
 class GatewayNode(Protocol):
     """What the HTTP API needs from the node it fronts.
 
-    `publish` and `publish_many` append validated publications to their channels (in order) and
-    may raise `BrokerError`; `logout_user` closes the user's local connections, tells the other
-    nodes, and returns how many local connections it closed; `info` returns JSON-able counters
-    (``node``, ``connections``, ``users``, ``channels``, ``broker``); `ready` is true while the
-    broker is connected and the node is not draining.
+    `publish` appends a validated publication to its channel and may raise `BrokerError`; with an
+    `idempotency_key` already seen on that channel within the broker's window it appends nothing
+    and returns the first publication as a duplicate. `logout_user` closes the user's local
+    connections, tells the other nodes, and returns how many local connections it closed; `info`
+    returns JSON-able counters (``node``, ``connections``, ``users``, ``channels``, ``broker``);
+    `ready` is true while the broker is connected and the node is not draining.
     """
 
     node_id: str
 
-    async def publish(self, publication: ValidatedPublication) -> Publication: ...
-
-    async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]: ...
+    async def publish(
+        self, publication: ValidatedPublication, *, idempotency_key: str | None = None
+    ) -> PublishResult: ...
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
@@ -93,15 +103,18 @@ class ErrorAnswer(msgspec.Struct):
     error: ErrorBody
 
 
-class PublishResult(msgspec.Struct):
+class PublishAnswer(msgspec.Struct):
+    """The answer to one publish: where it went; `duplicate` when the idempotency key was seen."""
+
     channel: str
     offset: int
     epoch: str
     event: str
+    duplicate: bool
 
 
-class BatchResult(msgspec.Struct):
-    results: list[PublishResult]
+class BatchAnswer(msgspec.Struct):
+    results: list[PublishAnswer]
 
 
 class LogoutResult(msgspec.Struct):
@@ -115,20 +128,50 @@ class LogoutRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reason: Literal["forced", "token_expired"] = "forced"
 
 
+class Answer(NamedTuple):
+    """An API answer before it meets a transport: status, JSON body, extra headers."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] | None = None
+
+
 _encoder = msgspec.json.Encoder()
 _logout_decoder = msgspec.json.Decoder(LogoutRequest)
 
 
-def json_response(
-    value: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    """`value` (a msgspec struct or JSON-able value) as an ``application/json`` answer."""
+def json_answer(value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Answer:
+    """`value` (a msgspec struct or JSON-able value) encoded as an answer."""
+    return Answer(status, _encoder.encode(value), headers)
+
+
+def error_answer(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Answer:
+    """The API's one error shape: ``{"error": {"code", "message", "field"}}``."""
+    # Messages can quote client input; bound them so an error answer stays small.
+    return json_answer(ErrorAnswer(ErrorBody(code, message[:500], field)), status, headers)
+
+
+def to_response(answer: Answer) -> web.Response:
+    """`answer` as an aiohttp ``application/json`` response."""
     return web.Response(
-        body=_encoder.encode(value),
-        status=status,
+        body=answer.body,
+        status=answer.status,
         content_type="application/json",
-        headers=headers,
+        headers=answer.headers,
     )
+
+
+def json_response(
+    value: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """`value` (a msgspec struct or JSON-able value) as an ``application/json`` response."""
+    return to_response(json_answer(value, status, headers))
 
 
 def error_response(
@@ -136,11 +179,10 @@ def error_response(
     code: str,
     message: str,
     field: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    """The API's one error shape: ``{"error": {"code", "message", "field"}}``."""
-    # Messages can quote client input; bound them so an error answer stays small.
-    return json_response(ErrorAnswer(ErrorBody(code, message[:500], field)), status, headers)
+    """The API's one error shape as an aiohttp response (see `error_answer`)."""
+    return to_response(error_answer(status, code, message, field, headers))
 
 
 def _named_field(message: str, field: str | None) -> str | None:
@@ -156,20 +198,23 @@ def _named_field(message: str, field: str | None) -> str | None:
     return f"{field}.{name}" if field else name
 
 
-def _protocol_error_response(exc: ProtocolError, field_prefix: str = "") -> web.Response:
+def _protocol_error_answer(exc: ProtocolError, field_prefix: str = "") -> Answer:
     field = _named_field(exc.message, exc.field)
     if field_prefix:
         field = f"{field_prefix}.{field}" if field else field_prefix
     message = f"{field_prefix}: {exc.message}" if field_prefix else exc.message
-    return error_response(400, exc.code, message, field)
+    return error_answer(400, exc.code, message, field)
 
 
-def _result(publication: Publication) -> PublishResult:
-    return PublishResult(
-        channel=publication.channel,
-        offset=publication.offset,
-        epoch=publication.epoch,
-        event=publication.event,
+def _result(outcome: PublishResult) -> PublishAnswer:
+    publication = outcome.publication
+    # Positional: this runs once per published item of a batch.
+    return PublishAnswer(
+        publication.channel,
+        publication.offset,
+        publication.epoch,
+        publication.event,
+        outcome.duplicate,
     )
 
 
@@ -190,6 +235,18 @@ _STATUS_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+
+def broker_unavailable_answer(method: str, path: str, exc: BrokerError) -> Answer:
+    """The answer to a request the broker could not carry out (logged here)."""
+    logger.warning("broker unavailable during %s %s: %s", method, path[:200], exc)
+    return error_answer(503, "broker_unavailable", "The broker is unavailable; retry later")
+
+
+def internal_error_answer(method: str, path: str) -> Answer:
+    """The answer to a bug: the traceback goes to the log (call from an ``except`` block)."""
+    logger.exception("unexpected error in %s %s", method, path[:200])
+    return error_answer(500, "internal_error", "Internal server error")
 
 
 def _error_middleware(max_body_bytes: int) -> Middleware:
@@ -218,15 +275,9 @@ def _error_middleware(max_body_bytes: int) -> Middleware:
                 headers=headers,
             )
         except BrokerError as exc:
-            logger.warning("broker unavailable during %s %s: %s", request.method, request.path, exc)
-            return error_response(
-                503,
-                "broker_unavailable",
-                "The broker is unavailable; retry later",
-            )
+            return to_response(broker_unavailable_answer(request.method, request.path, exc))
         except Exception:
-            logger.exception("unexpected error in %s %s", request.method, request.path)
-            return error_response(500, "internal_error", "Internal server error")
+            return to_response(internal_error_answer(request.method, request.path))
 
     return errors
 
@@ -234,68 +285,157 @@ def _error_middleware(max_body_bytes: int) -> Middleware:
 #: Prometheus's route: public unless a metrics key is configured (then it or the API key).
 METRICS_PATH = "/metrics"
 
+_NO_KEY = error_answer(
+    503,
+    "api_key_not_configured",
+    "API key not configured: the internal API refuses every protected route",
+)
+_UNAUTHORIZED = error_answer(
+    401,
+    "unauthorized",
+    "Missing or wrong API key: send 'Authorization: Bearer <api key>'",
+    headers={"WWW-Authenticate": 'Bearer realm="igratech-ws"'},
+)
 
-def _unauthorized() -> web.Response:
-    return error_response(
-        401,
-        "unauthorized",
-        "Missing or wrong API key: send 'Authorization: Bearer <api key>'",
-        headers={"WWW-Authenticate": 'Bearer realm="igratech-ws"'},
-    )
+
+def _bearer_is(authorization: bytes, key: bytes) -> bool:
+    """Whether `authorization` (a raw header value) is ``Bearer <key>``, compared in constant
+    time; the scheme is case-insensitive."""
+    scheme, _, token = authorization.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
-def _auth_middleware(api_key: str | None, metrics_key: str | None = None) -> Middleware:
-    # An empty key would let "Authorization: Bearer " through: treat it as no key at all.
-    expected = api_key.encode("utf-8") if api_key else None
-    metrics_expected = metrics_key.encode("utf-8") if metrics_key else None
+def check_api_key(expected: bytes | None, authorization: bytes) -> Answer | None:
+    """None when `authorization` (the raw header value) is ``Bearer <expected>``, else the answer.
 
-    def _bearer_is(request: web.Request, key: bytes) -> bool:
-        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        # surrogatepass never fails, so odd header bytes become a mismatch rather than an error.
-        given = token.strip().encode("utf-8", "surrogatepass")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given, key)
+    `expected` None (no key configured) refuses everything with 503. The key is compared in
+    constant time; the scheme is case-insensitive.
+    """
+    if expected is None:
+        return _NO_KEY
+    if not _bearer_is(authorization, expected):
+        return _UNAUTHORIZED
+    return None
 
+
+def _auth_middleware(expected: bytes | None, metrics_expected: bytes | None) -> Middleware:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Require ``Authorization: Bearer <api key>`` on every route but the public ones;
         ``/metrics`` is public without a metrics key, else needs it (or the API key)."""
         if _is_public(request.path):
             return await handler(request)
+        # surrogatepass never fails, so odd header bytes become a mismatch rather than an error.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
         if request.path == METRICS_PATH:
-            if metrics_expected is None or _bearer_is(request, metrics_expected):
+            if (
+                metrics_expected is None
+                or _bearer_is(given, metrics_expected)
+                or (expected is not None and _bearer_is(given, expected))
+            ):
                 return await handler(request)
-            if expected is not None and _bearer_is(request, expected):
-                return await handler(request)
-            return _unauthorized()
-        if expected is None:
-            return error_response(
-                503,
-                "api_key_not_configured",
-                "API key not configured: the internal API refuses every protected route",
-            )
-        if not _bearer_is(request, expected):
-            return _unauthorized()
+            return to_response(_UNAUTHORIZED)
+        refused = check_api_key(expected, given)
+        if refused is not None:
+            return to_response(refused)
         return await handler(request)
 
     return auth
+
+
+def is_json_type(content_type: str) -> bool:
+    """Whether a media type (lowercase, without parameters) is JSON."""
+    return content_type in _JSON_TYPES or content_type.endswith("+json")
+
+
+def unsupported_media_answer(content_type: str) -> Answer:
+    return error_answer(
+        415,
+        "unsupported_media_type",
+        f"Content-Type must be application/json, not {content_type[:100]!r}",
+    )
+
+
+# --- the publish routes ----------------------------------------------------------------------
+
+
+class PublishRoutes:
+    """The two publish routes, transport-free: a JSON body in, an `Answer` out.
+
+    Callers (the aiohttp handlers below and `http_fastpath`) have checked the API key
+    (`check_api_key` with `api_key`), the content type, and `max_body_bytes`; they turn
+    `BrokerError` into `broker_unavailable_answer` and anything else into `internal_error_answer`.
+    """
+
+    def __init__(
+        self,
+        node: GatewayNode,
+        *,
+        api_key: bytes | None,
+        max_body_bytes: int,
+        max_batch_items: int,
+    ) -> None:
+        self.node = node
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.max_batch_items = max_batch_items
+
+    async def publish(self, body: bytes) -> Answer:
+        """``POST /api/v1/publish``: validate, then publish (at most once per idempotency key)."""
+        if not body.strip():
+            return _EMPTY_BODY
+        try:
+            request = parse_publish_body(body)
+            validated = validate_publish(request)
+        except ProtocolError as exc:
+            return _protocol_error_answer(exc)
+        outcome = await self.node.publish(validated, idempotency_key=request.idempotencyKey)
+        return json_answer(_result(outcome))
+
+    async def publish_batch(self, body: bytes) -> Answer:
+        """``POST /api/v1/publish/batch``: validate every item, then publish them in order."""
+        if not body.strip():
+            return _EMPTY_BODY
+        # Validate every item before publishing any: a batch is all or nothing.
+        validated = decode_valid_batch(body, self.max_batch_items)
+        if validated is None:
+            return self._batch_error(body)
+        publish = self.node.publish
+        # One at a time, in order: each channel's offsets follow the list order, and a key
+        # repeated inside the batch is a duplicate of its first item.
+        results = [_result(await publish(v, idempotency_key=key)) for v, key in validated]
+        return json_answer(BatchAnswer(results))
+
+    def _batch_error(self, body: bytes) -> Answer:
+        """What is wrong with a batch that `decode_valid_batch` refused (the two-pass reading,
+        which names the first offending item and field)."""
+        try:
+            items = parse_batch_body(body, self.max_batch_items)
+        except ProtocolError as exc:
+            return _protocol_error_answer(exc)
+        for index, item in enumerate(items):
+            try:
+                validate_publish(item)
+            except ProtocolError as exc:
+                return _protocol_error_answer(exc, f"items[{index}]")
+        # Unreachable unless the two readings disagree: fail loudly rather than publish.
+        raise AssertionError("a batch refused in one pass was accepted in two")
+
+
+_EMPTY_BODY = error_answer(400, "bad_json", "Body is empty; expected a JSON object")
+#: Where `build_api_app` keeps its `PublishRoutes` in the application, for `http_fastpath`.
+PUBLISH_ROUTES_KEY = web.AppKey("publish_routes", PublishRoutes)
 
 
 # --- handlers --------------------------------------------------------------------------------
 
 
 class _Api:
-    def __init__(
-        self,
-        node: GatewayNode,
-        *,
-        asyncapi_yaml: str,
-        max_body_bytes: int,
-        max_batch_items: int,
-    ) -> None:
-        self.node = node
+    def __init__(self, routes: PublishRoutes, *, asyncapi_yaml: str) -> None:
+        self.routes = routes
+        self.node = routes.node
         self.asyncapi_yaml = asyncapi_yaml.encode("utf-8")
-        self.max_body_bytes = max_body_bytes
-        self.max_batch_items = max_batch_items
+        self.max_body_bytes = routes.max_body_bytes
 
     async def _json_body(
         self, request: web.Request, *, optional: bool = False
@@ -309,19 +449,14 @@ class _Api:
             )
         if optional and not request.body_exists:
             return b""
-        content_type = request.content_type
-        if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
-            return error_response(
-                415,
-                "unsupported_media_type",
-                f"Content-Type must be application/json, not {content_type[:100]!r}",
-            )
+        if not is_json_type(request.content_type):
+            return to_response(unsupported_media_answer(request.content_type))
         # `read` enforces client_max_size (413 via the error middleware) when no length was sent.
         body = await request.read()
         if optional and not body:
             return body
         if not body.strip():
-            return error_response(400, "bad_json", "Body is empty; expected a JSON object")
+            return to_response(_EMPTY_BODY)
         return body
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -344,30 +479,13 @@ class _Api:
         body = await self._json_body(request)
         if isinstance(body, web.Response):
             return body
-        try:
-            validated = validate_publish(parse_publish_body(body))
-        except ProtocolError as exc:
-            return _protocol_error_response(exc)
-        publication = await self.node.publish(validated)
-        return json_response(_result(publication))
+        return to_response(await self.routes.publish(body))
 
     async def publish_batch(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)
         if isinstance(body, web.Response):
             return body
-        try:
-            items = parse_batch_body(body, self.max_batch_items)
-        except ProtocolError as exc:
-            return _protocol_error_response(exc)
-        # Validate every item before publishing any: a batch is all or nothing.
-        validated: list[ValidatedPublication] = []
-        for index, item in enumerate(items):
-            try:
-                validated.append(validate_publish(item))
-            except ProtocolError as exc:
-                return _protocol_error_response(exc, f"items[{index}]")
-        publications = await self.node.publish_many(validated)
-        return json_response(BatchResult([_result(p) for p in publications]))
+        return to_response(await self.routes.publish_batch(body))
 
     async def logout(self, request: web.Request) -> web.Response:
         user_id = request.match_info["userId"]
@@ -416,20 +534,25 @@ def build_api_app(
     API. `extra_routes` is called with the application before it is returned, to add pages
     (``/docs``, ``/console`` are public; anything else it adds needs the key) — it must not add
     middlewares that answer errors in another shape. Request bodies are bounded by
-    `max_body_bytes` (413 beyond) and batches by `max_batch_items` (400 beyond).
+    `max_body_bytes` (413 beyond) and batches by `max_batch_items` (400 beyond). Serve it with
+    `http_fastpath.PublishFastSite` to take the publish routes past aiohttp's request machinery.
     """
     if max_body_bytes <= 0 or max_batch_items <= 0:
         raise ValueError("max_body_bytes and max_batch_items must be positive")
-    api = _Api(
-        node,
-        asyncapi_yaml=asyncapi_yaml,
-        max_body_bytes=max_body_bytes,
-        max_batch_items=max_batch_items,
+    # An empty key would let "Authorization: Bearer " through: treat it as no key at all.
+    expected = api_key.encode("utf-8") if api_key else None
+    routes = PublishRoutes(
+        node, api_key=expected, max_body_bytes=max_body_bytes, max_batch_items=max_batch_items
     )
+    api = _Api(routes, asyncapi_yaml=asyncapi_yaml)
     app = web.Application(
         client_max_size=max_body_bytes,
-        middlewares=[_error_middleware(max_body_bytes), _auth_middleware(api_key, metrics_key)],
+        middlewares=[
+            _error_middleware(max_body_bytes),
+            _auth_middleware(expected, metrics_key.encode("utf-8") if metrics_key else None),
+        ],
     )
+    app[PUBLISH_ROUTES_KEY] = routes
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/asyncapi.yaml", api.asyncapi)
