@@ -14,7 +14,7 @@ from typing import Any, Union
 import msgspec
 
 from igratech_ws.core import channels
-from igratech_ws.core.codec import ProtocolError, decode_payload, encode, split_validation_error
+from igratech_ws.core.codec import ProtocolError, decode_json, decode_payload, encode
 from igratech_ws.core.messages import PUBLISHED_EVENTS, IdempotencyKey, Identifier
 
 
@@ -57,25 +57,14 @@ def _invalid(message: str, field: str | None, event: str | None = None) -> Proto
 
 
 def parse_publish_body(body: bytes) -> PublishRequest:
-    """Decode a publish body; raises `ProtocolError` naming the field."""
-    try:
-        return _request_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        message, field = split_validation_error(exc)
-        raise _invalid(f"{message}" + (f" at {field}" if field else ""), field) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError("bad_json", f"Body is not valid JSON: {exc}") from None
+    """Decode a publish body; raises `ProtocolError` naming the field (the codec's one mapping
+    of decode failures, nesting too deep included)."""
+    return decode_json(_request_decoder, body, what="Body")
 
 
 def parse_batch_body(body: bytes, max_items: int) -> list[PublishRequest]:
     """Decode a batch body (at most `max_items` items); raises `ProtocolError` naming the field."""
-    try:
-        batch = _batch_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        message, field = split_validation_error(exc)
-        raise _invalid(f"{message}" + (f" at {field}" if field else ""), field) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError("bad_json", f"Body is not valid JSON: {exc}") from None
+    batch = decode_json(_batch_decoder, body, what="Body")
     if not batch.items:
         raise _invalid("A batch needs at least one item", "items")
     if len(batch.items) > max_items:
