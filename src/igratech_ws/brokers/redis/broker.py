@@ -28,8 +28,9 @@ from igratech_ws.brokers.core import Backoff, BrokerCore, encode_control
 from igratech_ws.brokers.options import BrokerOptions
 from igratech_ws.brokers.redis.connections import client_name, connect, watch_sentinels
 from igratech_ws.brokers.redis.names import control_channel, pubsub_channel
+from igratech_ws.brokers.redis.pipe import CommandPipe
 from igratech_ws.brokers.redis.pubsub import PubSubListener
-from igratech_ws.brokers.redis.store import CONNECTION_ERRORS, StreamStore
+from igratech_ws.brokers.redis.store import StreamStore
 from igratech_ws.brokers.redis.urls import describe_address, split_prefix
 from igratech_ws.brokers.redis.wire import decode_publication
 
@@ -49,7 +50,14 @@ class RedisBroker(BrokerCore):
         self.client_name = client_name(self.node_id)
         self.pubsub_client_name = self.client_name + "-sub"
         self._connections = connect(redis_url, self.options, self.client_name)
-        self.store = StreamStore(self._connections.client, self.prefix, self.options)
+        # Publications and control messages: pipelined, in call order (see `pipe`).
+        self._pipe = CommandPipe(
+            self._connections.listener_factory,
+            op_timeout=self.options.op_timeout,
+            address=self.address,
+            client_name=self.client_name + "-pub",
+        )
+        self.store = StreamStore(self._connections.client, self.prefix, self.options, self._pipe)
         self._control_name = control_channel(self.prefix).encode()
         self._listener = PubSubListener(
             self._connections.listener_factory,
@@ -85,8 +93,7 @@ class RedisBroker(BrokerCore):
                     pool,
                     interval=self.options.sentinel_check_interval,
                     op_timeout=self.options.op_timeout,
-                    listener_connection=lambda: self._listener.conn,
-                    reset_listener=self._listener.abort,
+                    holders=[self._listener, self._pipe],
                 ),
                 name="redis-broker-sentinel-watch",
             )
@@ -109,6 +116,7 @@ class RedisBroker(BrokerCore):
             watcher.cancel()
             await asyncio.wait([watcher])
         await self._listener.close()
+        await self._pipe.close()
         await self._connections.close()
 
     def _check_open(self) -> None:
@@ -175,8 +183,4 @@ class RedisBroker(BrokerCore):
 
     async def publish_control(self, message: ControlKinds) -> None:
         self._check_open()
-        try:
-            async with asyncio.timeout(self.options.op_timeout * 2):
-                await self._connections.client.publish(self._control_name, encode_control(message))
-        except CONNECTION_ERRORS as exc:
-            raise BrokerError(f"Redis publish failed: {exc!r}") from exc
+        await self._pipe.call("PUBLISH", self._control_name, encode_control(message))

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from igratech_ws.brokers.base import BrokerState
 from igratech_ws.brokers.core import Backoff
-from igratech_ws.brokers.redis.store import CONNECTION_ERRORS
+from igratech_ws.brokers.redis.pipe import CONNECTION_ERRORS
 
 log = logging.getLogger("igratech_ws.brokers.redis")
 

@@ -13,6 +13,7 @@ read-only scripts; a channel without a meta key is ``(0, EMPTY_EPOCH)`` with no 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -21,7 +22,6 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from igratech_ws.brokers.base import (
     EMPTY_EPOCH,
@@ -44,6 +44,7 @@ from igratech_ws.brokers.redis.names import (
     state_key,
     stream_key,
 )
+from igratech_ws.brokers.redis.pipe import CONNECTION_ERRORS, CommandPipe, RedisReplyError
 from igratech_ws.brokers.redis.wire import (
     HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
@@ -51,8 +52,6 @@ from igratech_ws.brokers.redis.wire import (
     decode_publication,
 )
 
-#: What a lost or refused connection looks like, from redis-py and from the OS.
-CONNECTION_ERRORS = (RedisError, OSError, TimeoutError)
 _malformed_log = RateLimitedLog(logging.getLogger("igratech_ws.brokers.redis"))
 #: What a reply that is not ours looks like while decoding it.
 _BAD_REPLY = (msgspec.DecodeError, TypeError, ValueError, IndexError, AttributeError)
@@ -62,21 +61,42 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+
+
 class StreamStore:
     """Channel streams in one Redis (through `client`), under `prefix`, per `options`.
 
-    Every method raises `BrokerError` (never a raw redis-py error) when Redis is unreachable or
-    answers something that is not ours; each call is bounded by twice `options.op_timeout`.
+    Publishes go through `pipe` when there is one (a node's broker: pipelined, see `pipe`), else
+    through `client` (`publish_direct`). Every method raises `BrokerError` (never a raw redis-py
+    error) when Redis is unreachable or answers something that is not ours; each call is bounded
+    by twice `options.op_timeout`.
     """
 
-    def __init__(self, client: Redis, prefix: str, options: BrokerOptions) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        prefix: str,
+        options: BrokerOptions,
+        pipe: CommandPipe | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.options = options
+        self.pipe = pipe
+        if pipe is not None:
+            pipe.register_script(PUBLISH_SHA, PUBLISH_SCRIPT)
         self._publish: AsyncScript = client.register_script(PUBLISH_SCRIPT)
         self._history: AsyncScript = client.register_script(HISTORY_SCRIPT)
         self._state: AsyncScript = client.register_script(STATE_SCRIPT)
         self._deadline = options.op_timeout * 2
+        # The publish script's arguments that depend only on the options, in ARGV order.
+        self._limits_args = (
+            options.limits.size,
+            _ms(options.limits.ttl),
+            _ms(options.retention),
+        )
+        self._slot_args = (_ms(options.state_ttl), _ms(options.idempotency_window))
 
     async def _run(
         self, what: str, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
@@ -114,13 +134,10 @@ class StreamStore:
             event,
             data,
             origin,
-            options.limits.size,
-            _ms(options.limits.ttl),
-            _ms(options.retention),
+            *self._limits_args,
             new_epoch(),
             "1" if event in options.state_events else "0",
-            _ms(options.state_ttl),
-            _ms(options.idempotency_window),
+            *self._slot_args,
         ]
         return keys, args
 
@@ -149,7 +166,18 @@ class StreamStore:
         keys, args = self.publish_call(
             channel, event, data, origin=origin, idempotency_key=idempotency_key
         )
-        reply = await self._run("publish", self._publish, keys, args)
+        pipe = self.pipe
+        if pipe is None:
+            reply = await self._run("publish", self._publish, keys, args)
+        else:
+            try:
+                reply = await pipe.call("EVALSHA", PUBLISH_SHA, len(keys), *keys, *args)
+            except RedisReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                # The pipe loads the script on each new connection, so only a SCRIPT FLUSH on a
+                # live one gets here: the call did nothing, run it with the script's body.
+                reply = await pipe.call("EVAL", PUBLISH_SCRIPT, len(keys), *keys, *args)
         return self.publish_result(reply, data)
 
     async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
