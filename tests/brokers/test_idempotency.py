@@ -145,10 +145,10 @@ async def test_memory_keys_are_bounded_under_a_million_distinct_keys() -> None:
 
 async def test_the_direct_publishers_take_the_key(make_broker: BrokerFactory) -> None:
     node = await make_broker()
-    if make_broker.kind == "memory":
+    if make_broker.family == "memory":
         pytest.skip("the memory broker has no direct publisher: it lives in the node")
     via_node = await node.broker.publish(USER, "balance", BALANCE, idempotency_key="d-1")
-    if make_broker.kind == "redis":
+    if make_broker.family == "redis":
         from redis.asyncio import Redis
 
         from igratech_ws.brokers.redis import publish_direct

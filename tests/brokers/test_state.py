@@ -91,9 +91,9 @@ async def test_state_has_its_own_ttl(make_broker: BrokerFactory) -> None:
 async def _lose_the_stream(make_broker: BrokerFactory, node: Node) -> None:
     """What a lost stream looks like on each broker (evicted, keys lost, stream deleted)."""
     broker = node.broker
-    if make_broker.kind == "memory":
+    if make_broker.family == "memory":
         await broker.publish("game:other", "bet", b"{}")  # max_channels=1: evicts GAME
-    elif make_broker.kind == "redis":
+    elif make_broker.family == "redis":
         from redis.asyncio import Redis
 
         from igratech_ws.brokers.redis import meta_key
@@ -125,7 +125,7 @@ async def test_state_belongs_to_the_epoch(make_broker: BrokerFactory) -> None:
 
 async def test_direct_publishers_write_state(make_broker: BrokerFactory) -> None:
     node = await make_broker()
-    if make_broker.kind == "redis":
+    if make_broker.family == "redis":
         from redis.asyncio import Redis
 
         from igratech_ws.brokers.redis import publish_direct
@@ -138,7 +138,7 @@ async def test_direct_publishers_write_state(make_broker: BrokerFactory) -> None
             )
         finally:
             await client.aclose()
-    elif make_broker.kind == "nats":
+    elif make_broker.family == "nats":
         import nats
 
         from igratech_ws.brokers.nats import publish_event
