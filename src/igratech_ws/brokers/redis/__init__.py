@@ -42,6 +42,7 @@ from igratech_ws.brokers.redis.names import (
     state_key,
     stream_key,
 )
+from igratech_ws.brokers.redis.shards import CONTROL_SHARD, shard_index, split_shards
 from igratech_ws.brokers.redis.store import StreamStore, publish_direct
 from igratech_ws.brokers.redis.urls import (
     DEFAULT_SENTINEL_PORT,
@@ -53,6 +54,7 @@ from igratech_ws.brokers.redis.urls import (
 from igratech_ws.brokers.redis.wire import HISTORY_SCRIPT, PUBLISH_SCRIPT, STATE_SCRIPT
 
 __all__ = [
+    "CONTROL_SHARD",
     "DEFAULT_PREFIX",
     "DEFAULT_SENTINEL_PORT",
     "HISTORY_SCRIPT",
@@ -68,7 +70,9 @@ __all__ = [
     "parse_sentinel_url",
     "publish_direct",
     "pubsub_channel",
+    "shard_index",
     "split_prefix",
+    "split_shards",
     "state_key",
     "stream_key",
 ]

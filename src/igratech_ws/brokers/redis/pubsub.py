@@ -39,7 +39,8 @@ def address_of(connection: AbstractConnection) -> tuple[Any, Any]:
 
 
 class PubSubListener:
-    """Keeps one pub/sub connection subscribed to `control_name` and every `subscribe`d name.
+    """Keeps one pub/sub connection subscribed to `control_name` (None: no control channel, on
+    the shards other than the first) and every `subscribe`d name.
 
     `factory` makes the connection (its `connection_class` and `connection_kwargs`; a Sentinel
     pool asks the sentinels for the master each time). `on_message(name, payload)` gets every
@@ -49,7 +50,7 @@ class PubSubListener:
     def __init__(
         self,
         factory: ConnectionPool,
-        control_name: bytes,
+        control_name: bytes | None,
         *,
         op_timeout: float,
         ping_interval: float,
@@ -203,9 +204,14 @@ class PubSubListener:
         self._confirmed.clear()
         async with asyncio.timeout(self._op_timeout * 2):
             await conn.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-        initial = [self._control_name, *sorted(self.wanted)]
-        await self._send_subscribe(conn, initial)
+        initial = sorted(self.wanted)
+        if self._control_name is not None:
+            initial.insert(0, self._control_name)
         pending = set(initial)
+        if initial:
+            await self._send_subscribe(conn, initial)
+        else:
+            self._connected()
         ping_outstanding = False
         while True:
             reply = await conn.read_response(timeout=self._ping_interval, disconnect_on_error=False)
@@ -228,9 +234,12 @@ class PubSubListener:
                 if pending:
                     pending.discard(reply[1])
                     if not pending:
-                        self._reached_connected = self.connected_once = True
-                        self._on_state(BrokerState.CONNECTED)
-                        self.first_attempt.set()
+                        self._connected()
+
+    def _connected(self) -> None:
+        self._reached_connected = self.connected_once = True
+        self._on_state(BrokerState.CONNECTED)
+        self.first_attempt.set()
 
     async def abort(self, conn: AbstractConnection | None = None) -> None:
         """Drop the connection (`conn`, if it is still the current one): the listener reconnects."""

@@ -45,6 +45,7 @@ from igratech_ws.brokers.redis.names import (
     stream_key,
 )
 from igratech_ws.brokers.redis.pipe import CONNECTION_ERRORS, CommandPipe, RedisReplyError
+from igratech_ws.brokers.redis.shards import shard_index
 from igratech_ws.brokers.redis.wire import (
     HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
@@ -220,6 +221,34 @@ class StreamStore:
         except _BAD_REPLY as exc:
             raise BrokerError(f"bad position reply from Redis: {exc}") from exc
 
+    async def newest(self, channels: Sequence[str]) -> list[Publication]:
+        """The newest publication in history of each of `channels` that has one (one round trip
+        through the pipe for all of them). Creates nothing."""
+        pipe = self.pipe
+        if pipe is None or not channels:
+            return []
+        replies = await asyncio.gather(
+            *(
+                pipe.call("XREVRANGE", stream_key(self.prefix, channel), "+", "-", "COUNT", 1)
+                for channel in channels
+            ),
+            return_exceptions=True,
+        )
+        payloads: list[bytes] = []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                if isinstance(reply, BrokerError):
+                    raise reply
+                raise BrokerError(f"bad newest reply from Redis: {reply!r}")
+            try:
+                fields = reply[0][1] if reply else []
+                payloads.extend(
+                    fields[i + 1] for i in range(0, len(fields), 2) if fields[i] == b"p"
+                )
+            except _BAD_REPLY:
+                continue
+        return self._decode_all(payloads, "history entry")
+
     async def latest_state(self, channel: str) -> list[Publication]:
         reply = await self._run(
             "state",
@@ -241,7 +270,7 @@ class StreamStore:
 
 
 async def publish_direct(
-    client: Redis,
+    client: Redis | Sequence[Redis],
     prefix: str,
     channel: str,
     event: str,
@@ -253,11 +282,18 @@ async def publish_direct(
 ) -> PublishResult:
     """Publish into Redis without a node, exactly as a node would (same script, same format).
 
+    `client` is a redis-py client of the server, or of each shard in the order of the nodes'
+    URL (the channel's shard is chosen as the nodes choose it: `shards.shard_index`).
     `data_json` must already be the validated compact JSON of the payload (see
     `core.publishing`); `options` must match the nodes' history, state and idempotency settings
     (`options_from_config` of their configuration, or `BrokerOptions(limits=..., ...)`).
     Raises `BrokerError`, or ValueError for a malformed key.
     """
+    if not isinstance(client, Redis):
+        clients = list(client)
+        if not clients:
+            raise ValueError("publish_direct needs at least one Redis client")
+        client = clients[shard_index(channel, len(clients))]
     store = StreamStore(client, prefix, options or BrokerOptions(node_id=origin))
     return await store.publish(
         channel, event, data_json, origin=origin, idempotency_key=idempotency_key
