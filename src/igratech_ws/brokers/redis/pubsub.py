@@ -14,10 +14,12 @@ channel, then reports CONNECTED; the caller must then re-read history to fill th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
+import hiredis
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,6 +32,7 @@ log = logging.getLogger("igratech_ws.brokers.redis")
 
 #: Channels per SUBSCRIBE command, so that one command stays a sane size.
 SUBSCRIBE_CHUNK = 1000
+_READ_SIZE = 1 << 16
 
 MessageHandler = Callable[[bytes, bytes], None]
 
@@ -212,29 +215,40 @@ class PubSubListener:
             await self._send_subscribe(conn, initial)
         else:
             self._connected()
+        # redis-py made the connection; the replies are read here, a socket read at a time, and
+        # every message of a read is handed on before the next await (one hub pass per read).
+        reader: asyncio.StreamReader = conn._reader  # type: ignore[assignment]
+        parser = hiredis.Reader()
         ping_outstanding = False
         while True:
-            reply = await conn.read_response(timeout=self._ping_interval, disconnect_on_error=False)
+            data: bytes | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._ping_interval):
+                    data = await reader.read(_READ_SIZE)
             if self.conn is not conn:
                 raise RedisConnectionError("pub/sub connection was reset")
-            if reply is None:
+            if data is None:
                 if ping_outstanding:
                     raise RedisConnectionError("Redis did not answer PING")
                 ping_outstanding = True
                 await self._send(conn, "PING")
                 continue
+            if not data:
+                raise RedisConnectionError("Redis closed the pub/sub connection")
             ping_outstanding = False
-            if not isinstance(reply, list) or len(reply) < 3:
-                continue
-            kind = reply[0]
-            if kind == b"message":
-                self._on_message(reply[1], reply[2])
-            elif kind == b"subscribe":
-                self._on_subscribed(reply[1])
-                if pending:
-                    pending.discard(reply[1])
-                    if not pending:
-                        self._connected()
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if not isinstance(reply, list) or len(reply) < 3:
+                    continue  # a PONG
+                kind = reply[0]
+                if kind == b"message":
+                    self._on_message(reply[1], reply[2])
+                elif kind == b"subscribe":
+                    self._on_subscribed(reply[1])
+                    if pending:
+                        pending.discard(reply[1])
+                        if not pending:
+                            self._connected()
 
     def _connected(self) -> None:
         self._reached_connected = self.connected_once = True
