@@ -41,6 +41,7 @@ from igratech_ws.brokers.base import (
 )
 from igratech_ws.brokers.core import Backoff, BrokerCore, encode_control
 from igratech_ws.brokers.nats.appender import Appender
+from igratech_ws.brokers.nats.client import Client
 from igratech_ws.brokers.nats.history import (
     Stored,
     StreamMissing,
@@ -146,10 +147,12 @@ class NatsBroker(BrokerCore):
 
         try:
             async with asyncio.timeout(self._timeout + 2):
-                self._nc = await nats.connect(
+                self._nc = Client()
+                await self._nc.connect(
                     self._server,
                     name=f"igratech-ws {self.node_id}",
-                    connect_timeout=self._timeout,
+                    # Seconds, used as a float by nats-py (wait_for) though typed int.
+                    connect_timeout=self._timeout,  # type: ignore[arg-type]
                     # The first connect tries each server twice, then fails (a node that cannot
                     # reach its broker at start should say so); endless reconnects are switched
                     # on below, once connected.
