@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -73,13 +74,15 @@ def venv_nats_server() -> str | None:
 
 
 def binary_version(path: str) -> str:
+    """The x.y.z version a redis-server or nats-server binary reports, or "?"."""
     try:
         out = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=10, check=False
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    return out.strip().rsplit(" ", 1)[-1].lstrip("v") or "?"
+    match = re.search(r"v=?(\d+\.\d+\.\d+)", out)
+    return match.group(1) if match else "?"
 
 
 @dataclass
@@ -248,6 +251,14 @@ async def node_on(
             pool.stop()
 
 
+async def idle_rates(pids: list[int], seconds: float = 1.0) -> list[float]:
+    """CPU seconds per second each of `pids` uses while nothing is published (timers, pings,
+    sweeps), so that low-rate measurements can leave it out."""
+    meter = TreeCpu(pids)
+    await asyncio.sleep(seconds)
+    return [cpu / seconds for cpu in meter.read()]
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
@@ -295,7 +306,7 @@ async def burst(
         good = [r for r in results if r["us_per_msg"] is not None]
         chosen = min(good, key=lambda r: abs(r["us_per_msg"] - _median([g["us_per_msg"] for g in good]))) if good else results[0]
         return {
-            "scenario": "broker_burst", "broker": target.name, "clients": clients,
+            "scenario": "broker_burst", "server": OURS.name, "broker": target.name, "version": target.version, "clients": clients,
             "subscribed": ready, "events": events, "rounds": len(results),
             "rounds_us_per_msg": [r["us_per_msg"] for r in results],
             "complete_all": all(r["complete"] for r in results),
@@ -325,7 +336,7 @@ async def paced(
         broker_cpu = sum(broker_meter.read())
         delivered = waited["received"]
         return {
-            "scenario": "broker_paced", "broker": target.name, "clients": clients,
+            "scenario": "broker_paced", "server": OURS.name, "broker": target.name, "version": target.version, "clients": clients,
             "subscribed": ready, "rate": rate, "events": count, "delivered": delivered,
             "expected": armed * count,
             "complete": delivered == armed * count and waited["errors"] == 0,
@@ -366,7 +377,7 @@ async def publish_rate(
         broker_cpu = sum(broker_meter.read())
         client_cpu = time.process_time() - client_cpu0
         return {
-            "scenario": "broker_publish", "broker": target.name, "concurrency": concurrency,
+            "scenario": "broker_publish", "server": OURS.name, "broker": target.name, "version": target.version, "concurrency": concurrency,
             "published": published, "failures": failures, "elapsed_s": elapsed,
             "publishes_per_s": published / elapsed, "cpu_s": cpu_s,
             "server_cpu_frac": cpu_s / elapsed,
@@ -377,13 +388,14 @@ async def publish_rate(
 
 
 def split_costs(big: Row, small: Row) -> tuple[float, float] | None:
-    """(µs per publication received, µs per delivery) from two bursts of the same size.
+    """(µs per publication received, µs per delivery) from two runs with the same publications
+    and different numbers of followers.
 
-    A node's CPU for a burst is ``P * a + D * b`` (P publications received, D deliveries): the
-    two bursts give two equations. None when they do not determine a positive solution.
+    A node's CPU is ``P * a + D * b`` (P publications received, D deliveries): the two runs give
+    two equations. None when they do not determine a positive per-delivery cost.
     """
-    p1, d1, c1 = big["events"], big["delivered"], big["cpu_s"] * 1e6
-    p2, d2, c2 = small["events"], small["delivered"], small["cpu_s"] * 1e6
+    p1, d1, c1 = big["events"], big["delivered"], big.get("net_cpu_s", big["cpu_s"]) * 1e6
+    p2, d2, c2 = small["events"], small["delivered"], small.get("net_cpu_s", small["cpu_s"]) * 1e6
     det = p1 * d2 - p2 * d1
     if not det:
         return None
@@ -394,23 +406,261 @@ def split_costs(big: Row, small: Row) -> tuple[float, float] | None:
     return max(0.0, a), b
 
 
+# --- model inputs: a node that only receives ------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(
+    ctx: Any, target: Target, clients: int
+) -> AsyncIterator[tuple[Server, Server, LoadPool, HttpOursPublisher]]:
+    """Node A (measured, pinned to the server CPU) with the clients, node B (not pinned) that
+    takes the publishes: A's CPU is what a node pays per publication it receives and per delivery,
+    without the publish API."""
+    url = target.url()
+    a = Server(OURS, ctx.ports.take(), ctx.ports.take(), ctx.server_cpu, ctx.log_dir, broker=url)
+    b = Server(OURS, ctx.ports.take(), ctx.ports.take(), None, ctx.log_dir, broker=url)
+    pool: LoadPool | None = None
+    publisher: HttpOursPublisher | None = None
+    try:
+        await a.start()
+        await b.start()
+        pool = await LoadPool.start(max(1, math.ceil(clients / PER_WORKER_MAX)), ctx.client_cpu)
+        publisher = HttpOursPublisher(b.api_port)
+        await publisher.open()
+        yield a, b, pool, publisher
+    finally:
+        if publisher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(publisher.close(), 5)
+        a.stop()
+        b.stop()
+        if pool is not None:
+            pool.stop()
+
+
+async def fanin(
+    ctx: Any, target: Target, clients: int, *, rate: float | None = None, events: int = 100,
+    rounds: int = 3, limit: float = 30.0, publisher_followers: int = 0,
+) -> Row:
+    """Node A's CPU for publications made through node B: a burst of `events` (median of
+    `rounds`), or `events` paced at `rate`/s when `rate` is given. With `publisher_followers`,
+    node B has followers of the game too (the broker then fans out to two nodes)."""
+    async with two_nodes(ctx, target, clients) as (node, other, pool, publisher):
+        ready = await _connect(pool, node, clients)
+        if publisher_followers:
+            await pool.connect(ws_url(other), OURS.proto, publisher_followers, ["g-1"],
+                               limit=30, first_index=clients)
+        idle_node, *idle_broker = await idle_rates([node.pid, *target.pids])
+        results: list[Row] = []
+        for r in range(1 if rate else rounds):
+            armed, _ = await pool.arm(events)
+            meter = CpuMeter(node.pid)
+            broker_meter = TreeCpu(target.pids)
+            items = [("g-1", r * events + i + 1) for i in range(events)]
+            t0 = time.monotonic()
+            if rate:
+                for i, (game, seq) in enumerate(items):
+                    delay = t0 + i / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    await publisher.publish_one(game, seq)
+            else:
+                await publisher.publish_many(items)
+            waited = await pool.wait(limit)
+            cpu_s, _ = meter.read()
+            broker_cpu = sum(broker_meter.read())
+            t_end = waited["t_done"] if waited["t_done"] is not None else waited["t_last_rx"]
+            wall = max(1e-6, t_end - t0)
+            delivered = waited["received"] - publisher_followers * events
+            net = max(0.0, cpu_s - idle_node * wall)
+            broker_net = max(0.0, broker_cpu - sum(idle_broker) * wall)
+            results.append({
+                "delivered": delivered, "expected": armed * events,
+                "complete": waited["received"] == armed * events and waited["errors"] == 0,
+                "cpu_s": cpu_s, "wall_s": wall, "net_cpu_s": net,
+                "us_per_msg": cpu_s * 1e6 / delivered if delivered else None,
+                "broker_us_per_pub": broker_cpu * 1e6 / events,
+                "broker_net_us_per_pub": broker_net * 1e6 / events,
+            })
+            await asyncio.sleep(0.2)
+        good = [r for r in results if r["us_per_msg"] is not None] or results
+        middle = _median([r["cpu_s"] for r in good])
+        chosen = min(good, key=lambda r: abs(r["cpu_s"] - middle))
+        return {
+            "scenario": "broker_fanin", "server": OURS.name, "broker": target.name, "version": target.version,
+            "clients": clients, "subscribed": ready, "events": events, "rate": rate,
+            "mode": "paced" if rate else "burst", "broker_nodes": 1 + bool(publisher_followers),
+            "idle_cpu_per_s": idle_node,
+            "broker_idle_cpu_per_s": sum(idle_broker), **chosen,
+        }
+
+
+async def fanout(
+    ctx: Any, target: Target, clients: int = SMALL_CLIENTS, events: int = 500, rounds: int = 3,
+    limit: float = 30.0,
+) -> Row:
+    """The broker server's CPU per publication with one node subscribed, then with two: bursts
+    of `events` through node B while node A has `clients` followers, `rounds` times each (the
+    medians), then again once B has a follower too. Same servers and nodes throughout, so the
+    difference is the cost of one more subscribed node."""
+    async with two_nodes(ctx, target, clients) as (node, other, pool, publisher):
+        await _connect(pool, node, clients)
+        idle_broker = sum(await idle_rates(target.pids))
+        medians: list[float] = []
+        seq = 0
+        for subscribed in (1, 2):
+            if subscribed == 2:
+                await pool.connect(ws_url(other), OURS.proto, 1, ["g-1"], limit=30,
+                                   first_index=clients)
+            costs = []
+            for _ in range(rounds):
+                await pool.arm(events)
+                broker_meter = TreeCpu(target.pids)
+                items = [("g-1", seq + i + 1) for i in range(events)]
+                seq += events
+                t0 = time.monotonic()
+                await publisher.publish_many(items)
+                waited = await pool.wait(limit)
+                t_end = waited["t_done"] if waited["t_done"] is not None else waited["t_last_rx"]
+                used = sum(broker_meter.read()) - idle_broker * max(0.0, t_end - t0)
+                costs.append(max(0.0, used) * 1e6 / events)
+                await asyncio.sleep(0.2)
+            medians.append(_median(costs))
+        return {
+            "scenario": "broker_fanout", "server": OURS.name, "broker": target.name,
+            "version": target.version, "clients": clients, "events": events, "rounds": rounds,
+            "broker_us_per_pub_1": medians[0], "broker_us_per_pub_2": medians[1],
+            "broker_fanout_us": medians[1] - medians[0],
+        }
+
+
+# --- three nodes ------------------------------------------------------------------------------------
+
+
+async def three_nodes(
+    ctx: Any, target: Target, clients: int = 3000, games: int = 30, rate: float = 300.0,
+    duration: float = 5.0, limit: float = 20.0,
+) -> Row:
+    """Three nodes on `target` (not pinned), `clients` spread evenly, each following one of
+    `games`; `rate` publications/s for `duration` s over the games, through the three nodes' APIs
+    in turn. Every node's CPU and the broker servers', for the capacity model's check."""
+    url = target.url()
+    nodes = [
+        Server(OURS, ctx.ports.take(), ctx.ports.take(), None, ctx.log_dir, broker=url)
+        for _ in range(3)
+    ]
+    names = [f"g-{i}" for i in range(games)]
+    per_game = max(1, int(rate * duration / games))
+    pool: LoadPool | None = None
+    publishers: list[HttpOursPublisher] = []
+    try:
+        for node in nodes:
+            await node.start()
+        pool = await LoadPool.start(max(1, math.ceil(clients / PER_WORKER_MAX)), None)
+        share = clients // 3
+        ready = 0
+        for index, node in enumerate(nodes):
+            answer = await pool.connect(
+                ws_url(node), OURS.proto, share, names, limit=90, first_index=index * share,
+            )
+            ready = int(answer["ready"])  # each load process answers with its running total
+        for node in nodes:
+            publisher = HttpOursPublisher(node.api_port)
+            await publisher.open()
+            publishers.append(publisher)
+        idle = await idle_rates([*(node.pid for node in nodes), *target.pids])
+        idle_nodes, idle_broker = idle[:3], sum(idle[3:])
+        armed, _ = await pool.arm(per_game)
+        meters = [CpuMeter(node.pid) for node in nodes]
+        broker_meter = TreeCpu(target.pids)
+        count = per_game * games
+        t0 = time.monotonic()
+        sends: set[asyncio.Task[None]] = set()
+        for i in range(count):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            game = names[i % games]
+            task = asyncio.ensure_future(publishers[i % 3].publish_one(game, i // games + 1))
+            sends.add(task)
+            task.add_done_callback(sends.discard)
+        if sends:
+            await asyncio.wait(set(sends), timeout=limit)
+        wall = time.monotonic() - t0
+        waited = await pool.wait(limit)
+        cpu = [meter.read()[0] for meter in meters]
+        broker_cpu = sum(broker_meter.read())
+        return {
+            "scenario": "broker_three_nodes", "server": OURS.name, "broker": target.name, "version": target.version,
+            "clients": clients, "subscribed": ready, "games": games, "rate": rate,
+            "publications": count, "duration_s": wall, "delivered": waited["received"],
+            "expected": armed * per_game,
+            "complete": waited["received"] == armed * per_game and waited["errors"] == 0,
+            "node_cpu_s": cpu, "broker_cpu_s": broker_cpu, "idle_cpu_per_s": idle_nodes,
+            "broker_idle_cpu_per_s": idle_broker,
+            "deliveries_per_node": [share * per_game] * 3,
+        }
+    finally:
+        for publisher in publishers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(publisher.close(), 5)
+        for node in nodes:
+            node.stop()
+        if pool is not None:
+            pool.stop()
+
+
+#: The brokers whose costs feed the capacity model: sharded Redis, and the newest NATS found.
+MODEL_TARGETS = ("redis-3", "nats-new", "nats")
+#: The fan-in runs of the capacity model (followers on the measured node, None for `clients`;
+#: paced rate or None for a burst; followers on the publishing node, so two nodes subscribed).
+MODEL_RUNS: tuple[tuple[int | None, float | None, int], ...] = (
+    (SMALL_CLIENTS, None, 0),
+    (None, None, 0),
+    (SMALL_CLIENTS, 20.0, 0),
+    (None, 20.0, 0),
+)
+
+
 async def run(
     ctx: Any, rows: list[Row], guard: Callable[..., Any], *, clients: int = 2000,
     events: int = 100, rate: float = 20.0,
 ) -> None:
-    """Every broker scenario, appended to `rows` through `guard` (the runner's time budget)."""
+    """Every broker scenario, appended to `rows` through `guard` (the runner's time budget):
+    the targets' runs on every broker, the capacity model's inputs on sharded Redis and the
+    newest NATS, and the three-node check on sharded Redis."""
     async with broker_targets(notes=ctx.notes) as targets:
+        by_name = {t.name: t for t in targets}
         for target in targets:
             if target.version:
-                ctx.notes.append(f"broker {target.name}: {target.label} {target.version}".strip())
+                ctx.notes.append(f"broker {target.name}: {target.label} ({target.version})")
         for target in targets:
             await guard(f"broker burst {target.name} {clients}",
                         lambda t=target: burst(ctx, t, clients, events))
-            await guard(f"broker burst {target.name} {SMALL_CLIENTS}",
-                        lambda t=target: burst(ctx, t, SMALL_CLIENTS, events))
             await guard(f"broker paced {target.name} {rate:g}/s",
                         lambda t=target: paced(ctx, t, clients, rate))
             await guard(f"broker publish {target.name}", lambda t=target: publish_rate(ctx, t))
+        nats_done = False
+        for name in MODEL_TARGETS:
+            target = by_name.get(name)
+            if target is None or (name.startswith("nats") and nats_done):
+                continue
+            nats_done = nats_done or name.startswith("nats")
+            for followers, paced_rate, extra in MODEL_RUNS:
+                label = f"broker fan-in {name} {followers or clients}" + (
+                    f" paced {paced_rate:g}/s" if paced_rate else " burst"
+                ) + (", 2 nodes subscribed" if extra else "")
+                await guard(
+                    label,
+                    lambda t=target, n=followers, r=paced_rate, x=extra: fanin(
+                        ctx, t, clients if n is None else n, rate=r, events=events,
+                        publisher_followers=x,
+                    ),
+                )
+            await guard(f"broker fan-out {name}", lambda t=target: fanout(ctx, t))
+        if "redis-3" in by_name:
+            await guard("broker three nodes redis-3",
+                        lambda: three_nodes(ctx, by_name["redis-3"]), need=60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.brokers")
     parser.add_argument("--brokers", help="comma-separated subset of the broker names")
-    parser.add_argument("--only", default="burst,small,paced,publish")
+    parser.add_argument("--only", default="burst,small,paced,publish,fanin,three")
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--events", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
@@ -454,6 +704,15 @@ def main(argv: list[str] | None = None) -> int:
                     jobs.append(lambda t=target: paced(ctx, t, args.clients))
                 if "publish" in only:
                     jobs.append(lambda t=target: publish_rate(ctx, t))
+                if "fanin" in only:
+                    for n, r, x in MODEL_RUNS:
+                        jobs.append(lambda t=target, n=n, r=r, x=x: fanin(
+                            ctx, t, args.clients if n is None else n, rate=r,
+                            events=args.events, publisher_followers=x))
+                if "fanin" in only:
+                    jobs.append(lambda t=target: fanout(ctx, t))
+                if "three" in only and target.name == "redis-3":
+                    jobs.append(lambda t=target: three_nodes(ctx, t))
                 for job in jobs:
                     try:
                         row = await asyncio.wait_for(job(), 180)
