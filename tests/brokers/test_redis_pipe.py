@@ -215,3 +215,48 @@ async def test_closed_pipe_refuses_calls(redis_url: str) -> None:
     await factory.aclose()
     with pytest.raises(BrokerError):
         await pipe.call("PING")
+
+
+async def test_a_burst_is_one_script_call_with_each_result_its_own(
+    tmp_path: Path, nodes: list[Node]
+) -> None:
+    with private_server("redis", tmp_path) as server:
+        await server.start()
+        node = await start(nodes, server.url, "n1")
+        await node.broker.publish(GAME, "incident", b'{"i":0}')
+        admin = Redis(port=server.port)
+        try:
+            before = (await admin.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            results = await asyncio.gather(
+                *(
+                    node.broker.publish(
+                        f"game:g-{i % 3}", "bet", b'{"i":%d}' % i,
+                        idempotency_key=f"k-{i % 10}" if i % 2 else None,
+                    )
+                    for i in range(100)
+                )
+            )
+            after = (await admin.info("commandstats"))["cmdstat_evalsha"]["calls"]
+        finally:
+            await admin.aclose()
+        assert after - before <= 2, "a burst of publishes was not sent as one script call"
+        # Each result is its own: per channel consecutive offsets in call order, and a key used
+        # twice on one channel (k-1 on game:g-1 at i=1 and i=31, ...) is a duplicate the second time.
+        seen: dict[tuple[str, str], int] = {}
+        offsets: dict[str, list[int]] = {}
+        for i, result in enumerate(results):
+            channel = f"game:g-{i % 3}"
+            key = f"k-{i % 10}" if i % 2 else None
+            if key is not None and (channel, key) in seen:
+                assert result.duplicate
+                assert result.publication.offset == seen[(channel, key)]
+                continue
+            assert not result.duplicate and result.publication.channel == channel
+            assert result.publication.data == b'{"i":%d}' % i
+            offsets.setdefault(channel, []).append(result.publication.offset)
+            if key is not None:
+                seen[(channel, key)] = result.publication.offset
+        first = {"game:g-1": 2}  # game:g-1 was published once before the burst
+        for channel, got in offsets.items():
+            start_at = first.get(channel, 1)
+            assert got == list(range(start_at, start_at + len(got)))

@@ -48,6 +48,7 @@ from igratech_ws.brokers.redis.pipe import CONNECTION_ERRORS, CommandPipe, Redis
 from igratech_ws.brokers.redis.shards import shard_index
 from igratech_ws.brokers.redis.wire import (
     HISTORY_SCRIPT,
+    PUBLISH_MANY_SCRIPT,
     PUBLISH_SCRIPT,
     STATE_SCRIPT,
     decode_publication,
@@ -62,7 +63,11 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+#: A publish waiting for its batch: the script's keys and arguments, and the caller's future.
+_Queued = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+PUBLISH_MANY_SHA = hashlib.sha1(PUBLISH_MANY_SCRIPT.encode()).hexdigest()
 
 
 class StreamStore:
@@ -87,6 +92,10 @@ class StreamStore:
         self.pipe = pipe
         if pipe is not None:
             pipe.register_script(PUBLISH_SHA, PUBLISH_SCRIPT)
+            pipe.register_script(PUBLISH_MANY_SHA, PUBLISH_MANY_SCRIPT)
+        # Publishes queued this loop turn (sent together by `_send_batch`), and batches in flight.
+        self._batch: list[_Queued] = []
+        self._batches: set[asyncio.Task[None]] = set()
         self._publish: AsyncScript = client.register_script(PUBLISH_SCRIPT)
         self._history: AsyncScript = client.register_script(HISTORY_SCRIPT)
         self._state: AsyncScript = client.register_script(STATE_SCRIPT)
@@ -167,19 +176,65 @@ class StreamStore:
         keys, args = self.publish_call(
             channel, event, data, origin=origin, idempotency_key=idempotency_key
         )
-        pipe = self.pipe
-        if pipe is None:
+        if self.pipe is None:
             reply = await self._run("publish", self._publish, keys, args)
+            return self.publish_result(reply, data)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batch = self._batch
+        batch.append((keys, args, future))
+        if len(batch) == 1:
+            asyncio.get_running_loop().call_soon(self._send_batch)
+        return self.publish_result(await future, data)
+
+    def _send_batch(self) -> None:
+        """Send the publishes queued this loop turn as one script call (publish_many), in order.
+
+        One call instead of one per publication: Redis runs them back to back and sends their
+        pub/sub messages together, and both sides pay the per-call cost once. Tasks run in the
+        order they are created, so batches reach the pipe in order too.
+        """
+        batch, self._batch = self._batch, []
+        task = asyncio.ensure_future(self._run_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, batch: list[_Queued]) -> None:
+        pipe = self.pipe
+        assert pipe is not None
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            sha, body = PUBLISH_SHA, PUBLISH_SCRIPT
+            call_keys, call_args = keys, args
         else:
+            sha, body = PUBLISH_MANY_SHA, PUBLISH_MANY_SCRIPT
+            call_keys, call_args = [], [len(batch)]
+            for keys, args, _ in batch:
+                call_keys.extend(keys)
+                call_args.append(len(keys))
+                call_args.extend(args)
+        try:
             try:
-                reply = await pipe.call("EVALSHA", PUBLISH_SHA, len(keys), *keys, *args)
+                reply = await pipe.call("EVALSHA", sha, len(call_keys), *call_keys, *call_args)
             except RedisReplyError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
-                # The pipe loads the script on each new connection, so only a SCRIPT FLUSH on a
+                # The pipe loads the scripts on each new connection, so only a SCRIPT FLUSH on a
                 # live one gets here: the call did nothing, run it with the script's body.
-                reply = await pipe.call("EVAL", PUBLISH_SCRIPT, len(keys), *keys, *args)
-        return self.publish_result(reply, data)
+                reply = await pipe.call("EVAL", body, len(call_keys), *call_keys, *call_args)
+        except BaseException as exc:
+            error = exc if isinstance(exc, BrokerError) else BrokerError(f"publish failed: {exc!r}")
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        replies = [reply] if len(batch) == 1 else reply
+        if not isinstance(replies, list) or len(replies) != len(batch):
+            replies = [None] * len(batch)  # publish_result reports a bad reply
+        for (_, _, future), one in zip(batch, replies, strict=True):
+            if not future.done():
+                future.set_result(one)
 
     async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
         reply = await self._run(
