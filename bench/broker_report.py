@@ -255,6 +255,14 @@ def capacity_lines(rows: list[Row], *, heading: str) -> list[str]:
                      f"{meas / pred:.2f}×" if pred else "–"])
         lines += _table(["process", "predicted CPU s", "measured CPU s", "measured ÷ predicted"],
                         body)
+        worst = max(m / p for p, m in zip(
+            check["predicted_node_cpu_s"], check["measured_node_cpu_s"], strict=True) if p)
+        lines += [
+            f"The costs were measured with a node alone on its core; here three nodes share two "
+            f"cores with the broker and the load client, and they use up to {worst:.2f}× what "
+            "the costs predict. Plan with that margin (or the utilization target lower).",
+            "",
+        ]
     lines += [
         "Reading it: with uniform balancing every node receives most games' publications, and "
         "on this machine a publication that wakes a sleeping node costs more than delivering it: "
