@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench import broker_report
 from bench.servers import NODE_MODULES, RESULTS, ROOT
 
 Row = dict[str, Any]
@@ -276,6 +277,7 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         out.append(("≥ 5,000 JWT handshakes/s on one core", "not measured", "–"))
     out.extend(_worker_targets(rows))
     out.extend(_publish_targets(rows))
+    out.extend(broker_report.targets(rows))
     return out
 
 
@@ -594,6 +596,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
              "delivered", "client CPU", "note"], body,
         )
     lines += _workers_section(rows)
+    lines += broker_report.section(rows)
     if not plots:
         lines += ["*Plots were not drawn: matplotlib is not installed (`make bench-peers`).*", ""]
     lines += [
@@ -602,9 +605,10 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         "<!-- not-run: installs the peers and runs for about 15 minutes -->",
         "```sh",
         "make bench-peers   # once: Node peers into bench/peers/, python-socketio + matplotlib",
-        "make bench         # about 15 minutes; writes this file and docs/benchmarks/*.png",
+        "make bench         # about 20 minutes; writes this file, docs/benchmarks/*.png and the capacity model of docs/deployment.md",
         ".venv/bin/python -m bench.run --quick   # 1,000 clients, igratech-ws vs the limit",
         ".venv/bin/python -m bench.run --scenarios workers   # --workers 1 vs 2 on Redis (~2 min)",
+        ".venv/bin/python -m bench.run --scenarios brokers   # section 8 and the capacity model",
         "```",
         "",
         "Raw figures of the last run: `bench/results/latest.json` (not committed).",
@@ -707,6 +711,7 @@ def write(results: dict[str, Any], out: Path) -> None:
     plots = _plots(results, out.parent / "benchmarks")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(results, plots))
+    broker_report.write_capacity(results["rows"], out.parent / "deployment.md")
 
 
 def main(argv: list[str] | None = None) -> int:

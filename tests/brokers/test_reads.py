@@ -39,7 +39,7 @@ async def _read_made_up(broker: Any, count: int, chunk: int = 500) -> None:
 
 async def test_reading_made_up_channels_creates_nothing(make_broker: BrokerFactory) -> None:
     node = await make_broker()
-    await _read_made_up(node.broker, MADE_UP[make_broker.kind])
+    await _read_made_up(node.broker, MADE_UP[make_broker.family])
     assert await make_broker.stored_items() == 0
 
 
@@ -50,7 +50,7 @@ async def test_readers_cannot_disturb_a_published_stream(make_broker: BrokerFact
         (await broker.publish(GAME, "incident", b'{"i":%d}' % i)).publication for i in range(3)
     ]
     await broker.publish(GAME, "stats", b'{"s":1}')
-    await _read_made_up(broker, MADE_UP[make_broker.kind])
+    await _read_made_up(broker, MADE_UP[make_broker.family])
     page = await broker.history(GAME, 0, 100)
     assert page.top == StreamPosition(4, published[0].epoch)
     assert page.publications[:3] == published

@@ -8,11 +8,10 @@ name the broker sets), and a TCP proxy owned by the test that can cut, freeze an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import msgspec
 import pytest
@@ -39,6 +38,7 @@ from igratech_ws.brokers.redis import (
 from igratech_ws.core.recovery import decide_recovery
 
 from .conftest import WAIT_S, Node
+from .servers import Proxy
 
 GAME = "game:g-1"
 LIMITS = HistoryLimits(size=50, ttl=30.0)
@@ -276,79 +276,6 @@ async def test_subscriber_survives_client_kill_of_its_pubsub_connection(
 
 
 # --- a TCP proxy the test can cut, freeze and restore ------------------------------------------
-
-
-class Proxy:
-    """127.0.0.1:port -> Redis. `cut()` closes everything and refuses connections; `freeze()`
-    keeps sockets open but forwards nothing (a silent network); `restore()` undoes both."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.frozen = False
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
-            task = asyncio.create_task(pipe)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := await reader.read(65536):
-                if not self.frozen:
-                    writer.write(chunk)
-                    await writer.drain()
-        writer.close()
-
-    def _close_all(self) -> None:
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-        self._server = None
-        self._close_all()
-
-    def url(self, redis_url: str) -> str:
-        """`redis_url` (credentials, db) pointed at the proxy."""
-        parts = urlsplit(redis_url)
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-
-    def freeze(self) -> None:
-        self.frozen = True
-
-    async def restore(self) -> None:
-        self.frozen = False
-        if self._server is None:
-            await self.start()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            await self.cut()
-        self._close_all()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
 
 
 @pytest.fixture

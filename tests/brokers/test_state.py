@@ -91,19 +91,14 @@ async def test_state_has_its_own_ttl(make_broker: BrokerFactory) -> None:
 async def _lose_the_stream(make_broker: BrokerFactory, node: Node) -> None:
     """What a lost stream looks like on each broker (evicted, keys lost, stream deleted)."""
     broker = node.broker
-    if make_broker.kind == "memory":
+    if make_broker.family == "memory":
         await broker.publish("game:other", "bet", b"{}")  # max_channels=1: evicts GAME
-    elif make_broker.kind == "redis":
-        from redis.asyncio import Redis
-
+    elif make_broker.family == "redis":
         from igratech_ws.brokers.redis import meta_key
 
-        assert make_broker._base_url is not None
-        client = Redis.from_url(make_broker._base_url)
-        try:  # the meta alone: the state key is still there, and must not be served
+        # The meta alone: the state key is still there, and must not be served.
+        async with make_broker.redis_client_for(GAME) as client:
             await client.delete(meta_key(make_broker.namespace + ":", GAME))
-        finally:
-            await client.aclose()
     else:
         from igratech_ws.brokers.nats import NatsBroker
 
@@ -125,20 +120,14 @@ async def test_state_belongs_to_the_epoch(make_broker: BrokerFactory) -> None:
 
 async def test_direct_publishers_write_state(make_broker: BrokerFactory) -> None:
     node = await make_broker()
-    if make_broker.kind == "redis":
-        from redis.asyncio import Redis
-
+    if make_broker.family == "redis":
         from igratech_ws.brokers.redis import publish_direct
 
-        assert make_broker._base_url is not None
-        client = Redis.from_url(make_broker._base_url)
-        try:
+        async with make_broker.redis_clients() as clients:
             sent = await publish_direct(
-                client, make_broker.namespace + ":", GAME, "stats", stats(7)
+                clients, make_broker.namespace + ":", GAME, "stats", stats(7)
             )
-        finally:
-            await client.aclose()
-    elif make_broker.kind == "nats":
+    elif make_broker.family == "nats":
         import nats
 
         from igratech_ws.brokers.nats import publish_event

@@ -255,6 +255,11 @@ class Broker(Protocol):
         state slot for that event, in the same step. Raises `BrokerError` if it cannot (the
         publication may or may not have been made: retry with the same key), ValueError for a
         malformed key or data that is not UTF-8 (`check_idempotency_key`, `check_data`).
+
+        Calls through one broker instance are queued in call order before their first await, so
+        concurrent publishes to one channel (``asyncio.gather``) get offsets in call order, and
+        a broker may carry them together (Redis: pipelined; NATS: one batch) instead of one
+        round trip each.
         """
         ...
 

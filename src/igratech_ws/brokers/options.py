@@ -36,7 +36,8 @@ class BrokerOptions:
     - `max_idempotency_keys`: memory broker: keys remembered at most (oldest forgotten first).
     - `max_channels`: memory broker: streams kept at most (least recently published dropped).
     - `op_timeout`: seconds one broker call may take (connect, request, reply).
-    - `max_connections`: Redis: command connections per node (the pub/sub one is extra).
+    - `max_connections`: Redis: command connections per node and server (the pub/sub and the
+      publish connection are extra).
     - `ping_interval`: Redis: seconds of silence before the listener PINGs (dead after two).
     - `backoff_min` / `backoff_max`: reconnect backoff bounds, seconds (equal jitter).
     - `sentinel_check_interval`: Redis Sentinel: seconds between asking who the master is.

@@ -18,7 +18,9 @@ One stream holds every channel, bounded by ``MaxMsgsPerSubject = history_size`` 
 (`BrokerOptions.retention`, or the URL's ``max_age``); a stream per channel would cost a stream
 (and its server-side state and API calls) per game and user, which NATS does not scale to. How an
 append stays atomic per channel, how keys are deduplicated and how state slots are written:
-`append`. Reads (`history`): nothing is created for a channel without messages (no epoch marker,
+`append`; how a node does it in one round trip, several publications per round trip on NATS
+2.12+ (atomic batches): `appender`. Reads (`history`): nothing is created for a channel without
+messages (no epoch marker,
 no consumer): its position is ``(0, EMPTY_EPOCH)``.
 
 Epochs. The first message of a channel's (empty) subject picks a random epoch and every later

@@ -121,14 +121,14 @@ async def append(
             await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
             continue
         if ack.duplicate:
-            return await _first_of(js, stream, channel, event, data, int(ack.seq))
+            return await first_of(js, stream, channel, event, data, int(ack.seq))
         if event in state_events:
             await _write_slot(js, prefix, publication, request_timeout)
         return PublishResult(publication)
     raise BrokerError(f"{subject}: gave up after {MAX_APPEND_ATTEMPTS} concurrent appends")
 
 
-async def _first_of(
+async def first_of(
     js: JetStreamContext, stream: str, channel: str, event: str, data: bytes, seq: int
 ) -> PublishResult:
     """The duplicate's result: the first publication, read back by its stream sequence."""

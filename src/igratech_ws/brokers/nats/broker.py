@@ -40,7 +40,8 @@ from igratech_ws.brokers.base import (
     check_idempotency_key,
 )
 from igratech_ws.brokers.core import Backoff, BrokerCore, encode_control
-from igratech_ws.brokers.nats.append import append
+from igratech_ws.brokers.nats.appender import Appender
+from igratech_ws.brokers.nats.client import Client
 from igratech_ws.brokers.nats.history import (
     Stored,
     StreamMissing,
@@ -66,9 +67,8 @@ from igratech_ws.brokers.options import BrokerOptions
 log = logging.getLogger("igratech_ws.brokers.nats")
 
 _ERR_STREAM_NAME_IN_USE = 10058
-#: Local publishers to one channel wait on one of this many locks (by hash) instead of racing
-#: each other through JetStream; a fixed array keeps the map bounded whatever the channel names.
-_LOCK_STRIPES = 256
+#: The first nats-server version with atomic batch publishing.
+ATOMIC_BATCHES_SINCE = (2, 12)
 _T = TypeVar("_T")
 
 
@@ -109,7 +109,9 @@ class NatsBroker(BrokerCore):
         self._js: JetStreamContext | None = None
         # One entry per channel the hub follows; the hub bounds that set.
         self._subscriptions: dict[str, Subscription] = {}
-        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+        self._appender: Appender | None = None
+        #: Whether the stream takes atomic batches (NATS 2.12+; decided at start).
+        self.atomic_batches = False
         self._closing = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -145,10 +147,12 @@ class NatsBroker(BrokerCore):
 
         try:
             async with asyncio.timeout(self._timeout + 2):
-                self._nc = await nats.connect(
+                self._nc = Client()
+                await self._nc.connect(
                     self._server,
                     name=f"igratech-ws {self.node_id}",
-                    connect_timeout=self._timeout,
+                    # Seconds, used as a float by nats-py (wait_for) though typed int.
+                    connect_timeout=self._timeout,  # type: ignore[arg-type]
                     # The first connect tries each server twice, then fails (a node that cannot
                     # reach its broker at start should say so); endless reconnects are switched
                     # on below, once connected.
@@ -173,6 +177,16 @@ class NatsBroker(BrokerCore):
             with _as_broker_error("stream setup"):
                 async with asyncio.timeout(self._timeout * 2):
                     await self._ensure_stream()
+                    self._appender = Appender(
+                        self._nc,
+                        self._js,
+                        self.prefix,
+                        origin=self.node_id,
+                        timeout=self._timeout,
+                        state_events=self.options.state_events,
+                        atomic=self.atomic_batches,
+                    )
+                    await self._appender.start()
                     await self._nc.subscribe(control_subject(self.prefix), cb=self._control_msg)
                     await self._nc.flush(timeout=int(max(1, self._timeout)))
         except BrokerError:
@@ -187,14 +201,18 @@ class NatsBroker(BrokerCore):
         self._closing = True
         self.mark_closed()
         self._subscriptions.clear()
+        appender, self._appender = self._appender, None
+        if appender is not None:
+            await appender.close()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._timeout):
                     await nc.close()
 
-    def stream_config(self) -> api.StreamConfig:
-        """The stream every node creates or updates at start (see the package docstring)."""
+    def stream_config(self, *, atomic: bool = False) -> api.StreamConfig:
+        """The stream every node creates or updates at start (see the package docstring);
+        `atomic` allows atomic batches (only servers from 2.12 on know the option)."""
         return api.StreamConfig(
             name=self.stream,
             description="igratech-ws channel history and state",
@@ -207,17 +225,28 @@ class NatsBroker(BrokerCore):
             duplicate_window=min(self.options.idempotency_window, self._max_age),
             allow_rollup_hdrs=True,
             republish=api.RePublish(src=f"{self.prefix}.ch.>", dest=f"{self.prefix}.live.>"),
+            allow_atomic=True if atomic else None,
         )
+
+    def _server_has_atomic_batches(self) -> bool:
+        assert self._nc is not None
+        version = self._nc.connected_server_version
+        return (version.major, version.minor) >= ATOMIC_BATCHES_SINCE
 
     async def _ensure_stream(self) -> None:
         js = self._require_js()
-        config = self.stream_config()
+        config = self.stream_config(atomic=self._server_has_atomic_batches())
         try:
-            await js.add_stream(config)
+            info = await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
             if err_code(exc) != _ERR_STREAM_NAME_IN_USE:
                 raise
-            await js.update_stream(config)
+            info = await js.update_stream(config)
+        self.atomic_batches = bool(info.config.allow_atomic)
+        if self._appender is not None:
+            # A recreated stream numbers from 1 again: no remembered tail holds.
+            self._appender.forget_tail()
+            self._appender.atomic = self.atomic_batches
 
     async def delete_stream(self) -> None:
         """Delete the stream and with it every channel's history and state (tests, operators).
@@ -257,23 +286,14 @@ class NatsBroker(BrokerCore):
     ) -> PublishResult:
         check_idempotency_key(idempotency_key)
         check_data(data)
-        js = self._require_js()
+        self._require_js()
+        appender = self._appender
+        assert appender is not None
 
         async def append_it() -> PublishResult:
-            return await append(
-                js,
-                self.prefix,
-                channel,
-                event,
-                data,
-                origin=self.node_id,
-                request_timeout=self._timeout,
-                idempotency_key=idempotency_key,
-                state_events=self.options.state_events,
-            )
+            return await appender.publish(channel, event, data, idempotency_key)
 
-        async with self._locks[hash(channel) % _LOCK_STRIPES]:
-            return await self._with_stream("publish", append_it)
+        return await self._with_stream("publish", append_it)
 
     async def _last(self, channel: str) -> Stored | None:
         js = self._require_js()

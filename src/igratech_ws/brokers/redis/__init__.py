@@ -2,10 +2,12 @@
 
 URL: ``redis://[user:password@]host:port/db?prefix=igws:`` (also ``rediss://`` and ``unix://``),
 or ``redis+sentinel://[user:password@]host1:26379,host2:26379/<service>/<db>?prefix=`` for a
-master watched by Redis Sentinel (``rediss+sentinel://`` for TLS). The ``prefix`` query parameter
-(default ``igws:``) starts every key and pub/sub channel name, so several deployments (or tests)
-can share one database; the rest of the URL is redis-py's. Tuning (timeouts, pool size, pings,
-backoff) comes from `BrokerOptions`.
+master watched by Redis Sentinel (``rediss+sentinel://`` for TLS). Several servers are shards:
+``redis://h1:6379,h2:6379/0`` or ``redis+sentinel://s1,s2/<service1>,<service2>/0`` (`shards`:
+each channel on one of them by jump hashing, control messages on the first). The ``prefix``
+query parameter (default ``igws:``) starts every key and pub/sub channel name, so several
+deployments (or tests) can share one database; the rest of the URL is redis-py's. Tuning
+(timeouts, pool size, pings, backoff) comes from `BrokerOptions`.
 
 What lives where, for a channel ``C`` (``P`` = prefix; see `names`):
 
@@ -23,9 +25,11 @@ What lives where, for a channel ``C`` (``P`` = prefix; see `names`):
   expiring after ``idempotency_window``.
 - ``P pub:C``: pub/sub channel of C's publications; ``P control``: control messages (JSON).
 
-Modules: `names` (keys), `urls` (URL and Sentinel parsing), `wire` (encoding, Lua scripts in
-``lua/``), `store` (the stream store and `publish_direct`), `pubsub` (the listener),
-`connections` (pools, Sentinel), `broker` (`RedisBroker`).
+Modules: `names` (keys), `urls` (URL and Sentinel parsing), `shards` (sharded URLs, which shard
+holds a channel), `wire` (encoding, Lua scripts in ``lua/``), `store` (the stream store and
+`publish_direct`), `pipe` (pipelined publishing on one connection), `pubsub` (the listener),
+`connections` (pools, Sentinel), `server` (one server's connections together), `broker`
+(`RedisBroker`: routing to shards, state).
 
 Outage: the listener survives Redis going away (DISCONNECTED, reconnect with backoff, resubscribe,
 CONNECTED); `publish`, `history`, `position`, `latest_state` and `publish_control` raise
@@ -42,6 +46,7 @@ from igratech_ws.brokers.redis.names import (
     state_key,
     stream_key,
 )
+from igratech_ws.brokers.redis.shards import CONTROL_SHARD, shard_index, split_shards
 from igratech_ws.brokers.redis.store import StreamStore, publish_direct
 from igratech_ws.brokers.redis.urls import (
     DEFAULT_SENTINEL_PORT,
@@ -53,6 +58,7 @@ from igratech_ws.brokers.redis.urls import (
 from igratech_ws.brokers.redis.wire import HISTORY_SCRIPT, PUBLISH_SCRIPT, STATE_SCRIPT
 
 __all__ = [
+    "CONTROL_SHARD",
     "DEFAULT_PREFIX",
     "DEFAULT_SENTINEL_PORT",
     "HISTORY_SCRIPT",
@@ -68,7 +74,9 @@ __all__ = [
     "parse_sentinel_url",
     "publish_direct",
     "pubsub_channel",
+    "shard_index",
     "split_prefix",
+    "split_shards",
     "state_key",
     "stream_key",
 ]

@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -33,8 +33,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from igratech_ws.brokers.options import BrokerOptions
+from igratech_ws.brokers.redis.pipe import CONNECTION_ERRORS
 from igratech_ws.brokers.redis.pubsub import address_of
-from igratech_ws.brokers.redis.store import CONNECTION_ERRORS
 from igratech_ws.brokers.redis.urls import SENTINEL_SCHEMES, parse_sentinel_url
 
 log = logging.getLogger("igratech_ws.brokers.redis")
@@ -129,20 +129,29 @@ def connect(url: str, options: BrokerOptions, name: str) -> Connections:
     return Connections(Redis.from_pool(sentinel_pool), factory, sentinel, sentinel_pool)
 
 
+class OwnConnection(Protocol):
+    """A holder of one dedicated connection (the pub/sub listener, the command pipe)."""
+
+    @property
+    def conn(self) -> AbstractConnection | None: ...
+
+    async def abort(self, conn: AbstractConnection | None = None) -> None: ...
+
+
 async def watch_sentinels(
     pool: _BlockingSentinelPool,
     *,
     interval: float,
     op_timeout: float,
-    listener_connection: Callable[[], AbstractConnection | None],
-    reset_listener: Callable[[AbstractConnection], Awaitable[None]],
+    holders: Sequence[OwnConnection],
 ) -> None:
     """Move to a new master as soon as the sentinels name one, while the old one still runs.
 
     A dead master breaks the connections by itself, but after a failover of a live one (manual
     ``SENTINEL FAILOVER``, or a partition that healed) the old master keeps accepting writes until
-    the sentinels demote it, seconds later; what a node wrote there is then lost. Runs until
-    cancelled.
+    the sentinels demote it, seconds later; what a node wrote there is then lost. So each of
+    `holders` whose connection leads elsewhere than the master is reset (it reconnects to the
+    master). Runs until cancelled.
     """
     while True:
         await asyncio.sleep(interval)
@@ -159,7 +168,8 @@ async def watch_sentinels(
             # A bug must not end the watch silently: log it and keep watching.
             log.exception("sentinel watch failed")
             continue
-        conn = listener_connection()
-        if conn is not None and conn.is_connected and address_of(conn) != master:
-            log.warning("Redis sentinels name a new master %s:%s; reconnecting", *master)
-            await reset_listener(conn)
+        for holder in holders:
+            conn = holder.conn
+            if conn is not None and conn.is_connected and address_of(conn) != master:
+                log.warning("Redis sentinels name a new master %s:%s; reconnecting", *master)
+                await holder.abort(conn)

@@ -14,22 +14,25 @@ channel, then reports CONNECTED; the caller must then re-read history to fill th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
+import hiredis
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from igratech_ws.brokers.base import BrokerState
 from igratech_ws.brokers.core import Backoff
-from igratech_ws.brokers.redis.store import CONNECTION_ERRORS
+from igratech_ws.brokers.redis.pipe import CONNECTION_ERRORS
 
 log = logging.getLogger("igratech_ws.brokers.redis")
 
 #: Channels per SUBSCRIBE command, so that one command stays a sane size.
 SUBSCRIBE_CHUNK = 1000
+_READ_SIZE = 1 << 16
 
 MessageHandler = Callable[[bytes, bytes], None]
 
@@ -39,7 +42,8 @@ def address_of(connection: AbstractConnection) -> tuple[Any, Any]:
 
 
 class PubSubListener:
-    """Keeps one pub/sub connection subscribed to `control_name` and every `subscribe`d name.
+    """Keeps one pub/sub connection subscribed to `control_name` (None: no control channel, on
+    the shards other than the first) and every `subscribe`d name.
 
     `factory` makes the connection (its `connection_class` and `connection_kwargs`; a Sentinel
     pool asks the sentinels for the master each time). `on_message(name, payload)` gets every
@@ -49,7 +53,7 @@ class PubSubListener:
     def __init__(
         self,
         factory: ConnectionPool,
-        control_name: bytes,
+        control_name: bytes | None,
         *,
         op_timeout: float,
         ping_interval: float,
@@ -203,34 +207,53 @@ class PubSubListener:
         self._confirmed.clear()
         async with asyncio.timeout(self._op_timeout * 2):
             await conn.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-        initial = [self._control_name, *sorted(self.wanted)]
-        await self._send_subscribe(conn, initial)
+        initial = sorted(self.wanted)
+        if self._control_name is not None:
+            initial.insert(0, self._control_name)
         pending = set(initial)
+        if initial:
+            await self._send_subscribe(conn, initial)
+        else:
+            self._connected()
+        # redis-py made the connection; the replies are read here, a socket read at a time, and
+        # every message of a read is handed on before the next await (one hub pass per read).
+        reader: asyncio.StreamReader = conn._reader  # type: ignore[assignment]
+        parser = hiredis.Reader()
         ping_outstanding = False
         while True:
-            reply = await conn.read_response(timeout=self._ping_interval, disconnect_on_error=False)
+            data: bytes | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._ping_interval):
+                    data = await reader.read(_READ_SIZE)
             if self.conn is not conn:
                 raise RedisConnectionError("pub/sub connection was reset")
-            if reply is None:
+            if data is None:
                 if ping_outstanding:
                     raise RedisConnectionError("Redis did not answer PING")
                 ping_outstanding = True
                 await self._send(conn, "PING")
                 continue
+            if not data:
+                raise RedisConnectionError("Redis closed the pub/sub connection")
             ping_outstanding = False
-            if not isinstance(reply, list) or len(reply) < 3:
-                continue
-            kind = reply[0]
-            if kind == b"message":
-                self._on_message(reply[1], reply[2])
-            elif kind == b"subscribe":
-                self._on_subscribed(reply[1])
-                if pending:
-                    pending.discard(reply[1])
-                    if not pending:
-                        self._reached_connected = self.connected_once = True
-                        self._on_state(BrokerState.CONNECTED)
-                        self.first_attempt.set()
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if not isinstance(reply, list) or len(reply) < 3:
+                    continue  # a PONG
+                kind = reply[0]
+                if kind == b"message":
+                    self._on_message(reply[1], reply[2])
+                elif kind == b"subscribe":
+                    self._on_subscribed(reply[1])
+                    if pending:
+                        pending.discard(reply[1])
+                        if not pending:
+                            self._connected()
+
+    def _connected(self) -> None:
+        self._reached_connected = self.connected_once = True
+        self._on_state(BrokerState.CONNECTED)
+        self.first_attempt.set()
 
     async def abort(self, conn: AbstractConnection | None = None) -> None:
         """Drop the connection (`conn`, if it is still the current one): the listener reconnects."""

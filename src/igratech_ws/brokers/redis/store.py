@@ -13,6 +13,7 @@ read-only scripts; a channel without a meta key is ``(0, EMPTY_EPOCH)`` with no 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -21,7 +22,6 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from igratech_ws.brokers.base import (
     EMPTY_EPOCH,
@@ -44,15 +44,16 @@ from igratech_ws.brokers.redis.names import (
     state_key,
     stream_key,
 )
+from igratech_ws.brokers.redis.pipe import CONNECTION_ERRORS, CommandPipe, RedisReplyError
+from igratech_ws.brokers.redis.shards import shard_index
 from igratech_ws.brokers.redis.wire import (
     HISTORY_SCRIPT,
+    PUBLISH_MANY_SCRIPT,
     PUBLISH_SCRIPT,
     STATE_SCRIPT,
     decode_publication,
 )
 
-#: What a lost or refused connection looks like, from redis-py and from the OS.
-CONNECTION_ERRORS = (RedisError, OSError, TimeoutError)
 _malformed_log = RateLimitedLog(logging.getLogger("igratech_ws.brokers.redis"))
 #: What a reply that is not ours looks like while decoding it.
 _BAD_REPLY = (msgspec.DecodeError, TypeError, ValueError, IndexError, AttributeError)
@@ -62,21 +63,50 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+#: A publish waiting for its batch: the script's keys and arguments, and the caller's future.
+_Queued = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+
+PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+PUBLISH_MANY_SHA = hashlib.sha1(PUBLISH_MANY_SCRIPT.encode()).hexdigest()
+
+
 class StreamStore:
     """Channel streams in one Redis (through `client`), under `prefix`, per `options`.
 
-    Every method raises `BrokerError` (never a raw redis-py error) when Redis is unreachable or
-    answers something that is not ours; each call is bounded by twice `options.op_timeout`.
+    Publishes go through `pipe` when there is one (a node's broker: pipelined, see `pipe`), else
+    through `client` (`publish_direct`). Every method raises `BrokerError` (never a raw redis-py
+    error) when Redis is unreachable or answers something that is not ours; each call is bounded
+    by twice `options.op_timeout`.
     """
 
-    def __init__(self, client: Redis, prefix: str, options: BrokerOptions) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        prefix: str,
+        options: BrokerOptions,
+        pipe: CommandPipe | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.options = options
+        self.pipe = pipe
+        if pipe is not None:
+            pipe.register_script(PUBLISH_SHA, PUBLISH_SCRIPT)
+            pipe.register_script(PUBLISH_MANY_SHA, PUBLISH_MANY_SCRIPT)
+        # Publishes queued this loop turn (sent together by `_send_batch`), and batches in flight.
+        self._batch: list[_Queued] = []
+        self._batches: set[asyncio.Task[None]] = set()
         self._publish: AsyncScript = client.register_script(PUBLISH_SCRIPT)
         self._history: AsyncScript = client.register_script(HISTORY_SCRIPT)
         self._state: AsyncScript = client.register_script(STATE_SCRIPT)
         self._deadline = options.op_timeout * 2
+        # The publish script's arguments that depend only on the options, in ARGV order.
+        self._limits_args = (
+            options.limits.size,
+            _ms(options.limits.ttl),
+            _ms(options.retention),
+        )
+        self._slot_args = (_ms(options.state_ttl), _ms(options.idempotency_window))
 
     async def _run(
         self, what: str, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
@@ -114,13 +144,10 @@ class StreamStore:
             event,
             data,
             origin,
-            options.limits.size,
-            _ms(options.limits.ttl),
-            _ms(options.retention),
+            *self._limits_args,
             new_epoch(),
             "1" if event in options.state_events else "0",
-            _ms(options.state_ttl),
-            _ms(options.idempotency_window),
+            *self._slot_args,
         ]
         return keys, args
 
@@ -149,8 +176,65 @@ class StreamStore:
         keys, args = self.publish_call(
             channel, event, data, origin=origin, idempotency_key=idempotency_key
         )
-        reply = await self._run("publish", self._publish, keys, args)
-        return self.publish_result(reply, data)
+        if self.pipe is None:
+            reply = await self._run("publish", self._publish, keys, args)
+            return self.publish_result(reply, data)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batch = self._batch
+        batch.append((keys, args, future))
+        if len(batch) == 1:
+            asyncio.get_running_loop().call_soon(self._send_batch)
+        return self.publish_result(await future, data)
+
+    def _send_batch(self) -> None:
+        """Send the publishes queued this loop turn as one script call (publish_many), in order.
+
+        One call instead of one per publication: Redis runs them back to back and sends their
+        pub/sub messages together, and both sides pay the per-call cost once. Tasks run in the
+        order they are created, so batches reach the pipe in order too.
+        """
+        batch, self._batch = self._batch, []
+        task = asyncio.ensure_future(self._run_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, batch: list[_Queued]) -> None:
+        pipe = self.pipe
+        assert pipe is not None
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            sha, body = PUBLISH_SHA, PUBLISH_SCRIPT
+            call_keys, call_args = keys, args
+        else:
+            sha, body = PUBLISH_MANY_SHA, PUBLISH_MANY_SCRIPT
+            call_keys, call_args = [], [len(batch)]
+            for keys, args, _ in batch:
+                call_keys.extend(keys)
+                call_args.append(len(keys))
+                call_args.extend(args)
+        try:
+            try:
+                reply = await pipe.call("EVALSHA", sha, len(call_keys), *call_keys, *call_args)
+            except RedisReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                # The pipe loads the scripts on each new connection, so only a SCRIPT FLUSH on a
+                # live one gets here: the call did nothing, run it with the script's body.
+                reply = await pipe.call("EVAL", body, len(call_keys), *call_keys, *call_args)
+        except BaseException as exc:
+            error = exc if isinstance(exc, BrokerError) else BrokerError(f"publish failed: {exc!r}")
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        replies = [reply] if len(batch) == 1 else reply
+        if not isinstance(replies, list) or len(replies) != len(batch):
+            replies = [None] * len(batch)  # publish_result reports a bad reply
+        for (_, _, future), one in zip(batch, replies, strict=True):
+            if not future.done():
+                future.set_result(one)
 
     async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
         reply = await self._run(
@@ -192,6 +276,34 @@ class StreamStore:
         except _BAD_REPLY as exc:
             raise BrokerError(f"bad position reply from Redis: {exc}") from exc
 
+    async def newest(self, channels: Sequence[str]) -> list[Publication]:
+        """The newest publication in history of each of `channels` that has one (one round trip
+        through the pipe for all of them). Creates nothing."""
+        pipe = self.pipe
+        if pipe is None or not channels:
+            return []
+        replies = await asyncio.gather(
+            *(
+                pipe.call("XREVRANGE", stream_key(self.prefix, channel), "+", "-", "COUNT", 1)
+                for channel in channels
+            ),
+            return_exceptions=True,
+        )
+        payloads: list[bytes] = []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                if isinstance(reply, BrokerError):
+                    raise reply
+                raise BrokerError(f"bad newest reply from Redis: {reply!r}")
+            try:
+                fields = reply[0][1] if reply else []
+                payloads.extend(
+                    fields[i + 1] for i in range(0, len(fields), 2) if fields[i] == b"p"
+                )
+            except _BAD_REPLY:
+                continue
+        return self._decode_all(payloads, "history entry")
+
     async def latest_state(self, channel: str) -> list[Publication]:
         reply = await self._run(
             "state",
@@ -213,7 +325,7 @@ class StreamStore:
 
 
 async def publish_direct(
-    client: Redis,
+    client: Redis | Sequence[Redis],
     prefix: str,
     channel: str,
     event: str,
@@ -225,11 +337,18 @@ async def publish_direct(
 ) -> PublishResult:
     """Publish into Redis without a node, exactly as a node would (same script, same format).
 
+    `client` is a redis-py client of the server, or of each shard in the order of the nodes'
+    URL (the channel's shard is chosen as the nodes choose it: `shards.shard_index`).
     `data_json` must already be the validated compact JSON of the payload (see
     `core.publishing`); `options` must match the nodes' history, state and idempotency settings
     (`options_from_config` of their configuration, or `BrokerOptions(limits=..., ...)`).
     Raises `BrokerError`, or ValueError for a malformed key.
     """
+    if not isinstance(client, Redis):
+        clients = list(client)
+        if not clients:
+            raise ValueError("publish_direct needs at least one Redis client")
+        client = clients[shard_index(channel, len(clients))]
     store = StreamStore(client, prefix, options or BrokerOptions(node_id=origin))
     return await store.publish(
         channel, event, data_json, origin=origin, idempotency_key=idempotency_key

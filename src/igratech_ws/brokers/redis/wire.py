@@ -50,12 +50,14 @@ def decode_publication(payload: bytes) -> Publication:
     )
 
 
-def _script(name: str) -> str:
+def _script(*names: str) -> str:
     lua = resources.files("igratech_ws.brokers.redis").joinpath("lua")
-    return lua.joinpath("prelude.lua").read_text() + "\n" + lua.joinpath(name).read_text()
+    return "\n".join(lua.joinpath(name).read_text() for name in ("prelude.lua", *names))
 
 
-#: The Lua scripts, each with the shared prelude (run with EVALSHA by redis-py's Script).
-PUBLISH_SCRIPT = _script("publish.lua")
+#: The Lua scripts, each with the shared prelude (run with EVALSHA).
+PUBLISH_SCRIPT = _script("publish_one.lua", "publish.lua")
+#: Several publications in one call (a node's publishes of one loop turn to one Redis).
+PUBLISH_MANY_SCRIPT = _script("publish_one.lua", "publish_many.lua")
 HISTORY_SCRIPT = _script("history.lua")
 STATE_SCRIPT = _script("state.lua")

@@ -1,4 +1,4 @@
--- Shared by the scripts of the Redis broker (prepended to each; see brokers/redis/scripts.py).
+-- Shared by the scripts of the Redis broker (prepended to each; see brokers/redis/wire.py).
 -- A publication travels as a msgpack map (cmsgpack.pack of a table with short keys): c channel,
 -- o offset, e epoch, v event, d data (the payload JSON), t time (Unix seconds), n origin.
 -- A map, not an array: a field added later does not shift the others, and Python decodes it by
