@@ -89,7 +89,9 @@ async def test_clients_that_recover_and_never_read_cost_bounded_memory() -> None
         game = "g-flood"
         for n in range(PUBLICATIONS):
             body = _bet_body(game, n).encode()
-            publication = await app.node.publish(validate_publish(parse_publish_body(body)))
+            publication = (
+                await app.node.publish(validate_publish(parse_publish_body(body)))
+            ).publication
         size = len(publication.data)
         assert size > 25_000
         # The epoch is in any settings answer: the attacker asks for the whole history.
