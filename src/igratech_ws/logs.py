@@ -44,6 +44,37 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(entry).decode()
 
 
+class _Window:
+    """At most `burst` events per `period` seconds; counts those refused until the next window.
+
+    The one rate limit behind `RateLimitFilter` and `RateLimitedLog`.
+    """
+
+    __slots__ = ("_passed", "_start", "_suppressed", "burst", "period")
+
+    def __init__(self, burst: int, period: float) -> None:
+        self.burst = burst
+        self.period = period
+        self._start = -period
+        self._passed = 0
+        self._suppressed = 0
+
+    def allow(self, now: float) -> tuple[bool, int]:
+        """Whether an event at `now` passes, and how many were suppressed in the window that
+        `now` closed (the caller reports that number once; 0 when none or still inside)."""
+        closed = 0
+        if now - self._start >= self.period:
+            closed = self._suppressed
+            self._start = now
+            self._passed = 0
+            self._suppressed = 0
+        if self._passed < self.burst:
+            self._passed += 1
+            return True, closed
+        self._suppressed += 1
+        return False, closed
+
+
 class RateLimitFilter(logging.Filter):
     """Lets at most `burst` records through per `period` seconds, then one summary of the rest.
 
@@ -53,25 +84,41 @@ class RateLimitFilter(logging.Filter):
 
     def __init__(self, burst: int = 20, period: float = 10.0) -> None:
         super().__init__()
-        self.burst = burst
-        self.period = period
-        self._window_start = 0.0
-        self._passed = 0
-        self._suppressed = 0
+        self._window = _Window(burst, period)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.created - self._window_start >= self.period:
-            if self._suppressed:
-                record.msg = f"{record.getMessage()} ({self._suppressed} similar suppressed)"
-                record.args = None
-            self._window_start = record.created
-            self._passed = 0
-            self._suppressed = 0
-        if self._passed < self.burst:
-            self._passed += 1
-            return True
-        self._suppressed += 1
-        return False
+        allowed, suppressed = self._window.allow(record.created)
+        if allowed and suppressed:
+            record.msg = f"{record.getMessage()} ({suppressed} similar suppressed)"
+            record.args = None
+        return allowed
+
+
+class RateLimitedLog:
+    """Logs at most `burst` records per `period` seconds, then one summary of those suppressed.
+
+    For messages that an outside party can cause at will (malformed bus messages) or that a bug
+    can cause per publication (a raising handler): logs stay readable and bounded.
+    """
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 5, period: float = 10.0) -> None:
+        self.logger = logger
+        self._window = _Window(burst, period)
+
+    def _allow(self) -> bool:
+        allowed, suppressed = self._window.allow(time.monotonic())
+        if suppressed:
+            self.logger.warning("%d similar messages suppressed", suppressed)
+        return allowed
+
+    def warning(self, message: str, *args: object) -> None:
+        if self._allow():
+            self.logger.warning(message, *args)
+
+    def exception(self, message: str, *args: object) -> None:
+        """Log `message` with the current exception's traceback (call from an except block)."""
+        if self._allow():
+            self.logger.exception(message, *args)
 
 
 def configure(level: str = "info", *, stream: Any = None) -> None:

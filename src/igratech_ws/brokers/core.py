@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import time
 
 import msgspec
 
@@ -30,6 +29,7 @@ from igratech_ws.brokers.base import (
     StateHandler,
 )
 from igratech_ws.brokers.options import BrokerOptions
+from igratech_ws.logs import RateLimitedLog
 
 log = logging.getLogger("igratech_ws.brokers")
 
@@ -59,45 +59,6 @@ class Backoff:
         """The pause before retry number `attempt` (0 for the first retry)."""
         ceiling = min(self.maximum, self.minimum * (2.0 ** min(attempt, 32)))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-
-class RateLimitedLog:
-    """Logs at most `burst` records per `period` seconds, then one summary of those suppressed.
-
-    For messages that an outside party can cause at will (malformed bus messages) or that a bug
-    can cause per publication (a raising handler): logs stay readable and bounded.
-    """
-
-    def __init__(self, logger: logging.Logger, *, burst: int = 5, period: float = 10.0) -> None:
-        self.logger = logger
-        self.burst = burst
-        self.period = period
-        self._window_start = -period
-        self._passed = 0
-        self._suppressed = 0
-
-    def _allow(self) -> bool:
-        now = time.monotonic()
-        if now - self._window_start >= self.period:
-            if self._suppressed:
-                self.logger.warning("%d similar broker messages suppressed", self._suppressed)
-            self._window_start = now
-            self._passed = 0
-            self._suppressed = 0
-        if self._passed < self.burst:
-            self._passed += 1
-            return True
-        self._suppressed += 1
-        return False
-
-    def warning(self, message: str, *args: object) -> None:
-        if self._allow():
-            self.logger.warning(message, *args)
-
-    def exception(self, message: str, *args: object) -> None:
-        """Log `message` with the current exception's traceback (call from an except block)."""
-        if self._allow():
-            self.logger.exception(message, *args)
 
 
 # Control messages travel as JSON on every shared broker: readable, and easy to write by hand from

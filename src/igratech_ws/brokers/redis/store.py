@@ -33,7 +33,7 @@ from igratech_ws.brokers.base import (
     check_data,
     check_idempotency_key,
 )
-from igratech_ws.brokers.core import RateLimitedLog, new_epoch
+from igratech_ws.brokers.core import new_epoch
 from igratech_ws.brokers.options import BrokerOptions
 from igratech_ws.brokers.redis.names import (
     idempotency_key as record_key,
@@ -53,6 +53,7 @@ from igratech_ws.brokers.redis.wire import (
     STATE_SCRIPT,
     decode_publication,
 )
+from igratech_ws.logs import RateLimitedLog
 
 _malformed_log = RateLimitedLog(logging.getLogger("igratech_ws.brokers.redis"))
 #: What a reply that is not ours looks like while decoding it.
