@@ -16,6 +16,7 @@ in ``docs/operations.md`` (a test checks that every field is documented there).
 """
 
 import difflib
+import functools
 import os
 import tomllib
 import types
@@ -132,7 +133,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     #: Proxies whose X-Forwarded-For (and PROXY header) name the client: addresses and CIDRs,
     #: comma-separated (core/client_address.py); empty trusts nobody.
     trusted_proxies: str = DEFAULT_TRUSTED_PROXIES
-    #: Connections from trusted proxies start with a PROXY protocol v1/v2 header.
+    #: Connections from trusted proxies must start with a PROXY protocol v1/v2 header (TCP load
+    #: balancers); a PROXY header from anyone else is refused (400 proxy_header_refused).
     proxy_protocol: bool = False
     #: PostgreSQL outbox (outbox.py, docs/publishing.md): connection string (it may hold a
     #: password) and table (a lowercase SQL identifier, optionally schema-qualified).
@@ -198,8 +200,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def trusted_proxy_list(self) -> TrustedProxies:
-        """The parsed `trusted_proxies` (valid: checked when the config was made)."""
-        return TrustedProxies.parse(self.trusted_proxies)
+        """The parsed `trusted_proxies` (valid: checked when the config was made; parsed once
+        per distinct value, since the listener asks for every connection)."""
+        return _parse_trusted_proxies(self.trusted_proxies)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
         """A copy with every non-None value of `overrides` applied (checked like any value;
@@ -227,6 +230,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         """Defaults overridden by ``IGRATECH_WS_<NAME>`` variables (``..._FILE`` for secrets)."""
         return resolve(environ=environ, read_config_variable=False).config
 
+
+_parse_trusted_proxies = functools.lru_cache(maxsize=8)(TrustedProxies.parse)
 
 _FIELD_TYPES: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Config)}
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in msgspec.structs.fields(Config)}

@@ -64,11 +64,12 @@ class Connection(Subscriber, Protocol):
 
     `settings_queue` is owned by the node.
     `last_seen` is `time.monotonic()` of the last frame received, kept up to date by the
-    transport. `address` is the client's IP address (for the per-address limit).
+    transport. `address` is the client's IP address (the per-address limit's key), or None when
+    a trusted proxy did not name the client: that connection is not counted by the limit.
     """
 
     session: Session
-    address: str
+    address: str | None
     expires_at: float | None
     connected_at: float
     last_seen: float
@@ -225,11 +226,12 @@ class Node:
         """
         session = connection.session
         address = connection.address
-        if self._by_address.get(address, 0) >= self.config.max_connections_per_ip:
-            self.count_refusal("per_address_limit")
-            connection.close_with(CloseCode.TRY_AGAIN_LATER)
-            return
-        self._by_address[address] = self._by_address.get(address, 0) + 1
+        if address is not None:
+            if self._by_address.get(address, 0) >= self.config.max_connections_per_ip:
+                self.count_refusal("per_address_limit")
+                connection.close_with(CloseCode.TRY_AGAIN_LATER)
+                return
+            self._by_address[address] = self._by_address.get(address, 0) + 1
         self._connections.add(connection)
         self.connections_total += 1
         user_id = session.user_id
@@ -337,11 +339,13 @@ class Node:
             return
         self._connections.discard(connection)
         self._greeting.pop(connection, None)
-        remaining = self._by_address.get(connection.address, 1) - 1
-        if remaining > 0:
-            self._by_address[connection.address] = remaining
-        else:
-            self._by_address.pop(connection.address, None)
+        address = connection.address
+        if address is not None:
+            remaining = self._by_address.get(address, 1) - 1
+            if remaining > 0:
+                self._by_address[address] = remaining
+            else:
+                self._by_address.pop(address, None)
         if code is not None:
             # Only the documented codes are keys: a client chooses its own code.
             key = counted_as(code)

@@ -58,7 +58,13 @@ async def test_a_full_node_refuses_handshakes_with_503(make_gateway: MakeGateway
 async def test_too_many_connections_from_one_address_are_closed_with_1013(
     make_gateway: MakeGateway,
 ) -> None:
-    async with make_gateway(max_connections_per_ip=2) as app, connect(app) as a, connect(app) as b:
+    # 127.0.0.1 is a trusted proxy by default (exempt when it names nobody): trust nobody here,
+    # so that the test client is the client (tests/ops/test_proxy_attacks.py covers proxies).
+    async with (
+        make_gateway(max_connections_per_ip=2, trusted_proxies="") as app,
+        connect(app) as a,
+        connect(app) as b,
+    ):
         await recv_event(a, "connected")
         await recv_event(b, "connected")
         async with connect(app) as third:

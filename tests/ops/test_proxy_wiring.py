@@ -1,10 +1,9 @@
 """The acceptance test of the proxy wiring (issue 14): behind a trusted proxy, the per-address
 limit counts the client named by X-Forwarded-For, and a proxy that names nobody is exempt.
 
-The pure logic is in core/client_address.py (tests/ops/test_client_address.py). Wiring it into
-transport/websocket.py and node.py is pending (the transport is being rewritten): these tests are
-strict xfails until then, so they turn into failures the moment the wiring lands, as a reminder
-to drop the marker. The last test holds today and after the wiring.
+The pure logic is in core/client_address.py (tests/ops/test_client_address.py); the wiring is in
+transport/wsconnection.py (the address is resolved at the upgrade request) and node.py (the
+limit). tests/ops/test_proxy_attacks.py attacks it with raw sockets.
 """
 
 from __future__ import annotations
@@ -12,15 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 import websockets
 
 from igratech_ws.app import running_app
 from igratech_ws.config import Config
-
-not_wired = pytest.mark.xfail(
-    strict=True, reason="trusted_proxies is not wired into transport/websocket.py and node.py yet"
-)
 
 
 def config(**overrides: object) -> Config:
@@ -42,7 +36,6 @@ async def greeted(url: str, forwarded_for: str | None) -> bool:
         await ws.close()
 
 
-@not_wired
 async def test_the_limit_counts_the_forwarded_client() -> None:
     async with running_app(config()) as app:
         first = await websockets.connect(
@@ -56,7 +49,6 @@ async def test_the_limit_counts_the_forwarded_client() -> None:
             await first.close()
 
 
-@not_wired
 async def test_a_proxy_that_names_nobody_is_not_limited() -> None:
     async with running_app(config()) as app:
         held = [await websockets.connect(app.ws_url) for _ in range(3)]

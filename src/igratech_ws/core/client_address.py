@@ -54,6 +54,11 @@ class ProxyProtocolError(ValueError):
     """The bytes at the start of a connection are not a valid PROXY protocol header: close it."""
 
 
+class ProxyHeaderMissing(ProxyProtocolError):
+    """The connection starts with something else than a PROXY protocol header (an HTTP request
+    from a proxy that was not told to send one, or a client reaching the node directly)."""
+
+
 def parse_ip(text: str) -> IPAddress | None:
     """`text` as an IP address, or None. Accepts what proxies write in X-Forwarded-For:
     ``1.2.3.4``, ``1.2.3.4:5678``, ``2001:db8::1``, ``[2001:db8::1]:443``, ``fe80::1%eth0``.
@@ -191,8 +196,8 @@ def parse_proxy_header(data: bytes) -> ProxyHeader | None:
     """Parse the PROXY protocol header (v1 or v2) at the start of `data`.
 
     Returns None while `data` is a valid but incomplete prefix (read more and call again with
-    everything read so far); raises `ProxyProtocolError` when `data` cannot start a header, is
-    malformed, or passes `MAX_PROXY_HEADER_BYTES`.
+    everything read so far); raises `ProxyHeaderMissing` when `data` cannot start a header, and
+    `ProxyProtocolError` when it is malformed or passes `MAX_PROXY_HEADER_BYTES`.
     """
     if not data:
         return None
@@ -200,7 +205,14 @@ def parse_proxy_header(data: bytes) -> ProxyHeader | None:
         return _parse_v2(data)
     if _V1_PREFIX.startswith(data[:6]):
         return _parse_v1(data)
-    raise ProxyProtocolError("the connection does not start with a PROXY protocol header")
+    raise ProxyHeaderMissing("the connection does not start with a PROXY protocol header")
+
+
+def starts_with_proxy_header(data: bytes) -> bool:
+    """Whether `data`, the first bytes of a connection, begin with a PROXY protocol signature
+    (v1 ``PROXY `` or the v2 binary signature). For a listener that does not expect one: such a
+    connection is refused with a reason instead of being parsed as a malformed HTTP request."""
+    return data.startswith(_V1_PREFIX) or data.startswith(PROXY_V2_SIGNATURE)
 
 
 def _parse_v1(data: bytes) -> ProxyHeader | None:

@@ -2,6 +2,16 @@
 
 Each accepted socket gets one `WebSocketConnection`, a plain asyncio protocol, from the first byte:
 
+0. **Who is it.** `peer` is the TCP peer's address. With `proxy_protocol` on, a connection from
+   a trusted proxy (`trusted_proxies`) must start with a PROXY protocol v1/v2 header
+   (`core.client_address`): it is read and stripped here, before picows sees a byte, and its
+   source address is kept (`proxy_source`). A connection that should carry one and does not, or
+   carries a malformed one, is answered 400 `proxy_header_missing` / `proxy_header_invalid`; one
+   that carries a PROXY header where none is read (the setting is off, or the peer is not
+   trusted) is answered 400 `proxy_header_refused`. At the upgrade request, the PROXY source and
+   a trusted peer's `X-Forwarded-For` give the client (`client`, shown in logs) and the key of
+   the per-address limit (`address`, None when a trusted proxy named nobody). The handshake
+   deadline (`HANDSHAKE_TIMEOUT`) covers the PROXY header too.
 1. **Upgrade.** It hands picows exactly the bytes of the HTTP request, up to the blank line that
    ends it; picows parses the request, calls `_decide` and writes its answer. Frames a client
    pipelined behind its request never reach picows: they stay here and are parsed like every
@@ -52,6 +62,13 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not re-exp
 
 from igratech_ws.config import Config
 from igratech_ws.core import wsframes
+from igratech_ws.core.client_address import (
+    ProxyHeaderMissing,
+    ProxyProtocolError,
+    parse_proxy_header,
+    resolve,
+    starts_with_proxy_header,
+)
 from igratech_ws.core.close_codes import CloseCode, close_reason
 from igratech_ws.core.codec import encode
 from igratech_ws.core.framing import close_frame, pong_frame
@@ -69,6 +86,18 @@ HANDSHAKE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 3.0
 
 REQUEST_TOO_LONG = f"The upgrade request (its line and headers) is over {MAX_REQUEST_BYTES} bytes"
+PROXY_HEADER_MISSING = (
+    "This listener expects a PROXY protocol header (v1 or v2) from its trusted proxies first "
+    "(proxy_protocol is on); configure the load balancer to send one"
+)
+PROXY_HEADER_OFF = (
+    "This listener does not read PROXY protocol headers (proxy_protocol is off); turn it on, "
+    "or stop the load balancer from sending them"
+)
+PROXY_HEADER_UNTRUSTED = (
+    "A PROXY protocol header is read only from a trusted proxy (trusted_proxies); this peer is "
+    "not one"
+)
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
 _picows_log = logging.getLogger("picows.ws")
@@ -98,6 +127,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_config",
         "_inbound",
         "_live",
+        "_proxy_bytes",
         "_request_bytes",
         "_stall_timer",
         "_state",
@@ -105,7 +135,10 @@ class WebSocketConnection(asyncio.Protocol):
         "_transport",
         "_upgrade",
         "address",
+        "client",
         "last_seen",
+        "peer",
+        "proxy_source",
         "writable",
     )
 
@@ -138,7 +171,17 @@ class WebSocketConnection(asyncio.Protocol):
         self._stall_timer: asyncio.TimerHandle | None = None
         #: The application was told `_opened` and not yet `_ended`.
         self._live = False
-        self.address = ""
+        #: The PROXY header read so far, while one is awaited (None: none is, or it was read).
+        self._proxy_bytes: bytes | None = None
+        #: The TCP peer's address, and the source its PROXY header named (a trusted peer's).
+        self.peer = ""
+        self.proxy_source: str | None = None
+        #: Who the connection is from, for logs: the client a trusted proxy named, else `peer`.
+        self.client = ""
+        #: The per-address limit's key (node.Connection): the client's address, or None when a
+        #: trusted proxy named nobody (its clients cannot be told apart: the limit does not
+        #: apply). Until the upgrade request is read, the TCP peer.
+        self.address: str | None = ""
         self.last_seen = time.monotonic()
         self.writable = True
 
@@ -242,7 +285,10 @@ class WebSocketConnection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         peer = transport.get_extra_info("peername")
-        self.address = str(peer[0]) if peer else ""
+        config = self._config
+        self.peer = self.client = self.address = str(peer[0]) if peer else ""
+        if config.proxy_protocol and self.peer in config.trusted_proxy_list:
+            self._proxy_bytes = b""
         high = max(1, self._config.max_write_buffer_bytes // 4)
         transport.set_write_buffer_limits(high=high, low=high // 2)
         assert self._upgrade is not None
@@ -253,11 +299,14 @@ class WebSocketConnection(asyncio.Protocol):
             if self._state == _OPEN or self._state == _CLOSING:
                 self._receive(data)
             elif self._state == _HANDSHAKE:
-                self._handshake_data(data)
+                if self._proxy_bytes is None:
+                    self._handshake_data(data)
+                else:
+                    self._proxy_data(data)
         except Exception:
             # A bug here must cost one connection and one (rate-limited) log line, not the
             # event loop's unthrottled "Fatal error" per connection.
-            log.exception("reading a connection failed")
+            log.exception("reading a connection failed", extra={"client": self.client})
             if self._state == _OPEN:
                 self.close_with(CloseCode.INTERNAL_ERROR)
             elif self._transport is not None:
@@ -306,11 +355,38 @@ class WebSocketConnection(asyncio.Protocol):
 
     # --- the upgrade ---------------------------------------------------------------------------
 
+    def _proxy_data(self, data: bytes) -> None:
+        """Bytes of the PROXY header a trusted proxy sends first; what follows is the request."""
+        assert self._proxy_bytes is not None
+        received = self._proxy_bytes + data  # bounded: the parser refuses a header too long
+        try:
+            header = parse_proxy_header(received)
+        except ProxyHeaderMissing:
+            self._refuse_raw(400, "proxy_header_missing", PROXY_HEADER_MISSING, "proxy")
+            return
+        except ProxyProtocolError as exc:
+            message = f"The PROXY protocol header is invalid: {exc}"
+            self._refuse_raw(400, "proxy_header_invalid", message, "proxy")
+            return
+        if header is None:
+            self._proxy_bytes = received
+            return
+        self._proxy_bytes = None
+        self.proxy_source = header.source
+        rest = received[header.length :]
+        if rest:
+            self._handshake_data(rest)
+
     def _handshake_data(self, data: bytes) -> None:
         """Bytes before the upgrade: picows gets the request and nothing after it."""
         upgrade = self._upgrade
         if upgrade is None:
             return  # refused: picows answered and closes the socket
+        if self._request_bytes == 0 and not self._tail and starts_with_proxy_header(data):
+            # A PROXY header where none is read: refused by name, not as a malformed request.
+            why = PROXY_HEADER_UNTRUSTED if self._config.proxy_protocol else PROXY_HEADER_OFF
+            self._refuse_raw(400, "proxy_header_refused", why, "proxy")
+            return
         tail = self._tail
         end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
         if end < 0:
@@ -339,9 +415,16 @@ class WebSocketConnection(asyncio.Protocol):
     def _on_request(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
         """picows's listener factory: the application decides; picows writes the answer."""
         try:
+            found = resolve(
+                self.peer,
+                self._config.trusted_proxy_list,
+                forwarded_for=request.headers.getall("X-Forwarded-For", None),
+                proxy_source=self.proxy_source,
+            )
+            self.client, self.address = found.address, found.limit_key
             refusal = self._decide(request)
         except Exception:  # a bug must refuse one handshake, not take the listener down
-            log.exception("handshake failed")
+            log.exception("handshake failed", extra={"client": self.client})
             self._refusing("internal_error")
             refusal = error_response(500, "internal_error", "The server could not accept this")
         if refusal is not None:
@@ -367,7 +450,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._upgrade = None
         self._guarded(self._opened)
 
-    def _refuse_raw(self, status: int, code: str, message: str) -> None:
+    def _refuse_raw(self, status: int, code: str, message: str, field: str = "request") -> None:
         """Answer before picows has a whole request (it never will): `status`, then close."""
         self._refusing(code)
         self._state = _CLOSED
@@ -376,7 +459,7 @@ class WebSocketConnection(asyncio.Protocol):
         if upgrade is not None:
             upgrade.connection_lost(None)  # cancels picows's handshake timer
         if transport is not None:
-            response = error_response(status, code, message, "request")
+            response = error_response(status, code, message, field)
             transport.write(bytes(response.to_bytes()))
             transport.close()
 
@@ -430,7 +513,10 @@ class WebSocketConnection(asyncio.Protocol):
             self._close_received(event.code)
         elif kind is wsframes.Failure:
             assert isinstance(event, wsframes.Failure)
-            log.debug("failing a connection", extra={"code": int(event.code), "why": event.detail})
+            log.debug(
+                "failing a connection",
+                extra={"code": int(event.code), "why": event.detail, "client": self.client},
+            )
             self.fail(event.code)
 
     def _close_received(self, code: int | None) -> None:
@@ -452,7 +538,7 @@ class WebSocketConnection(asyncio.Protocol):
         try:
             handler(*args)
         except Exception:
-            log.exception("connection handler failed")
+            log.exception("connection handler failed", extra={"client": self.client})
             if self._state == _OPEN:
                 self.close_with(CloseCode.INTERNAL_ERROR)
 
@@ -492,7 +578,7 @@ class WebSocketConnection(asyncio.Protocol):
         try:
             self._ended(code)
         except Exception:
-            log.exception("connection end handler failed")
+            log.exception("connection end handler failed", extra={"client": self.client})
 
 
 def _feed(upgrade: WSProtocol, data: bytes) -> None:
