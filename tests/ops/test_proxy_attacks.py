@@ -360,6 +360,18 @@ async def test_a_proxy_header_names_the_client_for_the_limit(header: Any) -> Non
             await close_all([first])
 
 
+async def test_a_client_behind_the_balancer_cannot_add_its_own_proxy_header() -> None:
+    """An L4 balancer passes the client's bytes on after its own header: a PROXY header there is
+    the client's, and refused."""
+    async with gateway(proxy_protocol=True, max_connections_per_ip=1) as (app, port):
+        for forged in (proxy_v1("198.51.100.1"), proxy_v2("198.51.100.1")):
+            answer = await attempt(port, proxy_v1("203.0.113.9") + forged + upgrade_request())
+            assert answer.status == 400
+            assert answer.error is not None and answer.error["code"] == "proxy_header_refused"
+            assert "only the first" in answer.error["message"]
+        assert app.node.refused == {"proxy_header_refused": 2}
+
+
 async def test_a_balancer_health_check_names_nobody_and_is_exempt() -> None:
     local = proxy_v2("0.0.0.0", local=True)
     async with gateway(proxy_protocol=True, max_connections_per_ip=1) as (_app, port):

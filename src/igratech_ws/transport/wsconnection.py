@@ -94,6 +94,7 @@ PROXY_HEADER_OFF = (
     "This listener does not read PROXY protocol headers (proxy_protocol is off); turn it on, "
     "or stop the load balancer from sending them"
 )
+PROXY_HEADER_AGAIN = "A second PROXY protocol header: only the first, the load balancer's, is read"
 PROXY_HEADER_UNTRUSTED = (
     "A PROXY protocol header is read only from a trusted proxy (trusted_proxies); this peer is "
     "not one"
@@ -384,7 +385,13 @@ class WebSocketConnection(asyncio.Protocol):
             return  # refused: picows answered and closes the socket
         if self._request_bytes == 0 and not self._tail and starts_with_proxy_header(data):
             # A PROXY header where none is read: refused by name, not as a malformed request.
-            why = PROXY_HEADER_UNTRUSTED if self._config.proxy_protocol else PROXY_HEADER_OFF
+            config = self._config
+            if not config.proxy_protocol:
+                why = PROXY_HEADER_OFF
+            elif self.peer in config.trusted_proxy_list:
+                why = PROXY_HEADER_AGAIN  # the balancer's was read: this one is its client's
+            else:
+                why = PROXY_HEADER_UNTRUSTED
             self._refuse_raw(400, "proxy_header_refused", why, "proxy")
             return
         tail = self._tail
