@@ -310,9 +310,15 @@ def _convert(name: str, value: Any, label: str, *, from_text: bool) -> Any:
         elif base in (int, float):
             value = value.strip()
     try:
-        return msgspec.convert(value, kind, strict=not from_text)
+        converted = msgspec.convert(value, kind, strict=not from_text)
     except msgspec.ValidationError:
         raise ConfigError([f"{label} must be {describe(kind)}, not {value!r}"]) from None
+    if name == "trusted_proxies":
+        try:
+            _parse_trusted_proxies(converted)
+        except ValueError as exc:  # named by its source here, not only by the field
+            raise ConfigError([f"{label}: {exc}"]) from None
+    return converted
 
 
 def variable(name: str) -> str:

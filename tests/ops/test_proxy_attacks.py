@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 
 from igratech_ws.app import App, running_app
@@ -370,6 +371,10 @@ async def test_a_client_behind_the_balancer_cannot_add_its_own_proxy_header() ->
             assert answer.error is not None and answer.error["code"] == "proxy_header_refused"
             assert "only the first" in answer.error["message"]
         assert app.node.refused == {"proxy_header_refused": 2}
+        async with aiohttp.ClientSession() as http, http.get(app.api_url + "/metrics") as got:
+            metrics = await got.text()
+        assert 'handshakes_refused_total{node="' in metrics
+        assert 'reason="proxy_header_refused"} 2.0' in metrics
 
 
 async def test_a_balancer_health_check_names_nobody_and_is_exempt() -> None:

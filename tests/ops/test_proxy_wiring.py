@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 
+import pytest
 import websockets
 
 from igratech_ws.app import running_app
-from igratech_ws.config import Config
+from igratech_ws.config import Config, ConfigError, resolve
 
 
 def config(**overrides: object) -> Config:
@@ -70,3 +72,24 @@ async def test_an_untrusted_peer_cannot_escape_its_limit() -> None:
             assert not await greeted(app.ws_url, "198.51.100.7")
         finally:
             await first.close()
+
+
+def test_the_proxy_settings_come_from_every_source_and_bad_ones_name_theirs(
+    tmp_path: pathlib.Path,
+) -> None:
+    resolved = resolve(
+        environ={"IGRATECH_WS_PROXY_PROTOCOL": "on", "IGRATECH_WS_TRUSTED_PROXIES": ""}
+    )
+    assert resolved.config.proxy_protocol is True
+    assert resolved.config.trusted_proxy_list.networks == ()  # empty: trust nobody
+    assert resolved.sources["trusted_proxies"] == "environment IGRATECH_WS_TRUSTED_PROXIES"
+    with pytest.raises(ConfigError) as bad:
+        resolve(environ={"IGRATECH_WS_TRUSTED_PROXIES": "10.0.0.0/8, 10.0.0.1/8"})
+    assert bad.value.problems == [
+        "IGRATECH_WS_TRUSTED_PROXIES: '10.0.0.1/8' has host bits set: write an address "
+        "(192.0.2.7) or a network (10.0.0.0/8)"
+    ]
+    file = tmp_path / "node.toml"
+    file.write_text('trusted_proxies = "nginx"\nproxy_protocol = true\n')
+    with pytest.raises(ConfigError, match=f"^{file}: trusted_proxies: 'nginx' is not an address"):
+        resolve(file=str(file), environ={})
