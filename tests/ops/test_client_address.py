@@ -17,12 +17,14 @@ from igratech_ws.core.client_address import (
     PROXY_V2_SIGNATURE,
     ClientAddress,
     ProxyHeader,
+    ProxyHeaderMissing,
     ProxyProtocolError,
     TrustedProxies,
     client_from_forwarded_for,
     parse_ip,
     parse_proxy_header,
     resolve,
+    starts_with_proxy_header,
 )
 
 DEFAULTS = TrustedProxies.parse(DEFAULT_TRUSTED_PROXIES)
@@ -294,3 +296,35 @@ def test_v1_and_v2_agree(v4: ipaddress.IPv4Address, v6: ipaddress.IPv6Address, s
     first, second = parse_proxy_header(line), parse_proxy_header(binary)
     assert first is not None and second is not None
     assert first.source == second.source
+
+
+@pytest.mark.parametrize(
+    "data", [GET, b"POST / HTTP/1.1\r\n", b"PRI * HTTP/2.0\r\n", b"\x16\x03\x01", b"proxy TCP4"]
+)
+def test_a_connection_without_a_header_is_told_from_a_broken_header(data: bytes) -> None:
+    # The transport answers proxy_header_missing for these, proxy_header_invalid for the rest.
+    with pytest.raises(ProxyHeaderMissing):
+        parse_proxy_header(data)
+    assert not starts_with_proxy_header(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+        b"PROXY " + b"A" * 200,
+        PROXY_V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12,
+    ],
+)
+def test_a_broken_header_is_not_a_missing_one(data: bytes) -> None:
+    with pytest.raises(ProxyProtocolError) as caught:
+        parse_proxy_header(data)
+    assert not isinstance(caught.value, ProxyHeaderMissing)
+    assert starts_with_proxy_header(data)
+
+
+def test_only_a_whole_signature_counts_as_a_header_where_none_is_expected() -> None:
+    assert starts_with_proxy_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
+    assert starts_with_proxy_header(PROXY_V2_SIGNATURE + b"\x21")
+    for prefix in (b"PROXY", b"PROX", PROXY_V2_SIGNATURE[:11], b""):
+        assert not starts_with_proxy_header(prefix)  # too short to tell: picows decides
