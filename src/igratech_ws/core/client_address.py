@@ -1,8 +1,8 @@
 """The real client address behind trusted proxies: X-Forwarded-For, the PROXY protocol, trust.
 
-Pure (no I/O). The transport calls it once per connection, before the node counts the
-connection, so that the per-address limit, the logs and the metrics see the client, not the
-load balancer:
+Pure (no I/O). The transport (transport/wsconnection.py) calls it once per connection, before
+the node counts the connection, so that the per-address limit and the logs see the client, not
+the load balancer:
 
 1. ``TrustedProxies.parse(config.trusted_proxies)`` once at start (addresses and CIDRs).
 2. When ``config.proxy_protocol`` is on and the TCP peer is trusted, the connection must start
@@ -115,7 +115,7 @@ class TrustedProxies:
 class ClientAddress:
     """Who a connection is from.
 
-    `address` is what logs and metrics show: the client when a trusted proxy named it, else the
+    `address` is what logs show: the client when a trusted proxy named it, else the
     TCP peer. `limit_key` is what the per-address connection limit counts, or None when the
     connection is exempt from it (it comes from a trusted proxy that did not name the client).
     """
