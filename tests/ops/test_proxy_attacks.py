@@ -498,3 +498,43 @@ async def test_a_proxy_header_sent_slower_than_the_deadline_is_dropped(
         answer = await attempt(port, proxy_v1("203.0.113.9") + upgrade_request(), pace=0.05)
         assert answer.status == 0  # closed without an answer once the deadline passed
         assert app.node.connection_count == 0
+
+
+@pytest.mark.parametrize("use_aiofastnet", [False, True], ids=["uvloop", "aiofastnet"])
+def test_production_transports_read_the_same_addresses(use_aiofastnet: bool) -> None:
+    """The tests above run on asyncio's transports; production runs uvloop's or aiofastnet's,
+    whose reads are cut differently. The same headers give the same addresses there."""
+    import uvloop
+
+    async def main() -> None:
+        async with gateway(
+            use_aiofastnet=use_aiofastnet, proxy_protocol=True, max_connections_per_ip=1
+        ) as (_, port):
+            first = await attempt(port, proxy_v2("203.0.113.9") + upgrade_request(), keep=True)
+            try:
+                assert first.greeted
+                for pace in (None, 0.0005):
+                    again = await attempt(
+                        port, proxy_v1("203.0.113.9") + upgrade_request(), pace=pace
+                    )
+                    assert again.close_code == 1013
+                missing = await attempt(port, upgrade_request())
+                assert missing.error is not None
+                assert missing.error["code"] == "proxy_header_missing"
+            finally:
+                await close_all([first])
+        async with gateway(
+            use_aiofastnet=use_aiofastnet, trusted_proxies=PROXY, max_connections_per_ip=1
+        ) as (_app, port):
+            held = await attempt(port, upgrade_request(["1.1.1.1"]), source=STRANGER, keep=True)
+            try:
+                assert held.greeted
+                forged = await attempt(port, upgrade_request(["2.2.2.2"]), source=STRANGER)
+                assert forged.close_code == 1013
+                named = await attempt(port, upgrade_request(["2.2.2.2"]), keep=True)
+                assert named.greeted
+                await close_all([named])
+            finally:
+                await close_all([held])
+
+    uvloop.run(main())
