@@ -103,9 +103,14 @@ async def shoot(api_url: str, out: Path, *, goals: int, patience: float) -> None
             await page.wait_for_function(
                 LIVE_ENOUGH % {"goals": goals}, timeout=patience * 1000, polling=500
             )
-            # Let the fresh-row highlights fade: the picture shows the page at rest.
-            await page.wait_for_timeout(1600)
-            await page.screenshot(path=str(out))
+            # The picture: the page at rest (highlights of fresh rows finished, the live dot lit),
+            # from the top to the end of the ticker and wallet (the developer tools below are
+            # for developers, not for this picture).
+            bottom = await page.evaluate(
+                "Math.ceil(document.querySelector('.lower').getBoundingClientRect().bottom)"
+            )
+            clip = {"x": 0, "y": 0, "width": 1600, "height": min(1000, bottom + 18)}
+            await page.screenshot(path=str(out), animations="disabled", clip=clip)
         finally:
             await browser.close()
     if outside:
