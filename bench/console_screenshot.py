@@ -81,7 +81,9 @@ async def shoot(api_url: str, out: Path, *, goals: int, patience: float) -> None
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             context = await browser.new_context(
-                viewport={"width": 1600, "height": 1000}, device_scale_factor=1
+                viewport={"width": 1600, "height": 1000},
+                device_scale_factor=1,
+                reduced_motion="reduce",  # the page at rest: no fresh-row flashes in the picture
             )
 
             async def guard(route: Any) -> None:
@@ -103,14 +105,17 @@ async def shoot(api_url: str, out: Path, *, goals: int, patience: float) -> None
             await page.wait_for_function(
                 LIVE_ENOUGH % {"goals": goals}, timeout=patience * 1000, polling=500
             )
-            # The picture: the page at rest (highlights of fresh rows finished, the live dot lit),
-            # from the top to the end of the ticker and wallet (the developer tools below are
+            # The picture: from the top to the end of the ticker and wallet (the developer tools below are
             # for developers, not for this picture).
             bottom = await page.evaluate(
                 "Math.ceil(document.querySelector('.lower').getBoundingClientRect().bottom)"
             )
-            clip = {"x": 0, "y": 0, "width": 1600, "height": min(1000, bottom + 18)}
-            await page.screenshot(path=str(out), animations="disabled", clip=clip)
+            height = min(1000, int(bottom) + 18)
+            await page.screenshot(
+                path=str(out),
+                animations="disabled",
+                clip={"x": 0, "y": 0, "width": 1600, "height": height},
+            )
         finally:
             await browser.close()
     if outside:

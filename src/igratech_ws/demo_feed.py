@@ -165,7 +165,9 @@ class DemoPlatform:
         self.demo_user_id = demo_user_id
         self.demo_player = demo_player_name(demo_user_id)
         self.balance = INITIAL_BALANCE
-        self._matches = [self._new_match(g) for g in games]
+        self._matches: list[_Match] = []
+        for game_id in games:
+            self._matches.append(self._new_match(game_id))
         self._open_bets: list[_OpenBet] = []
         self._ids = itertools.count(1)
         self._step = 0
@@ -176,7 +178,10 @@ class DemoPlatform:
         )
 
     def _new_match(self, game_id: str) -> _Match:
-        home, away = self._rng.sample(_TEAMS, 2)
+        # A team plays one match at a time: not one that is on another game id now.
+        busy = {team for m in self._matches for team in (m.home, m.away)}
+        free = [t for t in _TEAMS if t not in busy]
+        home, away = self._rng.sample(free if len(free) >= 2 else list(_TEAMS), 2)
         return _Match(game_id, home, away)
 
     def _next_id(self, prefix: str) -> str:

@@ -128,3 +128,14 @@ def test_every_match_minute_publishes_the_scoreboard() -> None:
         # Minutes 0-90 of play, every one of them published (across this run's matches).
         assert sorted(minutes) == list(range(0, 91)), game
     assert checked > 5
+
+
+def test_a_team_plays_one_match_at_a_time() -> None:
+    # A customer watching three games would notice the same club on two of them.
+    teams: dict[str, tuple[str, str]] = {}
+    for payload in _feed(5, 8000):
+        if isinstance(payload, StatsData) and payload.gameId is not None:
+            values = payload.values
+            teams[payload.gameId] = (str(values["team_home"]), str(values["team_away"]))
+            playing = [team for pair in teams.values() for team in pair]
+            assert len(playing) == len(set(playing)), teams
