@@ -58,6 +58,7 @@ function money(amount, currency) {
 
 let config = null;
 let client = null;
+let walletUser; // the user whose wallet is on the page (undefined: none yet)
 const channelViews = new Map(); // channel -> {details, list, count, total}
 const games = new Map(); // gameId -> {card, incidents: [data], parts}
 
@@ -93,6 +94,14 @@ function showConnected(data) {
   pill.hidden = false;
   pill.textContent = data.userId ? `signed in as ${data.userId}` : "anonymous";
   $("wallet-user").textContent = data.userId ? data.userId : "";
+  if (data.userId !== walletUser) {
+    // Another user (or anonymous): the previous user's wallet is not this one's.
+    walletUser = data.userId;
+    $("balance").textContent = "–";
+    $("balance").dataset.filled = "false";
+    $("results").replaceChildren();
+    $("results-empty").hidden = false;
+  }
   if (!data.userId) $("balance-meta").textContent = "Anonymous: no wallet. Use the demo token to sign in.";
   else if ($("balance").dataset.filled !== "true") $("balance-meta").textContent = "Waiting for the balance…";
 }
