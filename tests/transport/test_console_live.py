@@ -324,6 +324,16 @@ async def test_bet_ticker_balance_and_bet_results(browser: Browser, gateway: App
     await expect(
         page.locator(f'details[data-channel="game:{GAME}"] li[data-event="bet"]')
     ).to_contain_text('"betId": "bet-2"')
+    # Signed out (anonymous now): the demo user's wallet is not shown to the next user.
+    await page.click("#disconnect")
+    await expect(page.locator("#state")).to_have_text("closed")
+    await expect(page.locator("#notice")).to_be_hidden()  # asked for: no alarm
+    await page.fill("#token", "")
+    await page.click("#connect")
+    await expect(page.locator("#user-pill")).to_have_text("anonymous")
+    await expect(page.locator("#balance")).to_have_attribute("data-filled", "false")
+    await expect(page.locator("#balance")).not_to_contain_text("1,024")
+    await expect(page.locator("#results li")).to_have_count(0)
 
 
 async def test_the_demo_feed_makes_the_console_live(browser: Browser, gateway: App) -> None:
