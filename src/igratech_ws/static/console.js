@@ -87,7 +87,10 @@ function showConnected(data) {
   const list = $("connected");
   list.replaceChildren();
   for (const [key, value] of Object.entries(data)) {
-    const shown = value === null ? "null" : typeof value === "object" ? JSON.stringify(value) : String(value);
+    let shown = value === null ? "null" : typeof value === "object" ? JSON.stringify(value) : String(value);
+    if (key === "channels" && Array.isArray(value)) {
+      shown = value.map((c) => (c && typeof c === "object" ? `${c.channel}@${c.offset}` : String(c))).join(", ");
+    }
     list.append(el("dt", { text: key }), el("dd", { text: shown }));
   }
   const pill = $("user-pill");
