@@ -458,3 +458,20 @@ async def test_balance_is_there_at_once_on_load(browser: Browser, gateway: App) 
     await publish(gateway, balance("321.00"))
     page = await open_console(browser, gateway)
     await expect(page.locator("#balance")).to_have_text("€321.00", timeout=5_000)
+
+
+async def test_console_files_parse_no_html_and_load_nothing_remote(gateway: App) -> None:
+    # Belt and braces for the browser tests above: the page's own files never hand payload text
+    # to an HTML parser, and name no other origin (no CDN, no web font, no remote image).
+    async with aiohttp.ClientSession() as http:
+        texts = {}
+        for path in ("/console", "/console/static/console.js", "/console/static/console.css"):
+            async with http.get(gateway.api_url + path) as answer:
+                assert answer.status == 200, path
+                texts[path] = await answer.text()
+    script = texts["/console/static/console.js"]
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, sink
+    for path, text in texts.items():
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path
+        assert "@import" not in text and "url(" not in text, path
