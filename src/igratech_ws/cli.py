@@ -27,9 +27,6 @@ from urllib.parse import urlsplit
 from igratech_ws import logs
 from igratech_ws.config import SECRETS, Config, ConfigError, Resolved, flag, resolve, variable
 
-DEMO_USER = "demo-user"
-DEMO_GAMES = ["g-1001", "g-1002", "g-1003"]
-
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a TOML configuration file (or IGRATECH_WS_CONFIG)")
@@ -253,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from igratech_ws.app import App, running_app
     from igratech_ws.auth import mint_token
     from igratech_ws.core.publishing import PublishRequest, validate_publish
-    from igratech_ws.demo_feed import run_demo_feed
+    from igratech_ws.demo_feed import DEMO_GAMES, DEMO_USER, run_demo_feed
 
     config = _config_from(args)
     # A demo must start with no set-up: invent development secrets when none are configured

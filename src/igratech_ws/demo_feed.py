@@ -4,7 +4,10 @@
 live football games producing incidents (kick-off, goals with the running score, corners, cards,
 half-time, full-time), simulated players' bets on those games, the demo user's own bets being
 placed and settled (``bets-result`` and ``balance`` with a consistent running balance), game stats
-and global stats. `run_demo_feed` paces it in real time and hands each request to a publisher.
+and global stats. After every match minute the game's ``stats`` carry what a scoreboard shows
+(``team_home``, ``team_away``, ``score_home``, ``score_away``, ``minute``, ``period``), always
+equal to the running score of the ``goal`` incidents. `run_demo_feed` paces it in real time and
+hands each request to a publisher.
 
 Every request passes `igratech_ws.core.publishing.validate_publish`. When a match reaches full
 time, a new match starts on the same game id after a short break (a new ``kick_off`` incident with
@@ -47,6 +50,11 @@ from igratech_ws.core.publishing import PublishRequest
 Clock = Callable[[], datetime]
 Publisher = Callable[[PublishRequest], Awaitable[Any]]
 
+#: The game ids `igratech-ws demo` plays on (the console follows them on first load).
+DEMO_GAMES = ["g-1001", "g-1002", "g-1003"]
+#: The user the demo publishes balance and bet results for (the console's demo token is theirs).
+DEMO_USER = "demo-user"
+
 CURRENCY = "EUR"
 #: The demo user's balance before the first bet.
 INITIAL_BALANCE = Decimal("1000.00")
@@ -66,9 +74,24 @@ _PLAYER_NAMES = (
 )  # fmt: skip
 
 
+#: The ``period`` stats value of each phase of a match.
+PERIODS = {
+    "pre": "pre_match",
+    "first": "first_half",
+    "half_time": "half_time",
+    "second": "second_half",
+    "full_time": "full_time",
+}
+
+
 def mask_player(name: str, number: int) -> str:
     """A public display name that does not reveal the player: ``ol***r42``."""
     return f"{name[:2]}***{name[-1]}{number}"
+
+
+def demo_player_name(user_id: str) -> str:
+    """How the demo user's own bets are named in the public bet feed: ``de***r``."""
+    return f"{user_id[:2]}***{user_id[-1]}"
 
 
 def _money(value: Decimal) -> str:
@@ -140,9 +163,11 @@ class DemoPlatform:
         self._rng = rng
         self._clock = clock
         self.demo_user_id = demo_user_id
-        self.demo_player = f"{demo_user_id[:2]}***{demo_user_id[-1]}"  # as shown to others
+        self.demo_player = demo_player_name(demo_user_id)
         self.balance = INITIAL_BALANCE
-        self._matches = [self._new_match(g) for g in games]
+        self._matches: list[_Match] = []
+        for game_id in games:
+            self._matches.append(self._new_match(game_id))
         self._open_bets: list[_OpenBet] = []
         self._ids = itertools.count(1)
         self._step = 0
@@ -153,7 +178,10 @@ class DemoPlatform:
         )
 
     def _new_match(self, game_id: str) -> _Match:
-        home, away = self._rng.sample(_TEAMS, 2)
+        # A team plays one match at a time: not one that is on another game id now.
+        busy = {team for m in self._matches for team in (m.home, m.away)}
+        free = [t for t in _TEAMS if t not in busy]
+        home, away = self._rng.sample(free if len(free) >= 2 else list(_TEAMS), 2)
         return _Match(game_id, home, away)
 
     def _next_id(self, prefix: str) -> str:
@@ -174,7 +202,7 @@ class DemoPlatform:
         roll = rng.random()
         match = rng.choice(self._matches)
         if roll < 0.40:
-            return self._tick(match)
+            return self._tick_with_stats(match)
         if roll < 0.72:
             return self._public_bet(match) if match.phase in ("first", "second") else []
         if roll < 0.80:
@@ -200,6 +228,16 @@ class DemoPlatform:
             description=description,
         )
         return _request("incident", data, gameId=match.game_id)
+
+    def _tick_with_stats(self, match: _Match) -> list[PublishRequest]:
+        """`_tick`, then the game's stats when the minute, the period or the match changed."""
+        index = self._matches.index(match)
+        before = (match.minute, match.phase)
+        out = self._tick(match)
+        current = self._matches[index]  # a new match after full time's break
+        if out or current is not match or (current.minute, current.phase) != before:
+            out.extend(self._game_stats(current))
+        return out
 
     def _tick(self, match: _Match) -> list[PublishRequest]:
         """One match minute passes: periods change, and things happen with football's odds."""
@@ -248,7 +286,12 @@ class DemoPlatform:
 
     def _game_stats(self, match: _Match) -> list[PublishRequest]:
         values: dict[str, int | float | str] = {
+            "team_home": match.home,
+            "team_away": match.away,
+            "score_home": match.score[0],
+            "score_away": match.score[1],
             "minute": max(match.minute, 0),
+            "period": PERIODS[match.phase],
             "possession_home": match.possession,
             "possession_away": 100 - match.possession,
         }

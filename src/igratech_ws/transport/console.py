@@ -6,8 +6,9 @@ Routes, all on the internal API listener and public (no API key; see `http_api.P
 - ``GET /console/static/<file>``: its script, style and the browser client module
   (``igratech-ws-client.js``), from a fixed list of packaged files.
 - ``GET /console/config.json``: what the page needs to know: the public WebSocket URL, whether
-  demo mode is on, the node id, example publications from the contract, and in demo mode a token
-  for the demo user.
+  demo mode is on, the node id, example publications from the contract, and in demo mode the
+  demo's game ids (``demoGames``, followed on first load), the demo user (``demoUser``), a token
+  for them (``demoToken``) and the name their bets carry in the public bet feed (``demoPlayer``).
 - ``POST /console/publish``: only when ``Config.demo`` is true. Takes the body of
   ``POST /api/v1/publish``, validates it the same way (`core.publishing`) and publishes through
   the node, without the API key. It does not exist otherwise (404), so a production node exposes
@@ -29,6 +30,7 @@ from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError
 from igratech_ws.core.messages import PUBLISHED_EVENTS
 from igratech_ws.core.publishing import parse_publish_body, validate_publish
+from igratech_ws.demo_feed import DEMO_GAMES, DEMO_USER, demo_player_name
 from igratech_ws.transport.http_api import (
     GatewayNode,
     error_response,
@@ -41,8 +43,6 @@ STATIC_FILES = {
     "console.css": "text/css",
     "igratech-ws-client.js": "text/javascript",
 }
-#: The user the demo feed publishes balance and bet results for (`igratech-ws demo`).
-DEMO_USER = "demo-user"
 #: How long a demo token handed out by config.json stays valid.
 DEMO_TOKEN_TTL = 86_400.0
 
@@ -139,6 +139,8 @@ class _Console:
         if config.demo and config.jwt_secret:
             # Demo only: a ready-made token so the console can show a user's own channel.
             answer["demoUser"] = DEMO_USER
+            answer["demoGames"] = DEMO_GAMES
+            answer["demoPlayer"] = demo_player_name(DEMO_USER)
             answer["demoToken"] = mint_token(
                 config.jwt_secret,
                 DEMO_USER,
