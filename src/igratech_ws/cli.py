@@ -312,7 +312,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"  export IGRATECH_WS_API_KEY={config.api_key}",
                 f"  export IGRATECH_WS_JWT_SECRET={secret}",
                 f"  export IGRATECH_WS_TOKEN={token}",
-                "then follow the games as the demo user:",
+                "then follow the games as the demo user (one session per user: an open console "
+                "is logged out):",
                 f"  .venv/bin/igratech-ws listen --url {app.ws_url} --games {games} --stats",
                 "(set IGRATECH_WS_API_KEY and IGRATECH_WS_JWT_SECRET before `make run` to keep "
                 "the same keys across runs)",

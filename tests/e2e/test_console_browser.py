@@ -2,7 +2,8 @@
 
 Playwright drives Debian's ``/usr/bin/chromium`` (never a browser it downloads). Without it the
 browser tests skip, or fail when IGRATECH_WS_REQUIRE_SERVICES=1 (CI installs it). Set
-IGRATECH_WS_SCREENSHOT_DIR to keep the screenshots (``docs/console.png`` comes from there).
+IGRATECH_WS_SCREENSHOT_DIR to keep the screenshots (``docs/console.png`` comes from
+``python -m bench.console_screenshot``, not from here).
 """
 
 from __future__ import annotations
