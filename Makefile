@@ -6,8 +6,8 @@ UV := $(BIN)/uv
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 # The inner loop: pure core, the contract, and unit tests with no server or service (< 60 s).
-QUICK_TESTS := tests/core tests/contract tests/test_config_auth.py tests/test_docs_config.py \
-	tests/test_hub.py tests/test_node.py tests/ops/test_client_address.py
+QUICK_TESTS := tests/core tests/contract tests/auth tests/hub tests/config/test_docs_config.py \
+	tests/ops/test_client_address.py tests/ops/test_logs.py
 QUICK_SKIP := --ignore=tests/contract/test_asyncapi_cli.py
 
 .PHONY: run test test-quick lint typecheck bench bench-peers soak image clean
