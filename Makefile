@@ -9,6 +9,9 @@ DEV_STAMP := $(VENV)/.installed-dev
 QUICK_TESTS := tests/core tests/contract tests/auth tests/hub tests/config/test_docs_config.py \
 	tests/ops/test_client_address.py tests/ops/test_logs.py
 QUICK_SKIP := --ignore=tests/contract/test_asyncapi_cli.py
+# `make test` runs the test files on this many processes (pytest-xdist, a whole file per process at
+# a time; tests/conftest.py hands out the slowest files first). TEST_WORKERS=1 for one process.
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-quick lint typecheck bench bench-peers soak image clean
 
@@ -35,7 +38,7 @@ run: $(RUN_STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-quick: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q --durations=10 $(QUICK_SKIP) $(QUICK_TESTS)

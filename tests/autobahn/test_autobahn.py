@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.files import replace_text
+
 pytest.importorskip("kosoku")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,4 +154,4 @@ def _write_table(results: list[dict[str, Any]], categories: dict[str, str]) -> N
     assert pattern.search(text), f"{DOC} has no {BEGIN!r} ... {END!r} section"
     updated = pattern.sub(lambda _: table, text)
     if updated != text:
-        DOC.write_text(updated, encoding="utf-8")
+        replace_text(DOC, updated)  # in one step: other test processes read the docs
