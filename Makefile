@@ -13,7 +13,7 @@ QUICK_SKIP := --ignore=tests/contract/test_asyncapi_cli.py
 # a time; tests/conftest.py hands out the slowest files first). TEST_WORKERS=1 for one process.
 TEST_WORKERS ?= 2
 
-.PHONY: run test test-quick lint typecheck bench bench-peers soak image clean
+.PHONY: run test test-quick test-deps lint typecheck bench bench-peers soak image clean
 
 # The virtualenv gets uv (from PyPI, through the system's pip) and uv installs the project: it
 # resolves and installs in about a second what pip takes 20-30 s for here. Without a usable
@@ -39,6 +39,12 @@ test: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+
+# The npm packages the tests need (the JavaScript client's test packages, the AsyncAPI CLI) into
+# their shared cache under ~/.cache/igratech-ws; the tests would install them on first use, which
+# takes minutes. `.ci/run` calls it before `make test`.
+test-deps: $(DEV_STAMP)
+	$(BIN)/python -m tests.support.nodejs --install
 
 test-quick: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q --durations=10 $(QUICK_SKIP) $(QUICK_TESTS)
