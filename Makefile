@@ -10,7 +10,7 @@ QUICK_TESTS := tests/core tests/contract tests/auth tests/hub tests/config/test_
 	tests/ops/test_client_address.py tests/ops/test_logs.py
 QUICK_SKIP := --ignore=tests/contract/test_asyncapi_cli.py
 # `make test` runs the test files on this many processes (pytest-xdist, a whole file per process at
-# a time; tests/conftest.py hands out the slowest files first). TEST_WORKERS=1 for one process.
+# a time; tests/conftest.py hands out the slowest files first); TEST_WORKERS=0 runs them in one.
 TEST_WORKERS ?= 2
 
 .PHONY: run test test-quick test-deps lint typecheck bench bench-peers soak image clean
