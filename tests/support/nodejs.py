@@ -122,8 +122,10 @@ def install_asyncapi_cli() -> bool:
 
     def ready() -> bool:
         package = CLI_DIR / "node_modules/@asyncapi/cli/package.json"
-        return (CLI_DIR / "node_modules/.bin/asyncapi").exists() and package.exists() and (
-            json.loads(package.read_text()).get("version") == CLI_VERSION
+        return (
+            (CLI_DIR / "node_modules/.bin/asyncapi").exists()
+            and package.exists()
+            and (json.loads(package.read_text()).get("version") == CLI_VERSION)
         )
 
     return _install(CLI_DIR, [f"@asyncapi/cli@{CLI_VERSION}"], ready)
