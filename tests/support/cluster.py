@@ -343,7 +343,9 @@ class PrivateBroker:
 
 
 @contextlib.asynccontextmanager
-async def private_broker(kind: str, workdir: Path) -> AsyncIterator[PrivateBroker]:
+async def private_broker(
+    kind: str, workdir: Path, broker_class: type[PrivateBroker] = PrivateBroker
+) -> AsyncIterator[PrivateBroker]:
     """A started private broker, stopped at exit; skips (or fails in CI) without the binary."""
     binary = "redis-server" if kind == "redis" else "nats-server"
     if shutil.which(binary) is None:
@@ -351,7 +353,7 @@ async def private_broker(kind: str, workdir: Path) -> AsyncIterator[PrivateBroke
         if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":
             pytest.fail(f"{reason}, and IGRATECH_WS_REQUIRE_SERVICES=1 requires it")
         pytest.skip(reason)
-    broker = PrivateBroker(kind, workdir)
+    broker = broker_class(kind, workdir)
     try:
         await broker.start()
         yield broker
@@ -378,22 +380,10 @@ class QuickBroker(PrivateBroker):
         return await super()._answers()
 
 
-@contextlib.asynccontextmanager
-async def quick_broker(kind: str, workdir: Path) -> AsyncIterator[PrivateBroker]:
-    """Like `private_broker` (skips without the binary, fails in CI), with
-    `QuickBroker`; the broker is killed at exit."""
-    binary = "redis-server" if kind == "redis" else "nats-server"
-    if shutil.which(binary) is None:
-        reason = f"{binary} is not installed (needed to restart a private broker)"
-        if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{reason}, and IGRATECH_WS_REQUIRE_SERVICES=1 requires it")
-        pytest.skip(reason)
-    broker = QuickBroker(kind, workdir)
-    try:
-        await broker.start()
-        yield broker
-    finally:
-        await broker.stop()
+def quick_broker(kind: str, workdir: Path) -> contextlib.AbstractAsyncContextManager[PrivateBroker]:
+    """`private_broker` with a `QuickBroker` (skips without the binary, fails in CI); the broker is
+    killed at exit."""
+    return private_broker(kind, workdir, QuickBroker)
 
 
 # --- clients -------------------------------------------------------------------------------------
