@@ -6,11 +6,14 @@ UV := $(BIN)/uv
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 # The inner loop: pure core, the contract, and unit tests with no server or service (< 60 s).
-QUICK_TESTS := tests/core tests/contract tests/test_config_auth.py tests/test_docs_config.py \
-	tests/test_hub.py tests/test_node.py tests/ops/test_client_address.py
+QUICK_TESTS := tests/core tests/contract tests/auth tests/hub tests/config/test_docs_config.py \
+	tests/ops/test_client_address.py tests/ops/test_logs.py
 QUICK_SKIP := --ignore=tests/contract/test_asyncapi_cli.py
+# `make test` runs the test files on this many processes (pytest-xdist, a whole file per process at
+# a time; tests/conftest.py hands out the slowest files first); TEST_WORKERS=0 runs them in one.
+TEST_WORKERS ?= 2
 
-.PHONY: run test test-quick lint typecheck bench bench-peers soak image clean
+.PHONY: run test test-quick test-deps lint typecheck bench bench-peers soak image clean
 
 # The virtualenv gets uv (from PyPI, through the system's pip) and uv installs the project: it
 # resolves and installs in about a second what pip takes 20-30 s for here. Without a usable
@@ -35,7 +38,13 @@ run: $(RUN_STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+
+# The npm packages the tests need (the JavaScript client's test packages, the AsyncAPI CLI) into
+# their shared cache under ~/.cache/igratech-ws; the tests would install them on first use, which
+# takes minutes. `.ci/run` calls it before `make test`.
+test-deps: $(DEV_STAMP)
+	$(BIN)/python -m tests.support.nodejs --install
 
 test-quick: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q --durations=10 $(QUICK_SKIP) $(QUICK_TESTS)

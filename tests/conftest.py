@@ -1,35 +1,12 @@
-"""Shared test helpers: real services on 127.0.0.1, skipped (or failed in CI) when absent."""
+"""Fixtures of the real services on 127.0.0.1, skipped (or failed in CI) when absent; and the order
+of the files when pytest-xdist runs them in parallel (`make test`)."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 
-REDIS_URL = os.environ.get("IGRATECH_WS_TEST_REDIS", "redis://127.0.0.1:6379/11")
-NATS_URL = os.environ.get("IGRATECH_WS_TEST_NATS", "nats://127.0.0.1:4222")
-POSTGRES_DSN = os.environ.get(
-    "IGRATECH_WS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
-)
-
-
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def require_service(name: str, host: str, port: int) -> None:
-    """Skip the calling test when `name` is not listening, or fail when CI requires services."""
-    if _reachable(host, port):
-        return
-    reason = f"{name} is not reachable on {host}:{port}"
-    if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{reason}, and IGRATECH_WS_REQUIRE_SERVICES=1 requires it")
-    pytest.skip(reason)
+from tests.support.schedule import slow_files_first
+from tests.support.services import NATS_URL, POSTGRES_DSN, REDIS_URL, require_service
 
 
 @pytest.fixture
@@ -48,3 +25,22 @@ def nats_url() -> str:
 def postgres_dsn() -> str:
     require_service("PostgreSQL", "127.0.0.1", 5432)
     return POSTGRES_DSN
+
+
+# --- parallel runs (pytest-xdist) --------------------------------------------------------------
+
+
+def _distributed(config: pytest.Config) -> bool:
+    return str(getattr(config.option, "dist", "no")) != "no"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist's loadfile/loadscope would otherwise hand out the files with the most tests first,
+    # whatever their duration: keep the order `pytest_collection_modifyitems` makes.
+    if _distributed(config):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _distributed(config):
+        slow_files_first(items)

@@ -22,7 +22,7 @@ from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.publishing import parse_publish_body, validate_publish
 from igratech_ws.node import Node
 from igratech_ws.transport.websocket import start_listener
-from tests.e2e.conftest import balance, base_config, recv_event, token
+from tests.support.gateway import balance, base_config, recv_event, token
 
 SUBSCRIBE_LATENCY_S = 0.2
 

@@ -19,7 +19,7 @@ import pytest
 from igratech_ws.app import running_app
 from igratech_ws.core.codec import ProtocolError, decode_json, decode_payload
 from igratech_ws.core.messages import PUBLISHED_EVENTS
-from tests.e2e.conftest import base_config, connect, recv_event, send
+from tests.support.gateway import base_config, connect, recv_event, send
 
 
 def _nested(depth: int) -> str:

@@ -14,8 +14,8 @@ import json
 
 from igratech_ws.brokers.base import HistoryLimits
 from igratech_ws.hub import Hub
-from tests.e2e.cluster import eventually
-from tests.test_hub import FakeSubscriber, RecordingBroker, make_hub, settle
+from tests.support.cluster import eventually
+from tests.support.fakes import FakeSubscriber, RecordingBroker, make_hub, settle
 
 CH = "game:g-busy"
 PAYLOAD = 20_000

@@ -20,8 +20,7 @@ from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.config import Config
 from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.node import Node
-from tests.test_hub import EmptyEpochBroker, settle
-from tests.test_node import connect, text
+from tests.support.fakes import EmptyEpochBroker, connect, settle, text
 
 GAMES = 100
 ROUNDS = 60

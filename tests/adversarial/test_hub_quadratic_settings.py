@@ -18,8 +18,8 @@ from pathlib import Path
 
 import websockets
 
-from tests.e2e.cluster import node_group
-from tests.e2e.conftest import recv_event
+from tests.support.cluster import node_group
+from tests.support.gateway import recv_event
 
 ATTACKERS = 6
 ATTACK_S = 3.0

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from igratech_ws.app import running_app
 from igratech_ws.core.publishing import parse_publish_body, validate_publish
-from tests.e2e.conftest import base_config, raw_upgrade, rss_kib
+from tests.support.gateway import base_config, raw_upgrade, rss_kib
 
 ATTACKERS = 12
 PUBLICATIONS = 300

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 
 from igratech_ws.app import running_app
-from tests.e2e.conftest import SECRET, base_config, recv_event
+from tests.support.gateway import SECRET, base_config, recv_event
 
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

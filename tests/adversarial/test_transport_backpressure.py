@@ -16,8 +16,8 @@ import pytest
 
 from igratech_ws.app import running_app
 from igratech_ws.core.codec import event_frame
-from tests.adversarial.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on
-from tests.e2e.conftest import base_config
+from tests.support.gateway import base_config
+from tests.support.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on
 
 BUDGET = 256 * 1024
 HIGH_WATERMARK = BUDGET // 4

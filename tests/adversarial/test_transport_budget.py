@@ -13,8 +13,8 @@ import json
 import pytest
 
 from igratech_ws.app import running_app
-from tests.adversarial.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on, texts
-from tests.e2e.conftest import base_config
+from tests.support.gateway import base_config
+from tests.support.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on, texts
 
 #: Refused frames in a row before 1008: the documented 10 (core.ratelimit.STRIKES).
 STRIKES = 10

@@ -18,8 +18,8 @@ import pytest
 
 from igratech_ws.app import App, running_app
 from igratech_ws.core.close_codes import CLOSE_TABLE
-from tests.adversarial.raw_ws import LOOPS, close, connect, in_thread, read_frames, run_on
-from tests.e2e.conftest import API_KEY, base_config
+from tests.support.gateway import API_KEY, base_config
+from tests.support.raw_ws import LOOPS, close, connect, in_thread, read_frames, run_on
 
 INVALID = [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 5001, 65535]
 VALID_UNDOCUMENTED = [1003, 1010, 1014, 3000, 3999, 4000, 4999]

@@ -16,7 +16,8 @@ import os
 import pytest
 
 from igratech_ws.app import running_app
-from tests.adversarial.raw_ws import (
+from tests.support.gateway import base_config
+from tests.support.raw_ws import (
     LOOPS,
     WAIT_S,
     close,
@@ -27,7 +28,6 @@ from tests.adversarial.raw_ws import (
     run_on,
     texts,
 )
-from tests.e2e.conftest import base_config
 
 PING_EVENT = frame(0x1, b'{"event":"ping","data":{"ts":5}}')
 

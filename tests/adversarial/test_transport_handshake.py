@@ -18,8 +18,8 @@ import socket
 import pytest
 
 from igratech_ws.app import running_app
-from tests.adversarial.raw_ws import WAIT_S, in_thread
-from tests.e2e.conftest import base_config
+from tests.support.gateway import base_config
+from tests.support.raw_ws import WAIT_S, in_thread
 
 
 def upgrade(port: int, target: bytes, extra: bytes = b"") -> tuple[int, dict[str, str] | None]:

@@ -14,9 +14,9 @@ import pytest
 import websockets
 
 from igratech_ws.app import running_app
-from tests.adversarial.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on
-from tests.e2e.conftest import base_config, incident, publish, recv_event
-from tests.e2e.conftest import settings as follow
+from tests.support.gateway import base_config, incident, publish, recv_event
+from tests.support.gateway import settings as follow
+from tests.support.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on
 
 IDLE_TIMEOUT = 2  # seconds; the tests stay connected for more than twice this
 

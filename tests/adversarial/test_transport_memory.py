@@ -20,8 +20,8 @@ from contextlib import contextmanager
 import pytest
 
 from igratech_ws.app import App, running_app
-from tests.adversarial.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on
-from tests.e2e.conftest import base_config
+from tests.support.gateway import base_config
+from tests.support.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on
 
 CONNECTIONS = 200
 MAX_FRAME = 65_536

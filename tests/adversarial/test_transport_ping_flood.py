@@ -17,9 +17,9 @@ import time
 import pytest
 
 from igratech_ws.app import App, running_app
-from tests.adversarial.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on
-from tests.e2e.conftest import base_config, recv_event, rss_kib, send
-from tests.e2e.conftest import connect as ws_connect
+from tests.support.gateway import base_config, recv_event, rss_kib, send
+from tests.support.gateway import connect as ws_connect
+from tests.support.raw_ws import LOOPS, connect, frame, in_thread, read_frames, run_on
 
 PING = frame(0x9, b"p" * 125)
 CHUNK = PING * 512  # 67 KB of pings per send

@@ -1,6 +1,6 @@
 """The Autobahn|Testsuite (every case file, run by kosoku) against the gateway's own listener.
 
-The testee is `tests/autobahn/echo_server.py`: the /wspublic connection class with an echo for an
+The testee is `tests/support/autobahn_echo_server.py`: the /wspublic connection class with an echo for an
 application, in its own process on uvloop (the production loop), once on uvloop's transports and
 once on aiofastnet's. Every case must be OK, except the ones in `NOT_OK` (with the reason
 written down). The verdict table of docs/reliability.md is written from this run, between its
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.files import replace_text
 
 pytest.importorskip("kosoku")
 
@@ -67,7 +69,7 @@ def expected(case_id: str) -> tuple[str, str, str | None]:
 @pytest.fixture(params=["uvloop", "aiofastnet"])
 def testee(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     """The echo testee in its own process: (its ws:// URL, which transports it runs on)."""
-    args = [sys.executable, "-m", "tests.autobahn.echo_server", "--port", "0"]
+    args = [sys.executable, "-m", "tests.support.autobahn_echo_server", "--port", "0"]
     if request.param == "aiofastnet":
         args.append("--aiofastnet")
     process = subprocess.Popen(
@@ -98,7 +100,7 @@ def _readline(process: subprocess.Popen[str], timeout: float) -> str:
 def test_every_autobahn_case_passes(testee: tuple[str, str]) -> None:
     url, transports = testee
     run = subprocess.run(
-        [sys.executable, "-m", "tests.autobahn.run_suite", url, "--concurrency", "4"],
+        [sys.executable, "-m", "tests.support.autobahn_run_suite", url, "--concurrency", "4"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -152,4 +154,4 @@ def _write_table(results: list[dict[str, Any]], categories: dict[str, str]) -> N
     assert pattern.search(text), f"{DOC} has no {BEGIN!r} ... {END!r} section"
     updated = pattern.sub(lambda _: table, text)
     if updated != text:
-        DOC.write_text(updated, encoding="utf-8")
+        replace_text(DOC, updated)  # in one step: other test processes read the docs

@@ -21,8 +21,7 @@ from igratech_ws.brokers.base import (
     UserLogout,
 )
 from igratech_ws.core.recovery import decide_recovery
-
-from .conftest import WAIT_S, BrokerFactory
+from tests.support.brokers import WAIT_S, BrokerFactory
 
 GAME = "game:g-1"
 OTHER = "game:g-2"

@@ -16,8 +16,7 @@ import pytest
 
 from igratech_ws.brokers import BrokerOptions
 from igratech_ws.brokers.memory import MemoryBroker
-
-from .conftest import WAIT_S, BrokerFactory
+from tests.support.brokers import WAIT_S, BrokerFactory
 
 GAME = "game:g-1"
 USER = "user:u-1"

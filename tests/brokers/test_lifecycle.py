@@ -27,9 +27,8 @@ from igratech_ws.brokers.base import (
     Publication,
     UserLogout,
 )
-
-from .conftest import WAIT_S, BrokerFactory, Node
-from .servers import free_port, private_server
+from tests.support.brokers import WAIT_S, BrokerFactory, Node
+from tests.support.servers import free_port, private_server
 
 GAME = "game:g-1"
 #: Short timeouts and backoff, so that failures show within the tests' bounds.

@@ -41,8 +41,7 @@ from igratech_ws.brokers.nats import (
     stream_name,
 )
 from igratech_ws.core.recovery import decide_recovery
-
-from .servers import private_server
+from tests.support.servers import private_server
 
 # --- names (no server needed) ------------------------------------------------------------------
 
@@ -217,7 +216,7 @@ async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(
     # Delivered to the subscribed node (including its own), once each, and the same as what
     # publish returned. Not necessarily in offset order: the server's RePublish may swap two
     # messages stored from different connections (seen once in CI); the hub detects the skipped
-    # offset and restores the order from history (tests/test_hub.py).
+    # offset and restores the order from history (tests/hub/test_hub.py).
     await seen.wait_for(lambda: len(seen.publications) >= total)
     assert sorted(p.offset for p in seen.publications) == list(range(1, total + 1))
     assert sorted(seen.publications, key=lambda p: p.offset) == sorted(

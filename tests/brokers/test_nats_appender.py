@@ -15,8 +15,7 @@ from igratech_ws.brokers import BrokerOptions
 from igratech_ws.brokers.base import HistoryLimits, Publication
 from igratech_ws.brokers.nats import NatsBroker, publish_event, stream_name
 from igratech_ws.brokers.nats.appender import Appender
-
-from .conftest import WAIT_S
+from tests.support.brokers import WAIT_S
 
 GAME = "game:g-1"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from igratech_ws.config import Config
 from igratech_ws.node import Node
-from tests.brokers.conftest import BrokerFactory
+from tests.support.brokers import BrokerFactory
 
 
 class _Follower:

@@ -19,8 +19,7 @@ from igratech_ws.brokers.base import EMPTY_EPOCH, HistoryLimits, StreamPosition
 from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.config import Config
 from igratech_ws.node import Node as GatewayNode
-
-from .conftest import WAIT_S, BrokerFactory
+from tests.support.brokers import WAIT_S, BrokerFactory
 
 MADE_UP = {"memory": 100_000, "redis": 2_000, "nats": 2_000}
 GAME = "game:g-1"

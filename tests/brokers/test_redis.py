@@ -36,9 +36,8 @@ from igratech_ws.brokers.redis import (
     stream_key,
 )
 from igratech_ws.core.recovery import decide_recovery
-
-from .conftest import WAIT_S, Node
-from .servers import Proxy
+from tests.support.brokers import WAIT_S, Node
+from tests.support.servers import Proxy
 
 GAME = "game:g-1"
 LIMITS = HistoryLimits(size=50, ttl=30.0)

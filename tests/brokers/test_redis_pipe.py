@@ -20,9 +20,8 @@ from igratech_ws.brokers import BrokerOptions
 from igratech_ws.brokers.base import BrokerError, HistoryLimits
 from igratech_ws.brokers.redis import RedisBroker
 from igratech_ws.brokers.redis.pipe import CommandPipe, RedisReplyError
-
-from .conftest import WAIT_S, Node
-from .servers import Proxy, private_server
+from tests.support.brokers import WAIT_S, Node
+from tests.support.servers import Proxy, private_server
 
 GAME = "game:g-1"
 FAST = BrokerOptions(

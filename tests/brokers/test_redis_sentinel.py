@@ -48,8 +48,7 @@ from igratech_ws.brokers.redis import (
     meta_key,
     parse_sentinel_url,
 )
-
-from .conftest import Node
+from tests.support.brokers import Node
 
 GAME = "game:g-1"
 SERVICE = "m"

@@ -26,9 +26,8 @@ from igratech_ws.brokers.redis.shards import (
     shard_index,
     split_shards,
 )
-
-from .conftest import WAIT_S, Node
-from .servers import PrivateServer, Proxy, private_server
+from tests.support.brokers import WAIT_S, Node
+from tests.support.servers import PrivateServer, Proxy, private_server
 
 FAST = BrokerOptions(
     node_id="s", limits=HistoryLimits(size=100, ttl=30.0), op_timeout=0.5, ping_interval=0.2,

@@ -14,8 +14,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from igratech_ws.brokers.base import HistoryLimits, Publication
-
-from .conftest import WAIT_S, BrokerFactory, Node
+from tests.support.brokers import WAIT_S, BrokerFactory, Node
 
 GAME = "game:g-1"
 

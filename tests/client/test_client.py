@@ -22,8 +22,7 @@ from igratech_ws.client import (
 )
 from igratech_ws.client.events import decode_frame
 from igratech_ws.core.messages import IncidentData, Settings, Status
-
-from .fake_server import FakeGateway, balance, incident, wait_until
+from tests.support.fake_server import FakeGateway, balance, incident, wait_until
 
 TIMEOUT = 10  # no test waits longer than this for anything
 

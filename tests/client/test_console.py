@@ -11,8 +11,7 @@ from igratech_ws.client.console import format_line, listen
 from igratech_ws.client.events import Disconnected, Event, RecoveryFailed
 from igratech_ws.core.codec import decode_payload
 from igratech_ws.demo_feed import demo_requests
-
-from .fake_server import FakeGateway, incident, wait_until
+from tests.support.fake_server import FakeGateway, incident, wait_until
 
 
 async def test_listen_prints_one_line_per_event() -> None:

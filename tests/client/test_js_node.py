@@ -9,9 +9,8 @@ import subprocess
 import pytest
 
 from igratech_ws.app import running_app
-from tests.e2e.conftest import API_KEY, SECRET, base_config
-
-from .nodejs import JS_DIR, node, node_env
+from tests.support.gateway import API_KEY, SECRET, base_config
+from tests.support.nodejs import JS_DIR, node, node_env
 
 
 def _websocket_flag(binary: str) -> list[str]:

@@ -14,9 +14,8 @@ import aiohttp
 import pytest
 
 from igratech_ws.app import running_app
-from tests.e2e.conftest import base_config
-
-from .nodejs import CLIENT_MODULE, JS_DIR, node
+from tests.support.gateway import base_config
+from tests.support.nodejs import CLIENT_MODULE, JS_DIR, node
 
 EXPORTS = [
     "Backoff",

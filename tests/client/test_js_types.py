@@ -25,8 +25,7 @@ import pytest
 import yaml
 
 from igratech_ws.contract import DOCUMENT_PATH
-
-from .nodejs import JS_DIR, node, node_modules
+from tests.support.nodejs import JS_DIR, node, node_modules
 
 DECLARATIONS = JS_DIR / "igratech-ws-client.d.ts"
 PUSH_FRAMES = ("incident-frame", "bet-frame", "bets-result-frame", "balance-frame", "stats-frame")

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.e2e.cluster import BrokerSpace
+from tests.support.cluster import BrokerSpace
 
 
 @pytest.fixture

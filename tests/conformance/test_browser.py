@@ -14,11 +14,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.cluster import BrokerSpace, Publisher, stop
-from tests.e2e.conftest import incident, token
-from tests.e2e.test_console_browser import CHROMIUM, CHROMIUM_ARGS, _require_browser
-
-from .nodes import two_nodes
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
+from tests.support.cluster import BrokerSpace, Publisher, stop
+from tests.support.conformance_nodes import two_nodes
+from tests.support.gateway import incident, token
 
 EVENTS = 150
 START_PAGE = """
@@ -55,7 +54,7 @@ async def _until(page: Any, what: str, check: Any, timeout: float = 30.0) -> dic
 async def test_chromium_client_survives_a_node_kill_without_silent_loss(
     redis_space: BrokerSpace, tmp_path: Path
 ) -> None:
-    _require_browser()
+    require_browser()
     from playwright.async_api import async_playwright
 
     game = "g-browser"

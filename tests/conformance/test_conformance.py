@@ -22,11 +22,10 @@ import aiohttp
 import pytest
 
 from igratech_ws.app import App, running_app
-from tests.e2e.cluster import BrokerSpace, stop
-from tests.e2e.conftest import API_KEY, balance, base_config, connect, incident, publish, token
-
-from .drivers import Driver, JsDriver, PythonDriver
-from .nodes import two_nodes
+from tests.support.cluster import BrokerSpace, stop
+from tests.support.conformance_drivers import Driver, JsDriver, PythonDriver
+from tests.support.conformance_nodes import two_nodes
+from tests.support.gateway import API_KEY, balance, base_config, connect, incident, publish, token
 
 # --- helpers ------------------------------------------------------------------------------------
 

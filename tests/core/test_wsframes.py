@@ -260,7 +260,9 @@ def budget(burst: float, rate: float = 0.001) -> Inbound:
 
 
 @pytest.mark.parametrize(
-    "kind", [frame(0x1, b"t"), frame(0x2, b"b"), frame(0x9, b"p"), frame(0xA, b"p")]
+    "kind",
+    [frame(0x1, b"t"), frame(0x2, b"b"), frame(0x9, b"p"), frame(0xA, b"p")],
+    ids=["text", "binary", "ping", "pong"],  # the same on every xdist worker (masks are random)
 )
 def test_every_kind_of_frame_takes_a_token(kind: bytes) -> None:
     inbound = budget(burst=3)

@@ -17,7 +17,7 @@ import pytest
 
 from igratech_ws.app import App
 from igratech_ws.transport import http_api
-from tests.e2e.conftest import API_KEY, connect, incident, publish, recv_event, settings
+from tests.support.gateway import API_KEY, connect, incident, publish, recv_event, settings
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
 

@@ -1,6 +1,6 @@
 """Several real node processes on one Redis or NATS behave as one gateway.
 
-Each test starts `igratech-ws serve` processes (tests/e2e/cluster.py) on a namespace of its own
+Each test starts `igratech-ws serve` processes (tests/support/cluster.py) on a namespace of its own
 (a key prefix in Redis, a stream in NATS), talks to them with the `websockets` library, checks
 every frame against the contract, and removes its keys or stream at the end. The broker-restart
 test runs a private redis-server / nats-server so the shared services are never touched.
@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 import websockets
 
-from tests.e2e.cluster import (
+from tests.support.cluster import (
     BrokerSpace,
     Follower,
     NodeProcess,
@@ -29,7 +29,7 @@ from tests.e2e.cluster import (
     node_group,
     private_broker,
 )
-from tests.e2e.conftest import balance, incident, recv, recv_event, send, settings
+from tests.support.gateway import balance, incident, recv, recv_event, send, settings
 
 pytestmark = [pytest.mark.services]
 
@@ -210,7 +210,7 @@ async def test_clients_of_a_killed_node_resume_elsewhere_losing_and_repeating_no
 
 
 async def _kill(node: NodeProcess) -> None:
-    from tests.e2e.cluster import stop
+    from tests.support.cluster import stop
 
     assert await stop(node.proc, signal.SIGKILL) == -signal.SIGKILL
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.cluster import BrokerSpace, node_group
-from tests.e2e.conftest import balance, recv, recv_event
+from tests.support.cluster import BrokerSpace, node_group
+from tests.support.gateway import balance, recv, recv_event
 
 pytestmark = [pytest.mark.services]
 

@@ -18,38 +18,11 @@ import aiohttp
 import pytest
 
 from igratech_ws.app import App, running_app
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
+from tests.support.gateway import API_KEY, base_config, incident, publish
 
-from .conftest import API_KEY, base_config, incident, publish
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 #: Milliseconds Playwright waits for the page to show something (generous: CI machines are slow).
 WAIT_MS = 15_000
-
-
-def _require_browser() -> None:
-    missing = None
-    if not os.path.exists(CHROMIUM):
-        missing = f"{CHROMIUM} is missing (apt-get install chromium)"
-    else:
-        try:
-            import playwright.async_api  # noqa: F401
-        except ImportError:
-            missing = "the playwright package is missing (pip install -e '.[dev]')"
-    if missing is None:
-        return
-    if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{missing}, and IGRATECH_WS_REQUIRE_SERVICES=1 requires the browser tests")
-    pytest.skip(missing)
 
 
 @pytest.fixture
@@ -61,7 +34,7 @@ async def demo_gateway() -> AsyncIterator[App]:
 @pytest.fixture
 async def page(demo_gateway: App) -> AsyncIterator[Any]:
     """A browser page; the gateway outlives it, so the page never sees the gateway go away."""
-    _require_browser()
+    require_browser()
     from playwright.async_api import async_playwright, expect
 
     expect.set_options(timeout=WAIT_MS)

@@ -20,7 +20,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.e2e.conftest import API_KEY, incident
+from tests.support.gateway import API_KEY, incident
 
 CLIENTS = 20
 BURST = 300

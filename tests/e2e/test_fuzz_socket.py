@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from igratech_ws.app import App
 from igratech_ws.core.wsframes import is_valid_close_code
-from tests.adversarial.raw_ws import WAIT_S, frame, in_thread, read_frames
-from tests.adversarial.raw_ws import connect as connect_raw
-from tests.e2e.conftest import connect, incident, publish, recv_event, rss_kib, send
-from tests.e2e.conftest import settings as ws_settings
+from tests.support.gateway import connect, incident, publish, recv_event, rss_kib, send
+from tests.support.gateway import settings as ws_settings
+from tests.support.raw_ws import WAIT_S, frame, in_thread, read_frames
+from tests.support.raw_ws import connect as connect_raw
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
 

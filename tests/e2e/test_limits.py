@@ -12,7 +12,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from igratech_ws.app import App
-from tests.e2e.conftest import connect, recv, recv_event, send
+from tests.support.gateway import connect, recv, recv_event, send
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
 

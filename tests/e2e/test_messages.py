@@ -7,7 +7,7 @@ import json
 from websockets.asyncio.client import ClientConnection
 
 from igratech_ws.app import App
-from tests.e2e.conftest import (
+from tests.support.gateway import (
     NOW,
     balance,
     connect,

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from igratech_ws.app import App
-from tests.e2e.conftest import balance, connect, incident, publish, recv, recv_event, settings
+from tests.support.gateway import balance, connect, incident, publish, recv, recv_event, settings
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
 

@@ -9,7 +9,7 @@ from typing import Any
 from igratech_ws.app import App
 from igratech_ws.client import connect as sdk_connect
 from igratech_ws.core.messages import BalanceData, IncidentData, Settings, Status
-from tests.e2e.conftest import balance, incident, publish, token
+from tests.support.gateway import balance, incident, publish, token
 
 
 async def _next(events: AsyncIterator[Any], wanted: str) -> Any:

@@ -17,7 +17,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from igratech_ws.app import App
-from tests.e2e.conftest import API_KEY, SECRET, connect, recv_event, send, token
+from tests.support.gateway import API_KEY, SECRET, connect, recv_event, send, token
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
 

@@ -21,7 +21,7 @@ import aiohttp
 import picows
 
 from igratech_ws.app import App
-from tests.e2e.conftest import API_KEY, incident, raw_upgrade, rss_kib
+from tests.support.gateway import API_KEY, incident, raw_upgrade, rss_kib
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[App]]
 

@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 
 from igratech_ws.outbox import Outbox, OutboxCollector, derived_key, validate_table
-from tests.outbox.conftest import DedupNode, count, incident, insert
+from tests.support.outbox import DedupNode, count, incident, insert
 
 WAIT_S = 20.0
 

@@ -17,9 +17,9 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from tests.e2e.cluster import BrokerSpace, node_group, stop
-from tests.e2e.conftest import incident, recv, settings
-from tests.outbox.conftest import count
+from tests.support.cluster import BrokerSpace, node_group, stop
+from tests.support.gateway import incident, recv, settings
+from tests.support.outbox import count
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

@@ -16,9 +16,9 @@ import websockets
 
 from igratech_ws.core.messages import IncidentData
 from igratech_ws.publisher import Publisher
-from tests.e2e.cluster import BrokerSpace, node_group
-from tests.e2e.conftest import API_KEY, incident, recv, recv_event, settings
-from tests.publisher.test_publisher import BlackHoleOnce
+from tests.support.cluster import BrokerSpace, node_group
+from tests.support.gateway import API_KEY, incident, recv, recv_event, settings
+from tests.support.publisher import BlackHoleOnce
 
 pytestmark = [pytest.mark.services]
 

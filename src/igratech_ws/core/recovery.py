@@ -8,7 +8,7 @@ has no stream is at (0, `EMPTY_EPOCH`), and a client there has seen nothing, so 
 whatever life the stream has by now, from offset 1 (`may_continue`; a connected follower does the
 same with the first publication).
 
-The exception's price, measured by `tests/test_resume_sdk.py`: a client at (0, `EMPTY_EPOCH`)
+The exception's price, measured by `tests/e2e/test_resume_sdk.py`: a client at (0, `EMPTY_EPOCH`)
 that was away while a first life of the stream was published *and lost* (a broker restart without
 persistence) is told `recovered: true` into the next life and never learns of the first one. No
 position can tell that case apart from the usual one (the first life is the current one), so the

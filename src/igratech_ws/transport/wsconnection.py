@@ -39,7 +39,7 @@ Each accepted socket gets one `WebSocketConnection`, a plain asyncio protocol, f
    (`_ended`), with the code sent (None when the TCP connection was simply lost).
 
 The application is a subclass: `transport.websocket.ClientConnection` for /wspublic (the node),
-the Autobahn echo testee in tests/autobahn for the conformance suite.
+the Autobahn echo testee (tests/support/autobahn_echo_server.py) for the conformance suite.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from tests.e2e.conftest import raw_upgrade
+from tests.support.gateway import raw_upgrade
 
 T = TypeVar("T")
 WAIT_S = 10.0  # bound of every wait; nothing here asserts on speed

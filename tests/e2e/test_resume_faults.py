@@ -33,12 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import signal
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +50,8 @@ from igratech_ws.app import App, running_app
 from igratech_ws.brokers.base import BrokerError
 from igratech_ws.core.publishing import parse_publish_body, validate_publish
 from igratech_ws.core.recovery import EMPTY_EPOCH
-from tests.e2e.cluster import BrokerSpace, PrivateBroker
-from tests.e2e.conftest import API_KEY, balance, base_config, connect, incident, recv, send
+from tests.support.cluster import BrokerSpace, PrivateBroker, quick_broker
+from tests.support.gateway import API_KEY, balance, base_config, connect, incident, recv, send
 
 WINDOW = 6  # history_size of every node under test
 #: Bound of one wait for frames, readiness or a publish; generous: nothing here asserts speed.
@@ -99,43 +96,6 @@ def _programs(draw: st.DrawFn) -> list[Op]:
     if draw(st.booleans()):
         program += [draw(_fault), *draw(_segment)]
     return program
-
-
-# --- a private broker that is quick to come back ------------------------------------------------
-
-
-class QuickBroker(PrivateBroker):
-    """`PrivateBroker` whose readiness probe first waits for the TCP port: nats-py's connect to a
-    port that is not listening yet waits its 2 s reconnect delay before trying again, which would
-    add 2 s to every restart (nothing is asserted about that time; it only makes the file slow)."""
-
-    async def _answers(self) -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError:
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return await super()._answers()
-
-
-@contextlib.asynccontextmanager
-async def quick_broker(kind: str, workdir: Path) -> AsyncIterator[PrivateBroker]:
-    """Like `tests.e2e.cluster.private_broker` (skips without the binary, fails in CI), with
-    `QuickBroker`; the broker is killed at exit."""
-    binary = "redis-server" if kind == "redis" else "nats-server"
-    if shutil.which(binary) is None:
-        reason = f"{binary} is not installed (needed to restart a private broker)"
-        if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{reason}, and IGRATECH_WS_REQUIRE_SERVICES=1 requires it")
-        pytest.skip(reason)
-    broker = QuickBroker(kind, workdir)
-    try:
-        await broker.start()
-        yield broker
-    finally:
-        await broker.stop()
 
 
 #: Programs always run first, so that every test covers both sides of the window across a fault.

@@ -6,7 +6,7 @@ same write path. Only the application is swapped: every text or binary message i
 came. The limits are raised so that the suite's largest cases (16 MiB messages, 1,000 messages in a
 burst) stay inside them.
 
-Run: ``python -m tests.autobahn.echo_server --port 9001 [--aiofastnet]``; it prints ``ready
+Run: ``python -m tests.support.autobahn_echo_server --port 9001 [--aiofastnet]``; it prints ``ready
 <port>`` once listening and serves until killed.
 """
 

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tests.e2e.cluster import SERVE, BrokerSpace, NodeProcess, _spawn, free_port, node_env, stop
+from tests.support.cluster import SERVE, BrokerSpace, NodeProcess, _spawn, free_port, node_env, stop
 
 
 def _serve(space: BrokerSpace, name: str, port: int, log: Path) -> NodeProcess:

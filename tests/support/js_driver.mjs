@@ -1,6 +1,6 @@
 // The JavaScript client under Node (with the `ws` package), driven by the conformance tests:
 // commands arrive on stdin, one JSON object a line; the client's events leave on stdout, one JSON
-// object a line, in the shape tests/conformance/drivers.py normalizes the Python SDK's events to.
+// object a line, in the shape tests/support/conformance_drivers.py normalizes the Python SDK's events to.
 import { createRequire } from "node:module";
 import { createInterface } from "node:readline";
 import { pathToFileURL } from "node:url";

@@ -40,9 +40,8 @@ from igratech_ws.client.backoff import Backoff
 from igratech_ws.client.events import RECOVERY_FAILED, Event, RecoveryFailed
 from igratech_ws.core.publishing import parse_publish_body, validate_publish
 from igratech_ws.core.recovery import EMPTY_EPOCH
-from tests.e2e.cluster import BrokerSpace, PrivateBroker, eventually
-from tests.e2e.conftest import balance, base_config, incident, token
-from tests.test_resume_faults import quick_broker
+from tests.support.cluster import BrokerSpace, PrivateBroker, eventually, quick_broker
+from tests.support.gateway import balance, base_config, incident, token
 
 WINDOW = 8  # history_size of the nodes
 WAIT_S = 20.0

@@ -15,136 +15,23 @@ import pytest
 
 from igratech_ws.brokers.base import (
     BrokerState,
-    ControlKinds,
     HistoryLimits,
     HistoryPage,
     Publication,
-    StreamPosition,
 )
 from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.core.codec import event_frame
 from igratech_ws.core.recovery import EMPTY_EPOCH
-from igratech_ws.hub import Hub, Outbox
-
-CH = "game:g-1"
-
-
-class FakeSubscriber:
-    """A connection as the hub sees it, recording every write and close.
-
-    `backlog` plays the socket's write buffer: what `write_wire` wrote stays there (counted
-    against the budget) while `reading` is False; a reading client drains it at once.
-    """
-
-    def __init__(self, name: str, *, reading: bool = True) -> None:
-        self.name = name
-        self.pending: Outbox | None = None
-        self.open = True
-        self.writes: list[bytes] = []
-        self.closes: list[CloseCode] = []
-        self.reading = reading
-        self.backlog = 0
-
-    def backlog_bytes(self) -> int:
-        return self.backlog
-
-    def drain(self, hub: Hub | None = None) -> None:
-        """The client read everything: the socket buffer is empty (and the hub is told)."""
-        self.backlog = 0
-        if hub is not None:
-            hub.on_writable(self)
-
-    def queued(self) -> list[bytes]:
-        return list(self.pending or [])
-
-    def __repr__(self) -> str:
-        return f"FakeSubscriber({self.name})"
-
-    @property
-    def is_open(self) -> bool:
-        return self.open
-
-    def write_wire(self, data: bytes) -> None:
-        self.writes.append(data)
-        if not self.reading:
-            self.backlog += len(data)
-
-    def close_with(self, code: CloseCode) -> None:
-        self.closes.append(code)
-        self.open = False
-
-    def frames(self) -> list[dict[str, Any]]:
-        """Every frame written, parsed (RFC 6455 5.2, unmasked server frames)."""
-        return [json.loads(p) for p in split_frames(b"".join(self.writes))]
-
-    def offsets(self, channel: str = CH) -> list[int]:
-        return [f["offset"] for f in self.frames() if f.get("channel") == channel]
-
-
-def split_frames(wire: bytes) -> list[bytes]:
-    """The payloads of the text frames in `wire` (RFC 6455 5.2, unmasked server frames); control
-    frames (a pong queued through `send_wire`) are skipped."""
-    payloads = []
-    at = 0
-    while at < len(wire):
-        opcode = wire[at] & 0x0F
-        assert wire[at] & 0x80 and opcode in (0x1, 0x8, 0x9, 0xA), wire[at : at + 8]
-        length = wire[at + 1]
-        at += 2
-        if length == 126:
-            length = int.from_bytes(wire[at : at + 2], "big")
-            at += 2
-        elif length == 127:
-            length = int.from_bytes(wire[at : at + 8], "big")
-            at += 8
-        if opcode == 0x1:
-            payloads.append(wire[at : at + length])
-        at += length
-    return payloads
-
-
-class RecordingBroker(MemoryBroker):
-    """The memory broker, recording (un)subscribe calls; `gate` can hold history and position."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(node_id="n-test", **kwargs)
-        self.calls: list[tuple[str, str]] = []
-        self.gate = asyncio.Event()
-        self.gate.set()
-
-    async def subscribe(self, channel: str) -> None:
-        self.calls.append(("subscribe", channel))
-        await super().subscribe(channel)
-
-    async def unsubscribe(self, channel: str) -> None:
-        self.calls.append(("unsubscribe", channel))
-        await super().unsubscribe(channel)
-
-    async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
-        await self.gate.wait()
-        return await super().history(channel, since_offset, limit)
-
-    async def position(self, channel: str) -> StreamPosition:
-        await self.gate.wait()
-        return await super().position(channel)
-
-    def lose_subscription(self, channel: str) -> None:
-        """What a broker outage does: publications keep going to history, not to this node."""
-        self._subscribed.discard(channel)
-
-    def restore_subscription(self, channel: str) -> None:
-        self._subscribed.add(channel)
-
-
-def _ignore(message: ControlKinds) -> None:
-    pass
-
-
-async def settle(rounds: int = 20) -> None:
-    """Run the loop until the hub's flushes and resync tasks (all synchronous here) are done."""
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from igratech_ws.hub import Hub
+from tests.support.fakes import (
+    CH,
+    EmptyEpochBroker,
+    FakeSubscriber,
+    RecordingBroker,
+    make_hub,
+    settle,
+)
 
 
 @pytest.fixture
@@ -152,15 +39,6 @@ async def broker() -> AsyncIterator[RecordingBroker]:
     broker = RecordingBroker()
     yield broker
     await broker.close()
-
-
-async def make_hub(broker: RecordingBroker, **kwargs: Any) -> Hub:
-    # No flush waits for the real clock (a flush over 2 ms would defer the next): `settle` then
-    # drives everything, whatever the machine's load.
-    kwargs.setdefault("max_flush_delay", 0.0)
-    hub = Hub(broker, **kwargs)
-    await broker.start(hub.on_publication, _ignore)
-    return hub
 
 
 @pytest.fixture
@@ -795,20 +673,6 @@ async def test_memory_of_a_replay_does_not_grow_with_the_recovery_limit(
 # --- D1: a stream nobody published, offset 0 -----------------------------------------------------
 
 
-class EmptyEpochBroker(RecordingBroker):
-    """A broker as D1 has them: a channel without a stream is (0, "none") and creates nothing."""
-
-    async def position(self, channel: str) -> StreamPosition:
-        if channel not in self._streams:
-            return StreamPosition(0, EMPTY_EPOCH)
-        return await super().position(channel)
-
-    async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
-        if channel not in self._streams:
-            return HistoryPage([], StreamPosition(0, EMPTY_EPOCH))
-        return await super().history(channel, since_offset, limit)
-
-
 async def test_a_follower_from_offset_0_continues_with_the_first_publications_epoch() -> None:
     """On main the first publication of a new stream (an epoch other than the one reported at
     join) closed a joining follower with 1012."""
@@ -909,7 +773,7 @@ async def test_nothing_is_left_after_everyone_leaves(hub: Hub, broker: Recording
 async def test_a_late_delivery_after_the_last_follower_left_is_not_remembered(
     hub: Hub, broker: RecordingBroker
 ) -> None:
-    """Found by tests/test_resume_sdk.py: the broker delivered a publication between the hub's
+    """Found by tests/e2e/test_resume_sdk.py: the broker delivered a publication between the hub's
     release of the channel and its unsubscribe; the hub remembered it as the node's position,
     so the next follower's first live publication looked like a gap, the resync could not fill
     it from a short history, and the followers were closed (or stalled). Also a `_last` entry

@@ -1,6 +1,6 @@
 """Run the Autobahn|Testsuite with kosoku against a testee; print one JSON line per case.
 
-``python -m tests.autobahn.run_suite ws://127.0.0.1:9001 [--cases 1.*,2.*] [--concurrency 4]``.
+``python -m tests.support.autobahn_run_suite ws://127.0.0.1:9001 [--cases 1.*,2.*] [--concurrency 4]``.
 In its own process: the suite's case files are Python 2-era code (they leave files open, for one)
 whose warnings must not reach the test run, and its Python work must not share a GIL with it.
 The last line is ``{"categories": {...}}``, the suite's category names.

@@ -32,7 +32,7 @@ import pytest
 from igratech_ws.client import Backoff, Client, HandshakeRejected, ReconnectFailed
 from igratech_ws.client.events import Disconnected, RecoveryFailed
 from igratech_ws.core.messages import Settings
-from tests.client.nodejs import CLIENT_MODULE, node, node_env
+from tests.support.nodejs import CLIENT_MODULE, node, node_env
 
 Record = dict[str, Any]
 #: Bound of every wait of a scenario (they assert what arrives, never how fast).

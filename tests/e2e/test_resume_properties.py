@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from igratech_ws.app import running_app
-from tests.brokers.conftest import _delete_nats_streams as _delete_nats_stream
-from tests.brokers.conftest import _delete_redis_keys
-from tests.e2e.conftest import base_config, connect, incident, publish, recv, recv_event
-from tests.e2e.conftest import settings as ws_settings
+from tests.support.brokers import delete_nats_streams as _delete_nats_stream
+from tests.support.brokers import delete_redis_keys as _delete_redis_keys
+from tests.support.gateway import base_config, connect, incident, publish, recv, recv_event
+from tests.support.gateway import settings as ws_settings
 
 WINDOW = 5  # history_size of the gateway under test
 EXAMPLES = {"memory": 25, "redis": 15, "nats": 15}

@@ -8,7 +8,7 @@ import msgspec
 
 from igratech_ws.config import Config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_operations_guide_documents_every_setting() -> None:

@@ -5,72 +5,20 @@ other nodes, timers (driven by calling `sweep` with chosen clocks), the settings
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import pytest
 
 from igratech_ws.brokers.base import BrokerState, UserLogin, UserLogout
 from igratech_ws.config import Config
-from igratech_ws.contract import validate_frame
 from igratech_ws.core.close_codes import CloseCode
-from igratech_ws.core.messages import SettingsRequest
-from igratech_ws.core.session import Session, SettingsPlan
 from igratech_ws.node import MAX_EARLY_FRAMES, MAX_QUEUED_SETTINGS, Node
-from tests.test_hub import FakeSubscriber, RecordingBroker, settle, split_frames
+from tests.support.fakes import MONO, NOW, FakeConnection, RecordingBroker, connect, settle, text
 
 INCIDENT = json.dumps(
     {"gameId": "g-1", "incidentId": "i-1", "type": "goal", "occurredAt": "2026-11-23T19:45:00Z"}
 ).encode()
-NOW = 1_800_000_000.0  # wall clock of the tests (Unix seconds)
-MONO = 5_000.0  # monotonic clock of the tests
-
-
-class FakeConnection(FakeSubscriber):
-    """A client connection as the node sees it; closes like the real transport does."""
-
-    def __init__(
-        self, node: Node, session: Session, *, connected_at: float, address: str = "10.0.0.1"
-    ) -> None:
-        super().__init__(f"{session.user_id}@{connected_at}")
-        self.node = node
-        self.session = session
-        self.connected_at = connected_at
-        self.address = address
-        # the rate limit runs on the real monotonic clock, as in the transport
-        self.rate_at = time.monotonic()
-        self.rate_tokens = node.config.message_burst
-        self.rate_strikes = 0
-        self.expires_at: float | None = None
-        self.last_seen = MONO
-        self.settings_queue: deque[tuple[SettingsPlan, bool]] | None = None
-
-    def __repr__(self) -> str:
-        return f"FakeConnection({self.session.user_id}, {self.connected_at})"
-
-    def close_with(self, code: CloseCode) -> None:
-        if not self.session.begin_close():
-            return
-        self.node.hub.flush_one(self)
-        self.open = False
-        self.closes.append(code)
-        self.node.on_closed(self, int(code))
-
-    def frames(self) -> list[dict[str, Any]]:
-        raw = split_frames(b"".join(self.writes) + b"".join(self.queued()))
-        for payload in raw:
-            validate_frame(payload, sender="server")
-        return [json.loads(p) for p in raw]
-
-    def events(self) -> list[str]:
-        return [f["event"] for f in self.frames()]
-
-    def errors(self) -> list[str]:
-        return [f["data"]["code"] for f in self.frames() if f["event"] == "error"]
 
 
 @pytest.fixture
@@ -95,29 +43,6 @@ async def node(broker: RecordingBroker) -> AsyncIterator[Node]:
     await broker.start(node.hub.on_publication, node.on_control, node.on_broker_state)
     yield node
     await node.close()
-
-
-def connect(
-    node: Node,
-    user: str | None,
-    *,
-    at: float = NOW,
-    settings: dict[str, Any] | None = None,
-    session_id: str | None = None,
-    address: str = "10.0.0.1",
-) -> FakeConnection:
-    """What the transport does after a successful handshake."""
-    session = Session(
-        session_id or uuid.uuid4().hex, user, max_games=node.config.max_games_per_connection
-    )
-    plan = session.plan_settings(msgspec.convert(settings or {}, SettingsRequest))
-    connection = FakeConnection(node, session, connected_at=at, address=address)
-    node.accept(connection, plan, settings is not None)
-    return connection
-
-
-def text(node: Node, connection: FakeConnection, event: str, data: Any) -> None:
-    node.on_text(connection, json.dumps({"event": event, "data": data}).encode())
 
 
 # --- accept -----------------------------------------------------------------------------------
