@@ -44,6 +44,8 @@ CLI_DIR = Path(
 )
 #: Bound of one npm install (the AsyncAPI CLI takes about 190 s on a fresh machine here).
 INSTALL_S = 600
+#: Attempts of one install before it counts as failed.
+INSTALL_ATTEMPTS = 3
 
 
 class NpmMissing(Exception):
@@ -87,18 +89,22 @@ def _install(directory: Path, specs: list[str], ready: Callable[[], bool], *flag
         if npm is None:
             raise NpmMissing(f"npm is not installed: cannot install {' '.join(specs)}")
         (directory / "package.json").write_text(json.dumps({"private": True}))
-        result = subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", *flags, *specs],
-            cwd=directory,
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_S,
-        )
-        if result.returncode != 0:
-            raise InstallFailed(
-                f"npm install {' '.join(specs)} failed:\n{result.stdout}\n{result.stderr}"
+        # The registry fails now and then (seen here: exit status 217 after minutes of a fresh
+        # @asyncapi/cli install, and success on the next try): a failed install is retried.
+        for _ in range(INSTALL_ATTEMPTS):
+            result = subprocess.run(
+                [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", *flags, *specs],
+                cwd=directory,
+                capture_output=True,
+                text=True,
+                timeout=INSTALL_S,
             )
-        return True
+            if result.returncode == 0:
+                return True
+        raise InstallFailed(
+            f"npm install {' '.join(specs)} failed {INSTALL_ATTEMPTS} times; the last time:\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
 
 
 def install_js_client_deps() -> bool:
