@@ -338,7 +338,8 @@ class Hub:
             self.flush_one(subscriber)
         elif pending is _OVERFLOWED:
             return
-        size = subscriber.backlog_bytes() + len(wire)
+        backlog = subscriber.backlog_bytes()
+        size = backlog + len(wire)
         if size > self.max_buffer_bytes:
             self._overflow(subscriber)
             return
@@ -346,6 +347,9 @@ class Hub:
             pending = subscriber.pending = Outbox()
         pending.append(wire)
         pending.size = size
+        if backlog > self.low_water and subscriber.is_open:
+            self._hold(subscriber, pending)  # behind: held (this frame is a barrier)
+            return
         self._dirty.append(subscriber)
         if not self._flush_scheduled:
             self._schedule_flush()
@@ -493,6 +497,7 @@ class Hub:
             wire = self._wire(publication)
             size = len(wire)
             room = self.max_buffer_bytes - size
+            low_water = self.low_water
             dirty = self._dirty
             for subscriber in live:
                 # `send_wire` inline for the fan-out's hot loop, where the frame fits the budget.
@@ -508,6 +513,11 @@ class Hub:
                 elif pending is not None and pending is not _OVERFLOWED:
                     backlog = subscriber.backlog_bytes()
                     if backlog <= room:
+                        if backlog > low_water:  # behind: hold from this frame on
+                            pending.size = backlog
+                            self._hold(subscriber, pending)
+                            self._queue_behind(pending, publication, wire, is_state)
+                            continue
                         pending.append(wire)
                         pending.size = backlog + size
                         dirty.append(subscriber)
