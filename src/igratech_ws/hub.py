@@ -655,18 +655,29 @@ class Hub:
         await self._ensure_broker_subscription(channel)
         if recover is None:
             last = self._last.get(channel)
-            if last is not None and channel not in self._syncing:
+            record = self._states.get(channel)
+            if (
+                last is not None
+                and channel not in self._syncing
+                and record is not None
+                and record.seeded
+            ):
                 # This node has delivered the channel up to `last`, in order, and everything
                 # newer reaches the join buffer: an exact start without asking the broker, which
-                # is what keeps a storm of clients joining one game off the broker (the state
-                # record serves the snapshot without a round trip once seeded).
-                state = ChannelState(channel=channel, offset=last[0], epoch=last[1])
-                snapshot = await self._snapshot(channel, last[0], last[1], history)
-                return JoinResult(state, [], last[0], snapshot)
-            top = await self.broker.position(channel)
-            state = ChannelState(channel=channel, offset=top.offset, epoch=top.epoch)
-            snapshot = await self._snapshot(channel, top.offset, top.epoch, history)
-            return JoinResult(state, [], top.offset, snapshot)
+                # is what keeps a storm of clients joining one game off the broker; the state
+                # record is complete up to `last` too.
+                states: list[Publication] = list(record.latest.values())
+            else:
+                # The state first, then the position: every state read is at or below it, so
+                # none is left out for being newer than the start (and none is stale).
+                states = await self._read_states(channel)
+                last = self._last.get(channel)
+                if last is None or channel in self._syncing:
+                    top = await self.broker.position(channel)
+                    last = (top.offset, top.epoch)
+            state = ChannelState(channel=channel, offset=last[0], epoch=last[1])
+            snapshot = await self._snapshot(channel, states, last[0], last[1], history)
+            return JoinResult(state, [], last[0], snapshot)
         offset, epoch = recover
         # One publication decides: the rest is replayed in pages once the answer is out.
         page = await self.broker.history(channel, offset, 1)
@@ -680,37 +691,35 @@ class Hub:
             first[0].offset if first else None,
             self.recovery_limit,
         )
-        state = ChannelState(
-            channel=channel, offset=top.offset, epoch=top.epoch, recovered=recovered
-        )
         if not recovered:
-            snapshot = await self._snapshot(channel, top.offset, top.epoch, history)
+            # A fresh start, as for a follow: state first, then the position it is below.
+            states = await self._read_states(channel)
+            top = await self.broker.position(channel)
+            state = ChannelState(
+                channel=channel, offset=top.offset, epoch=top.epoch, recovered=False
+            )
+            snapshot = await self._snapshot(channel, states, top.offset, top.epoch, history)
             return JoinResult(state, [], top.offset, snapshot)
+        state = ChannelState(channel=channel, offset=top.offset, epoch=top.epoch, recovered=True)
         return JoinResult(state, first, offset + len(first))
 
+    async def _read_states(self, channel: str) -> list[Publication]:
+        """The broker's state slots of `channel`, merged into the node's record (which they
+        seed: the broker subscription is active, so deliveries cover everything newer)."""
+        states = await self.broker.latest_state(channel)
+        record = self._states.get(channel)  # the channel may have been released meanwhile
+        if record is not None:
+            live = self._last.get(channel)
+            record.seed(states, live[1] if live is not None else None)
+        return states
+
     async def _snapshot(
-        self, channel: str, cursor: int, epoch: str, history: int
+        self, channel: str, states: list[Publication], cursor: int, epoch: str, history: int
     ) -> tuple[Publication, ...]:
-        """The channel's state at or below (`cursor`, `epoch`), and its last `history` stream
-        events, in offset order. No round trip when the state record vouches for the cursor."""
+        """Of `states`, those of (`epoch`) at or below `cursor` and younger than the state ttl,
+        with the last `history` stream events, in offset order."""
         if cursor <= 0:
             return ()  # no stream yet (or its first life not seen): nothing to show
-        record = self._states.get(channel)
-        last = self._last.get(channel)
-        if (
-            record is not None
-            and record.seeded
-            and last is not None
-            and last[1] == epoch
-            and last[0] >= cursor
-        ):
-            states = list(record.latest.values())
-        else:
-            states = await self.broker.latest_state(channel)
-            record = self._states.get(channel)  # the channel may have been released meanwhile
-            if record is not None:
-                live = self._last.get(channel)
-                record.seed(states, live[1] if live is not None else None)
         oldest = time.time() - self.state_ttl
         picked = [
             p
