@@ -36,18 +36,8 @@ from bench.servers import (
     missing_reason,
 )
 
-SCENARIOS = (
-    "burst",
-    "paced",
-    "idle",
-    "storm",
-    "publish",
-    "many",
-    "brokers",
-    "attacks",
-    "workers",
-    "conflation",
-)
+SCENARIOS = ("burst", "paced", "idle", "storm", "publish", "many", "brokers", "attacks", "workers",
+             "conflation")
 # Run only when named in --scenarios: the default run already fills its ~20-minute budget, and
 # `workers` (igratech-ws --workers 1 vs 2 on Redis, 30,000 idle connections) needs ~2 more.
 OPT_IN = ("workers",)
@@ -228,8 +218,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                         kind,
                         5000,
                         rate,
-                        duration=5.0,
-                        drain=6.0,
+                        duration=5.0, drain=6.0,
                     ),
                     need=40,
                 )
@@ -241,9 +230,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if "brokers" in chosen:
         # Issue 11: igratech-ws on memory, Redis (one and three shards) and NATS (bench/brokers.py),
         # with private broker servers; about 5 minutes.
-        async def guard(
-            label: str, make: Callable[[], Awaitable[dict[str, Any]]], need: float = 20.0
-        ) -> None:
+        async def guard(label: str, make: Callable[[], Awaitable[dict[str, Any]]],
+                        need: float = 20.0) -> None:
             await _guard(ctx, rows, label, make, need)
 
         await brokers.run(ctx, rows, guard)

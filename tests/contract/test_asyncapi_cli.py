@@ -32,14 +32,7 @@ def _cli() -> Path:
     CLI_DIR.mkdir(parents=True, exist_ok=True)
     (CLI_DIR / "package.json").write_text(json.dumps({"private": True}))
     subprocess.run(
-        [
-            "npm",
-            "install",
-            "--no-audit",
-            "--no-fund",
-            "--loglevel=error",
-            f"@asyncapi/cli@{CLI_VERSION}",
-        ],
+        ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", f"@asyncapi/cli@{CLI_VERSION}"],
         cwd=CLI_DIR,
         check=True,
         timeout=600,
@@ -55,9 +48,7 @@ def test_the_official_asyncapi_cli_finds_the_document_valid(tmp_path: Path) -> N
             pytest.fail("Node.js is required to validate the AsyncAPI document in CI")
         pytest.skip("Node.js is not installed")
     analytics = tmp_path / "analytics.json"
-    analytics.write_text(
-        json.dumps({"analyticsEnabled": "false", "infoMessageShown": "true", "userID": "ci"})
-    )
+    analytics.write_text(json.dumps({"analyticsEnabled": "false", "infoMessageShown": "true", "userID": "ci"}))
     env = {**os.environ, "CI": "true", "ASYNCAPI_METRICS_CONFIG_PATH": str(analytics)}
     result = subprocess.run(
         [str(_cli()), "validate", str(DOCUMENT_PATH), "--fail-severity", "error"],

@@ -341,12 +341,7 @@ class Appender:
 
     async def _append_one(self, channel: str, tail: _Tail, pending: _Pending) -> PublishResult:
         publication = Publication(
-            channel,
-            tail.offset + 1,
-            tail.epoch,
-            pending.event,
-            pending.data,
-            time.time(),
+            channel, tail.offset + 1, tail.epoch, pending.event, pending.data, time.time(),
             self.origin,
         )
         headers = headers_of(publication)
@@ -357,9 +352,8 @@ class Appender:
         self.appends += 1
         if ack.duplicate:
             # Nothing was appended: the tail we know still holds.
-            return await first_of(
-                self._js, self.stream, channel, pending.event, pending.data, ack.seq
-            )
+            return await first_of(self._js, self.stream, channel, pending.event, pending.data,
+                                  ack.seq)
         self._remember(channel, _Tail(ack.seq, publication.offset, publication.epoch))
         if pending.event in self.state_events:
             await self._write_slot(publication)
@@ -421,3 +415,4 @@ class Appender:
         last_seq = ack.seq - len(slots)
         self._remember(channel, _Tail(last_seq, publications[-1].offset, tail.epoch))
         return [PublishResult(p) for p in publications]
+
