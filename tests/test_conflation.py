@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from igratech_ws.brokers.base import Publication
 from igratech_ws.core.channels import STATE_EVENTS
+from igratech_ws.core.close_codes import CloseCode
 from tests.test_hub import FakeSubscriber, RecordingBroker, make_hub, settle
 
 GAME = "game:g-1"
@@ -264,3 +265,29 @@ async def _run(ops: list[tuple[str, str]]) -> None:
 @given(OPS)
 def test_conflation_never_drops_a_stream_frame_nor_reorders(ops: list[tuple[str, str]]) -> None:
     asyncio.run(_run(ops))
+
+
+async def test_state_records_and_behind_connections_do_not_outlive_their_keys() -> None:
+    """Nothing a reader does may leave shared state behind: once the followers are gone, the
+    channel's state record and the held connection are forgotten."""
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("gone")
+        stats(broker, 0)
+        await followed(hub, sub, GAME, OTHER)
+        incident(broker, 1)
+        await settle()
+        fall_behind(sub, hub)
+        for n in range(5):
+            stats(broker, n)
+        await settle()
+        assert hub._states and hub._behind
+        sub.close_with(CloseCode.TRY_AGAIN_LATER)
+        for channel in (GAME, OTHER):
+            hub.leave(sub, channel)
+        await settle()
+        assert hub._states == {} and hub._behind == set()
+    finally:
+        await hub.close()
+        await broker.close()
