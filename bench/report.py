@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench import broker_report
+from bench import broker_report, conflation
 from bench.servers import NODE_MODULES, RESULTS, ROOT
 
 Row = dict[str, Any]
@@ -597,6 +597,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         )
     lines += _workers_section(rows)
     lines += broker_report.section(rows)
+    lines += conflation.section(rows)
     if not plots:
         lines += ["*Plots were not drawn: matplotlib is not installed (`make bench-peers`).*", ""]
     lines += [
@@ -609,6 +610,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         ".venv/bin/python -m bench.run --quick   # 1,000 clients, igratech-ws vs the limit",
         ".venv/bin/python -m bench.run --scenarios workers   # --workers 1 vs 2 on Redis (~2 min)",
         ".venv/bin/python -m bench.run --scenarios brokers   # section 8 and the capacity model",
+        ".venv/bin/python -m bench.conflation   # section 9 alone (~45 s), spliced into this file",
         "```",
         "",
         "Raw figures of the last run: `bench/results/latest.json` (not committed).",

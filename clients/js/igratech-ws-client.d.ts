@@ -138,6 +138,8 @@ export interface SettingsRequest {
   unfollow?: string[] | null;
   stats?: boolean | null;
   recover?: Record<string, StreamPosition> | null;
+  /** 0-100: also send the last N stream events of each channel this request adds (as snapshots). */
+  history?: number | null;
 }
 
 /** The settings in force (the server's `settings` answer). */
@@ -391,6 +393,8 @@ export declare class IgratechWsClient {
   send(event: string, data?: unknown): boolean;
   settings(request?: SettingsRequest): boolean;
   follow(...games: string[]): boolean;
+  /** Follow games and receive their last `history` stream events with their state (snapshots). */
+  follow(...args: [...games: string[], options: { history: number }]): boolean;
   unfollow(...games: string[]): boolean;
   setStats(on: boolean): boolean;
   query(): boolean;

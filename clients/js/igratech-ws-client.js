@@ -636,7 +636,21 @@ export class IgratechWsClient {
     return this.send("settings", request);
   }
 
+  /**
+   * Follow more games. A last argument `{history: N}` (0-100) also asks for each game's last N
+   * stream events, sent with its current state right after the answer (marked `snapshot`); it
+   * applies to this request only, so it is sent only on an open connection.
+   */
   follow(...games) {
+    const last = games[games.length - 1];
+    if (last !== null && typeof last === "object") {
+      games.pop();
+      const { history } = last;
+      if (!Number.isInteger(history) || history < 0 || history > 100) {
+        throw new RangeError(`history is an integer from 0 to 100, not ${history}`);
+      }
+      return this.settings({ follow: games, history });
+    }
     return this.settings({ follow: games });
   }
 

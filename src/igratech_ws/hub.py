@@ -41,6 +41,21 @@ connection started from, exactly once, in offset order, after the answer (`conne
   fills the gap, page by page. When history cannot fill it, the channel's connections are closed
   with 1012 so that they reconnect and learn through recovery (`recovered: false`) that they must
   reload.
+- **Current state on follow** (D9): right after the answer that adds a channel, `finish_join`
+  queues the channel's state snapshot: the latest publication of each state event at or below
+  the position the connection starts from, marked `"snapshot": true` (and, when asked, the last
+  stream events of the channel). It comes from a node-local record of the latest state
+  publications (seeded once from `Broker.latest_state` after the broker subscription is active,
+  then kept by every delivery, so complete up to the node's last delivered position), or from
+  the broker when the record cannot vouch for the position. A recovered channel (`recovered:
+  true`) gets none: its replay carries what follows the client's position.
+- **Conflation** (D9): a connection whose socket holds more than a quarter of its budget is
+  *behind*: its queued frames stay in its `Outbox` until the socket drains (`on_writable`)
+  instead of being handed to the socket each tick. While behind, a live state publication whose
+  channel's last queued frame is a state frame of the same event replaces that frame in place,
+  as its pre-encoded `"conflated": true` variant (built once per publication); stream frames,
+  and every frame not of the live fan-out (answers, pongs, snapshots, replays, which also end the
+  tracking), are never dropped or moved, so each channel's order is kept.
 - Broker subscriptions are reference-counted: the broker hears `subscribe` when the first local
   connection joins a channel and `unsubscribe` when the last one leaves. Every map here is keyed
   by a channel some local connection follows, or by a connection: none outlives its key.
@@ -57,8 +72,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from igratech_ws.brokers.base import Broker, BrokerError, Publication
+from igratech_ws.core.channels import STATE_EVENTS
 from igratech_ws.core.close_codes import CloseCode
-from igratech_ws.core.codec import publication_frame
+from igratech_ws.core.codec import CONFLATED_MARK, SNAPSHOT_MARK, publication_frame
 from igratech_ws.core.framing import text_frame
 from igratech_ws.core.messages import ChannelState
 from igratech_ws.core.recovery import continues, may_continue, resumable
@@ -81,6 +97,8 @@ PAGE_MAX_BYTES = 256 * 1024
 WRITABLE_POLL = 0.25
 #: Bytes counted per held publication besides its payload (object, channel, epoch).
 PUBLICATION_OVERHEAD = 120
+#: Publications a `history` request looks back through at most per channel, for its stream events.
+HISTORY_SCAN = 1000
 
 
 class Subscriber(Protocol):
@@ -110,13 +128,20 @@ class Subscriber(Protocol):
 class Outbox(list[bytes]):
     """One connection's frames queued this tick (empty between ticks: the same object serves the
     connection's whole life, so that a tick allocates nothing), and `size`: the bytes they and
-    the socket's write buffer hold, checked against the budget on every push."""
+    the socket's write buffer hold, checked against the budget on every push.
 
-    __slots__ = ("size",)
+    `tracked` is None unless the connection is *behind* (its frames are held until the socket
+    drains): then it maps each channel to the index of its last queued live frame, and each
+    (channel, state event) to the index of its last queued live state frame, which is what
+    conflation needs to replace a superseded state frame without reordering its channel.
+    """
+
+    __slots__ = ("size", "tracked")
 
     def __init__(self) -> None:
         super().__init__()
         self.size = 0
+        self.tracked: dict[str | tuple[str, str], int] | None = None
 
 
 #: The outbox of a connection that passed its budget: everything pushed to it is dropped until
@@ -155,6 +180,42 @@ class JoinResult:
     state: ChannelState
     missed: list[Publication]
     cursor: int
+    #: The channel's current state (and asked-for stream events) at or below `cursor`, in offset
+    #: order, queued marked `snapshot` right after the answer (empty for a recovered channel).
+    snapshot: tuple[Publication, ...] = ()
+
+
+class _StateRecord:
+    """The latest publication of each state event of a channel this node follows.
+
+    Complete up to the node's last delivered position once `seeded`: deliveries keep it from the
+    broker subscription on, and one `Broker.latest_state` read after the subscription was active
+    supplies what came before. `wires` caches each entry's snapshot frame.
+    """
+
+    __slots__ = ("latest", "seeded", "wires")
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Publication] = {}
+        self.wires: dict[str, tuple[Publication, bytes]] = {}
+        self.seeded = False
+
+    def put(self, publication: Publication) -> None:
+        """A delivered state publication (deliveries are in order: the newest wins)."""
+        self.latest[publication.event] = publication
+
+    def seed(self, publications: list[Publication], live_epoch: str | None) -> None:
+        """Merge the broker's slots: an entry is replaced by a newer one of its epoch, or by one
+        of another epoch unless the entry is of the epoch being delivered."""
+        for publication in publications:
+            known = self.latest.get(publication.event)
+            if (
+                known is None
+                or (known.epoch == publication.epoch and known.offset < publication.offset)
+                or (known.epoch != publication.epoch and known.epoch != live_epoch)
+            ):
+                self.latest[publication.event] = publication
+        self.seeded = True
 
 
 def _held_size(publication: Publication) -> int:
@@ -211,6 +272,18 @@ class Hub:
         self.slow_consumers = 0
         self.replays = 0
         self.replays_abandoned = 0
+        #: Frames sent as a channel's current state or history on follow (`"snapshot": true`).
+        self.snapshot_frames = 0
+        #: Queued state frames dropped because a newer one of their channel and event replaced
+        #: them under a connection that was behind (the replacement is marked `conflated`).
+        self.conflated_frames = 0
+        #: Per channel some local connection follows: its latest state publications.
+        self._states: dict[str, _StateRecord] = {}
+        self.state_ttl = broker.options.state_ttl
+        #: Connections whose frames are held until their socket drains (see `Outbox.tracked`).
+        self._behind: set[Subscriber] = set()
+        self._behind_timer: asyncio.TimerHandle | None = None
+        self._conflated_cache: tuple[Publication, bytes] | None = None
         self.on_delivered: Callable[[Publication, int], None] | None = None
 
     # --- queries ---------------------------------------------------------------------------------
@@ -251,6 +324,10 @@ class Hub:
         loop iteration, and this frame and everything queued with it are dropped."""
         pending = subscriber.pending
         if pending:  # frames queued this tick
+            if pending.tracked:
+                # Nothing queued before this frame may be replaced by a later one (its order
+                # against this frame, an answer or a snapshot, say, is the client's view).
+                pending.tracked.clear()
             size = pending.size + len(wire)
             if size <= self.max_buffer_bytes:
                 pending.append(wire)
@@ -261,7 +338,8 @@ class Hub:
             self.flush_one(subscriber)
         elif pending is _OVERFLOWED:
             return
-        size = subscriber.backlog_bytes() + len(wire)
+        backlog = subscriber.backlog_bytes()
+        size = backlog + len(wire)
         if size > self.max_buffer_bytes:
             self._overflow(subscriber)
             return
@@ -269,6 +347,9 @@ class Hub:
             pending = subscriber.pending = Outbox()
         pending.append(wire)
         pending.size = size
+        if backlog > self.low_water and subscriber.is_open:
+            self._hold(subscriber, pending)  # behind: held (this frame is a barrier)
+            return
         self._dirty.append(subscriber)
         if not self._flush_scheduled:
             self._schedule_flush()
@@ -304,7 +385,17 @@ class Hub:
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         started = time.perf_counter()
+        low_water = self.low_water
         for subscriber in dirty:
+            pending = subscriber.pending
+            if (
+                pending
+                and pending.tracked is None
+                and subscriber.is_open
+                and subscriber.backlog_bytes() > low_water
+            ):
+                self._hold(subscriber, pending)
+                continue
             self.flush_one(subscriber)
         self._flush_end = time.perf_counter()
         self._flush_cost = self._flush_end - started
@@ -314,18 +405,46 @@ class Hub:
                 waiter.set_result(None)
 
     def flush_one(self, subscriber: Subscriber) -> None:
-        """Write `subscriber`'s queued frames now (before closing it, for instance)."""
+        """Write `subscriber`'s queued frames now (before closing it, for instance), held ones
+        included."""
         pending = subscriber.pending
         if not pending:
             return  # nothing queued (or a slow consumer's outbox, which is always empty)
+        if pending.tracked is not None:
+            pending.tracked = None
+            self._behind.discard(subscriber)
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
         if subscriber.is_open:
             subscriber.write_wire(data)
 
+    def _hold(self, subscriber: Subscriber, pending: Outbox) -> None:
+        """`subscriber` is behind: keep its frames queued (conflatable) until its socket drains,
+        which the transport reports through `on_writable` (and a poll checks, as a safety net)."""
+        pending.tracked = {}
+        self._behind.add(subscriber)
+        if self._behind_timer is None:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._behind_timer = loop.call_later(WRITABLE_POLL, self._poll_behind)
+
+    def _poll_behind(self) -> None:
+        self._behind_timer = None
+        for subscriber in list(self._behind):
+            if not subscriber.is_open:
+                self._behind.discard(subscriber)
+            elif subscriber.backlog_bytes() <= self.low_water:
+                self.flush_one(subscriber)
+        if self._behind and self._loop is not None:
+            self._behind_timer = self._loop.call_later(WRITABLE_POLL, self._poll_behind)
+
     def on_writable(self, subscriber: Subscriber) -> None:
-        """The transport: `subscriber`'s socket buffer drained after a pause; a waiting replay
-        may queue its next page."""
+        """The transport: `subscriber`'s socket buffer drained after a pause: what was held for
+        it goes out, and a waiting replay may queue its next page."""
+        pending = subscriber.pending
+        if pending and pending.tracked is not None:
+            self.flush_one(subscriber)
         waiter = self._writable_waiters.pop(subscriber, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -367,24 +486,38 @@ class Hub:
     def _deliver(self, publication: Publication) -> None:
         channel = publication.channel
         self._last[channel] = (publication.offset, publication.epoch)
+        is_state = publication.event in STATE_EVENTS
+        if is_state:
+            record = self._states.get(channel)
+            if record is not None:
+                record.put(publication)
         wire: bytes | None = None
         live = self._live.get(channel)
         if live:
             wire = self._wire(publication)
             size = len(wire)
             room = self.max_buffer_bytes - size
+            low_water = self.low_water
             dirty = self._dirty
             for subscriber in live:
                 # `send_wire` inline for the fan-out's hot loop, where the frame fits the budget.
                 pending = subscriber.pending
                 if pending:
-                    if pending.size <= room:
+                    if pending.tracked is not None:
+                        if self._queue_behind(pending, publication, wire, is_state):
+                            continue
+                    elif pending.size <= room:
                         pending.append(wire)
                         pending.size += size
                         continue
                 elif pending is not None and pending is not _OVERFLOWED:
                     backlog = subscriber.backlog_bytes()
                     if backlog <= room:
+                        if backlog > low_water:  # behind: hold from this frame on
+                            pending.size = backlog
+                            self._hold(subscriber, pending)
+                            self._queue_behind(pending, publication, wire, is_state)
+                            continue
                         pending.append(wire)
                         pending.size = backlog + size
                         dirty.append(subscriber)
@@ -433,8 +566,62 @@ class Hub:
         if self.on_delivered is not None:
             self.on_delivered(publication, len(live) if live else 0)
 
+    def _queue_behind(
+        self, pending: Outbox, publication: Publication, wire: bytes, is_state: bool
+    ) -> bool:
+        """Queue a live frame to a connection that is behind, replacing the channel's last queued
+        frame when it is a state frame of the same event (conflation). False: over the budget
+        (the caller's `send_wire` decides)."""
+        tracked = pending.tracked
+        assert tracked is not None
+        channel = publication.channel
+        if is_state:
+            key = (channel, publication.event)
+            previous = tracked.get(key)
+            if previous is not None and tracked.get(channel) == previous:
+                replacement = self._conflated_wire(publication)
+                size = pending.size - len(pending[previous]) + len(replacement)
+                if size > self.max_buffer_bytes:
+                    return False
+                pending[previous] = replacement  # the channel's last frame: its order holds
+                pending.size = size
+                self.conflated_frames += 1
+                return True
+        size = pending.size + len(wire)
+        if size > self.max_buffer_bytes:
+            return False
+        index = len(pending)
+        if is_state:
+            tracked[(channel, publication.event)] = index
+        tracked[channel] = index
+        pending.append(wire)
+        pending.size = size
+        return True
+
+    def _conflated_wire(self, publication: Publication) -> bytes:
+        """The `"conflated": true` frame of `publication`, built once for all its followers."""
+        cached = self._conflated_cache
+        if cached is not None and cached[0] is publication:
+            return cached[1]
+        wire = self._wire(publication, CONFLATED_MARK)
+        self._conflated_cache = (publication, wire)
+        return wire
+
+    def _snapshot_wire(self, publication: Publication) -> bytes:
+        """The `"snapshot": true` frame of `publication` (cached for state entries of the
+        channel's record, which a storm of joins shares)."""
+        record = self._states.get(publication.channel)
+        if record is None or publication.event not in STATE_EVENTS:
+            return self._wire(publication, SNAPSHOT_MARK)
+        cached = record.wires.get(publication.event)
+        if cached is not None and cached[0] is publication:
+            return cached[1]
+        wire = self._wire(publication, SNAPSHOT_MARK)
+        record.wires[publication.event] = (publication, wire)
+        return wire
+
     @staticmethod
-    def _wire(publication: Publication) -> bytes:
+    def _wire(publication: Publication, mark: bytes = b"") -> bytes:
         return text_frame(
             publication_frame(
                 publication.event,
@@ -442,15 +629,23 @@ class Hub:
                 publication.offset,
                 publication.epoch,
                 publication.data,
+                mark,
             )
         )
 
     # --- joining and leaving ---------------------------------------------------------------------
 
     async def join(
-        self, subscriber: Subscriber, channel: str, recover: tuple[int, str] | None
+        self,
+        subscriber: Subscriber,
+        channel: str,
+        recover: tuple[int, str] | None,
+        history: int = 0,
     ) -> JoinResult:
         """Start `subscriber` on `channel`; hold live publications until `finish_join`.
+
+        The result carries the channel's current state at or below the start (and its last
+        `history` stream events), unless the channel is recovered.
 
         Caller's duties: call `finish_join` for every successful `join` of one answer together,
         right after queueing the answer (`connected` or `settings`) and nothing else in between,
@@ -460,15 +655,29 @@ class Hub:
         await self._ensure_broker_subscription(channel)
         if recover is None:
             last = self._last.get(channel)
-            if last is not None and channel not in self._syncing:
+            record = self._states.get(channel)
+            if (
+                last is not None
+                and channel not in self._syncing
+                and record is not None
+                and record.seeded
+            ):
                 # This node has delivered the channel up to `last`, in order, and everything
                 # newer reaches the join buffer: an exact start without asking the broker, which
-                # is what keeps a storm of clients joining one game off the broker.
-                state = ChannelState(channel=channel, offset=last[0], epoch=last[1])
-                return JoinResult(state, [], last[0])
-            top = await self.broker.position(channel)
-            state = ChannelState(channel=channel, offset=top.offset, epoch=top.epoch)
-            return JoinResult(state, [], top.offset)
+                # is what keeps a storm of clients joining one game off the broker; the state
+                # record is complete up to `last` too.
+                states: list[Publication] = list(record.latest.values())
+            else:
+                # The state first, then the position: every state read is at or below it, so
+                # none is left out for being newer than the start (and none is stale).
+                states = await self._read_states(channel)
+                last = self._last.get(channel)
+                if last is None or channel in self._syncing:
+                    top = await self.broker.position(channel)
+                    last = (top.offset, top.epoch)
+            state = ChannelState(channel=channel, offset=last[0], epoch=last[1])
+            snapshot = await self._snapshot(channel, states, last[0], last[1], history)
+            return JoinResult(state, [], last[0], snapshot)
         offset, epoch = recover
         # One publication decides: the rest is replayed in pages once the answer is out.
         page = await self.broker.history(channel, offset, 1)
@@ -482,12 +691,74 @@ class Hub:
             first[0].offset if first else None,
             self.recovery_limit,
         )
-        state = ChannelState(
-            channel=channel, offset=top.offset, epoch=top.epoch, recovered=recovered
-        )
         if not recovered:
-            return JoinResult(state, [], top.offset)
+            # A fresh start, as for a follow: state first, then the position it is below.
+            states = await self._read_states(channel)
+            top = await self.broker.position(channel)
+            state = ChannelState(
+                channel=channel, offset=top.offset, epoch=top.epoch, recovered=False
+            )
+            snapshot = await self._snapshot(channel, states, top.offset, top.epoch, history)
+            return JoinResult(state, [], top.offset, snapshot)
+        state = ChannelState(channel=channel, offset=top.offset, epoch=top.epoch, recovered=True)
         return JoinResult(state, first, offset + len(first))
+
+    async def _read_states(self, channel: str) -> list[Publication]:
+        """The broker's state slots of `channel`, merged into the node's record (which they
+        seed: the broker subscription is active, so deliveries cover everything newer)."""
+        states = await self.broker.latest_state(channel)
+        record = self._states.get(channel)  # the channel may have been released meanwhile
+        if record is not None:
+            live = self._last.get(channel)
+            record.seed(states, live[1] if live is not None else None)
+        return states
+
+    async def _snapshot(
+        self, channel: str, states: list[Publication], cursor: int, epoch: str, history: int
+    ) -> tuple[Publication, ...]:
+        """Of `states`, those of (`epoch`) at or below `cursor` and younger than the state ttl,
+        with the last `history` stream events, in offset order."""
+        if cursor <= 0:
+            return ()  # no stream yet (or its first life not seen): nothing to show
+        oldest = time.time() - self.state_ttl
+        picked = [
+            p
+            for p in states
+            if p.epoch == epoch and 0 < p.offset <= cursor and p.published_at > oldest
+        ]
+        if history > 0:
+            picked.extend(await self._recent_stream(channel, cursor, epoch, history))
+        picked.sort(key=lambda p: p.offset)
+        return tuple(picked)
+
+    async def _recent_stream(
+        self, channel: str, cursor: int, epoch: str, count: int
+    ) -> list[Publication]:
+        """The last `count` stream events at or below `cursor` in `epoch`, oldest first: read
+        backwards a page at a time through at most `HISTORY_SCAN` publications, and at most
+        `page_bytes` of them (the newest kept)."""
+        found: list[Publication] = []
+        size = 0
+        end = cursor
+        scanned = 0
+        while end > 0 and len(found) < count and scanned < HISTORY_SCAN:
+            step = min(PAGE_MAX_COUNT, end, HISTORY_SCAN - scanned)
+            page = await self.broker.history(channel, end - step, step)
+            if page.top.epoch != epoch:
+                break
+            publications = [p for p in page.publications if end - step < p.offset <= end]
+            for publication in reversed(publications):
+                if publication.event in STATE_EVENTS:
+                    continue
+                size += _held_size(publication)
+                if size > self.page_bytes or len(found) >= count:
+                    return found[::-1]
+                found.append(publication)
+            scanned += step
+            if not publications or publications[0].offset != end - step + 1:
+                break  # history no longer holds what is older
+            end -= step
+        return found[::-1]
 
     def finish_join(self, subscriber: Subscriber, result: JoinResult) -> None:
         """Queue the start of a recovery and what was held; go live, or replay what is missing.
@@ -501,6 +772,9 @@ class Hub:
             return  # left meanwhile
         epoch = result.state.epoch
         cursor = result.cursor
+        for publication in result.snapshot:
+            self.send_wire(subscriber, self._snapshot_wire(publication))
+        self.snapshot_frames += len(result.snapshot)
         for publication in result.missed:
             self.send_wire(subscriber, self._wire(publication))
         held, overflowed = join.buffer, join.mode == _OVERFLOWED_BUFFER
@@ -553,6 +827,7 @@ class Hub:
         if channel not in self._live and channel not in self._joining:
             self._release_broker_subscription(channel)
         if not subscriber.is_open:
+            self._behind.discard(subscriber)
             self.on_writable(subscriber)  # a replay waiting for the socket: let it end
 
     async def _ensure_broker_subscription(self, channel: str) -> None:
@@ -562,6 +837,7 @@ class Hub:
         if task is None:
             task = asyncio.ensure_future(self.broker.subscribe(channel))
             self._broker_subs[channel] = task
+            self._states[channel] = _StateRecord()
         try:
             await asyncio.shield(task)
         except BaseException:
@@ -573,6 +849,7 @@ class Hub:
         task = self._broker_subs.pop(channel, None)
         # The node no longer sees this channel, so it cannot know what followers would miss.
         self._last.pop(channel, None)
+        self._states.pop(channel, None)
         self._syncing.pop(channel, None)  # a resync under way ends (it checks `_syncing`)
         self._syncing_bytes.pop(channel, None)
         if task is not None:
@@ -680,10 +957,19 @@ class Hub:
             pending = subscriber.pending
             if pending is _OVERFLOWED:
                 return False
-            if pending:
+            if pending and pending.tracked is None:
                 waiter = loop.create_future()
                 self._flush_waiters.append(waiter)
                 await waiter
+                continue
+            if pending:  # held until the socket drains: `on_writable` (or the poll) writes it
+                waiter = loop.create_future()
+                self._writable_waiters[subscriber] = waiter
+                try:
+                    await asyncio.wait((waiter,), timeout=WRITABLE_POLL)
+                finally:
+                    if self._writable_waiters.get(subscriber) is waiter:
+                        del self._writable_waiters[subscriber]
                 continue
             if subscriber.backlog_bytes() < self.low_water:
                 return True
@@ -784,6 +1070,8 @@ class Hub:
         self._syncing.pop(channel, None)
         self._syncing_bytes.pop(channel, None)
         self._last.pop(channel, None)
+        if channel in self._states:
+            self._states[channel] = _StateRecord()  # deliveries were skipped: seed it again
         for subscriber in list(self._live.get(channel, ())):
             subscriber.close_with(CloseCode.SERVICE_RESTART)
         # A joining connection past its start may have been owed what was held, which is
@@ -799,6 +1087,9 @@ class Hub:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        if self._behind_timer is not None:
+            self._behind_timer.cancel()
+            self._behind_timer = None
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._broker_subs.values()):

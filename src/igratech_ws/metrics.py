@@ -110,6 +110,23 @@ class NodeCollector(Collector):
             "publications_in", "Publications received from the broker.", hub.publications_in
         )
         yield counter("resyncs", "Channel resyncs after a gap or a broker reconnect.", hub.resyncs)
+        # Read with getattr: a hub without state on follow or conflation reports nothing.
+        snapshot_frames: int | None = getattr(hub, "snapshot_frames", None)
+        if snapshot_frames is not None:
+            yield counter(
+                "snapshot_frames",
+                "Frames sent right after a follow or connect as a channel's current state or "
+                "asked-for history (marked snapshot).",
+                snapshot_frames,
+            )
+        conflated_frames: int | None = getattr(hub, "conflated_frames", None)
+        if conflated_frames is not None:
+            yield counter(
+                "conflated_frames",
+                "Queued state frames dropped for a connection that was behind, replaced by a "
+                "newer frame of their channel and event (marked conflated).",
+                conflated_frames,
+            )
 
         messages_in: Mapping[str, int] | None = getattr(node, "messages_in", None)
         if messages_in is not None:

@@ -431,11 +431,15 @@ class Node:
         try:
             if len(plan.add) == 1:  # the usual case (a user channel, one game): no gather tasks
                 channel = plan.add[0]
-                results = [await self.hub.join(connection, channel, plan.recover.get(channel))]
+                recover = plan.recover.get(channel)
+                results = [await self.hub.join(connection, channel, recover, plan.history)]
             else:
                 results = list(
                     await asyncio.gather(
-                        *(self.hub.join(connection, ch, plan.recover.get(ch)) for ch in plan.add)
+                        *(
+                            self.hub.join(connection, ch, plan.recover.get(ch), plan.history)
+                            for ch in plan.add
+                        )
                     )
                 )
         except BrokerError as exc:

@@ -211,8 +211,13 @@ def test_example_round_trips_through_msgspec(item: tuple[str, dict[str, Any]]) -
         assert decoded_event == event
         assert json.loads(codec.encode(decoded)) == data
     elif "channel" in frame:
+        mark = b""
+        if frame.get("snapshot"):
+            mark = codec.SNAPSHOT_MARK
+        elif frame.get("conflated"):
+            mark = codec.CONFLATED_MARK
         built = codec.publication_frame(
-            event, frame["channel"], frame["offset"], frame["epoch"], codec.encode(payload)
+            event, frame["channel"], frame["offset"], frame["epoch"], codec.encode(payload), mark
         )
         assert json.loads(built) == frame
     else:

@@ -142,6 +142,13 @@ async def test_single_session_and_forced_logout_span_nodes(
                 # Back on A: now B's session is the older one and is closed the same way.
                 async with a.connect("u-1") as third:
                     await recv_event(third, "connected")
+                    # The current balance at once (issue 12), published through C.
+                    snapshot = await recv_event(third, "balance")
+                    assert snapshot["snapshot"] is True
+                    assert (snapshot["offset"], snapshot["data"]["balance"]) == (
+                        answer["offset"],
+                        "5.00",
+                    )
                     await settings(third)
                     logout = await recv_event(second, "logout", timeout=10)
                     assert logout["data"]["reason"] == "logged_in_elsewhere"

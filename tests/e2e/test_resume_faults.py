@@ -422,6 +422,9 @@ class Example:
         channel, offset, epoch = frame["channel"], frame["offset"], frame["epoch"]
         data = frame["data"]
         marker = str(data.get("incidentId") or data.get("balance"))
+        if frame.get("snapshot"):
+            self.note_snapshot(frame, marker)
+            return
         self.log[channel].append(("push", offset, epoch, marker))
         held = self.held[channel]
         assert held is not None, f"push before the channel's start: {frame}"
@@ -449,6 +452,30 @@ class Example:
             assert marker in self.failed, f"push of a publication never attempted: {frame}"
             self.figures.ghosts += 1
         self.hold(channel, position)
+
+    def note_snapshot(self, frame: dict[str, Any], marker: str) -> None:
+        """A channel's current state on follow (D9): right after its start and before any push,
+        a state event at or below the held position in its epoch, the latest accepted one there,
+        never moving the position."""
+        channel, offset, epoch = frame["channel"], frame["offset"], frame["epoch"]
+        log = self.log[channel]
+        log.append(("snapshot", offset, epoch, marker))
+        held = self.held[channel]
+        assert held is not None, f"snapshot before the channel's start: {frame}"
+        assert frame["event"] == "balance", f"a snapshot of a stream event unasked: {frame}"
+        assert log[-2][0] in ("start", "snapshot"), f"snapshot after a push: {log}"
+        assert epoch == held[1] and 0 < offset <= held[0], f"snapshot past {held}: {log}"
+        accepted = self.accepted.get((channel, offset, epoch))
+        if accepted is not None:
+            assert accepted == marker, f"snapshot {offset}@{epoch} carries {marker}: {log}"
+        else:
+            assert marker in self.failed, f"snapshot of a publication never attempted: {frame}"
+        newer = [
+            off
+            for (ch, off, ep) in self.accepted
+            if ch == channel and ep == epoch and offset < off <= held[0]
+        ]
+        assert not newer, f"stale snapshot {offset}@{epoch}: {newer} accepted since: {log}"
 
     def hold(self, channel: str, position: Position) -> None:
         self.held[channel] = position

@@ -95,12 +95,17 @@ async def test_connected_waits_for_the_user_channel_and_carries_its_position(
     assert a.frames() == []  # nothing before the join: not even `connected`
     broker.gate.set()
     await settle()
-    (connected,) = a.frames()
+    connected, snapshot = a.frames()
     epoch = (await broker.position("user:u-1")).epoch
     assert connected["data"]["channels"] == [{"channel": "user:u-1", "offset": 3, "epoch": epoch}]
+    # The current balance at once (D9): the latest state, at the held position, marked.
+    assert (snapshot["event"], snapshot["offset"], snapshot["epoch"]) == ("balance", 3, epoch)
+    assert snapshot["snapshot"] is True
     broker.publish_now("user:u-1", "balance", BALANCE)  # right after `connected`
     await settle()
-    assert [f.get("offset") for f in a.frames()] == [None, 4]
+    frames = a.frames()
+    assert [f.get("offset") for f in frames] == [None, 3, 4]
+    assert "snapshot" not in frames[2]
 
 
 async def test_connected_of_an_anonymous_connection_without_settings_is_immediate(

@@ -91,6 +91,19 @@ describe("the client's rules (scripted socket)", () => {
     client.close();
   });
 
+  test("follow with {history} asks for the last stream events; a bad value is refused", () => {
+    const { client, socket } = scripted({});
+    socket.open();
+    socket.push(connected([]));
+    assert.equal(client.follow("g-3", { history: 20 }), true);
+    assert.deepEqual(socket.sent.at(-1), { event: "settings", data: { follow: ["g-3"], history: 20 } });
+    for (const history of [101, -1, "x", true, 2.5]) {
+      assert.throws(() => client.follow("g-4", { history }), RangeError);
+    }
+    assert.deepEqual(client.games, ["g-3"]);
+    client.close();
+  });
+
   test("a follow made while the handshake is in flight is sent once connected", () => {
     const { client, socket } = scripted({ games: ["g-1"] });
     assert.equal(client.follow("g-2"), false); // not connected yet: kept

@@ -41,6 +41,7 @@ from picows import WSHandshakeError
 from igratech_ws.core import channels, close_codes
 from igratech_ws.core.codec import event_frame
 from igratech_ws.core.messages import (
+    MAX_HISTORY,
     ChannelState,
     ErrorData,
     Ping,
@@ -255,10 +256,22 @@ class Client:
 
     # --- settings helpers -----------------------------------------------------------------
 
-    async def follow(self, *games: str) -> Settings:
-        """Follow more games; returns the server's answer (the settings now in force)."""
+    async def follow(self, *games: str, history: int | None = None) -> Settings:
+        """Follow more games; returns the server's answer (the settings now in force).
+
+        Each game's current state (its latest ``stats``) follows the answer, marked ``snapshot``;
+        `history` (0 to ``MAX_HISTORY``, 100) also asks for the game's last N stream events
+        (``incident``, ``bet``), marked ``snapshot`` too, in offset order. Only on this follow: a
+        reconnect resumes instead (``recover``), which replays what was missed.
+        """
+        if history is not None and (
+            isinstance(history, bool)
+            or not isinstance(history, int)
+            or not 0 <= history <= MAX_HISTORY
+        ):
+            raise ValueError(f"history is an integer from 0 to {MAX_HISTORY}, not {history!r}")
         self._want_games = _checked_games(games, self._want_games)
-        return await self._request(SettingsRequest(follow=list(games)))
+        return await self._request(SettingsRequest(follow=list(games), history=history))
 
     async def unfollow(self, *games: str) -> Settings:
         """Stop following games; returns the server's answer."""

@@ -36,6 +36,16 @@ TARGETS_BY_EVENT: dict[str, frozenset[ChannelKind]] = {
 #: State events: a newer one replaces the older, per channel and event (brokers keep the latest);
 #: the other events are stream events, each of which matters.
 STATE_EVENTS = frozenset({"stats", "balance"})
+#: Stream events: each one matters; never dropped, never replaced.
+STREAM_EVENTS = frozenset({"incident", "bet", "bets-result"})
+
+EventKind = Literal["state", "stream"]
+
+
+def event_kind(event: str) -> EventKind:
+    """Whether a published event is *state* (a newer one replaces the older for its key: the
+    channel and event, so `stats` per channel and scope, `balance` per user) or *stream*."""
+    return "state" if event in STATE_EVENTS else "stream"
 
 
 def is_valid_id(value: str) -> bool:

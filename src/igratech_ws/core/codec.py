@@ -180,10 +180,20 @@ def event_frame(event: str, data: Any) -> bytes:
     return b'{"event":' + _encoder.encode(event) + b',"data":' + _encoder.encode(data) + b"}"
 
 
-def publication_frame(event: str, channel: str, offset: int, epoch: str, data_json: bytes) -> bytes:
+#: Marks spliced into a publication's frame (`publication_frame`'s `mark`): the channel's current
+#: state sent on follow (AsyncAPI `snapshot`), and a state push that replaced older ones queued to
+#: a slow connection (`conflated`).
+SNAPSHOT_MARK = b',"snapshot":true'
+CONFLATED_MARK = b',"conflated":true'
+
+
+def publication_frame(
+    event: str, channel: str, offset: int, epoch: str, data_json: bytes, mark: bytes = b""
+) -> bytes:
     """The frame of one channel publication, built once and shared by every subscriber.
 
-    `data_json` must already be the validated, compact JSON of the payload.
+    `data_json` must already be the validated, compact JSON of the payload; `mark` is empty,
+    `SNAPSHOT_MARK` or `CONFLATED_MARK` (each variant is built once per publication).
     """
     return b"".join(
         (
@@ -195,6 +205,7 @@ def publication_frame(event: str, channel: str, offset: int, epoch: str, data_js
             str(offset).encode(),
             b',"epoch":',
             _encoder.encode(epoch),
+            mark,
             b',"data":',
             data_json,
             b"}",

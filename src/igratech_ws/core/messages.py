@@ -148,14 +148,19 @@ class StreamPositionData(_Payload, kw_only=True):
 
 GameIdList = Annotated[list[Identifier], Meta(max_length=1000)]
 
+#: The most stream events a `settings` request may ask for per channel it adds (`history`).
+MAX_HISTORY = 100
+
 
 class SettingsRequest(_Payload, kw_only=True):
     """`subscribe-settings`: what the client wants to follow. Every field is optional.
 
     `games` replaces the followed set; `follow` / `unfollow` change it incrementally (applied after
     `games`); `stats` switches the global stats channel; `recover` maps channel names to the last
-    position the client saw, so that it receives exactly what it missed. An empty object asks for
-    the settings in force.
+    position the client saw, so that it receives exactly what it missed; `history` (0 to
+    `MAX_HISTORY`) asks for the last stream events of each channel this request adds, sent with
+    its current state (`"snapshot": true`) right after the answer. An empty object asks for the
+    settings in force.
     """
 
     games: GameIdList | None = None
@@ -163,6 +168,7 @@ class SettingsRequest(_Payload, kw_only=True):
     unfollow: GameIdList | None = None
     stats: bool | None = None
     recover: Annotated[dict[str, StreamPositionData], Meta(max_length=1001)] | None = None
+    history: Annotated[int, Meta(ge=0, le=MAX_HISTORY)] | None = None
 
 
 class ChannelState(_Payload, kw_only=True):

@@ -41,11 +41,14 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class SettingsPlan:
     """Subscriptions to change, in this order: drop `remove`, then add `add` (recovering those in
-    `recover` from the given (offset, epoch)), then send `settings_answer(...)`."""
+    `recover` from the given (offset, epoch)), then send `settings_answer(...)`, then each added
+    channel's current state and its last `history` stream events (marked `snapshot`) unless it
+    was recovered."""
 
     add: tuple[str, ...]
     remove: tuple[str, ...]
     recover: dict[str, tuple[int, str]] = field(default_factory=dict)
+    history: int = 0
 
 
 Action = Reply | SettingsPlan
@@ -207,7 +210,9 @@ class Session:
         self.games = list(games)
         self.stats = stats
         self.subscribed = [ch for ch in self.subscribed if ch in wanted] + list(add)
-        return SettingsPlan(add=tuple(add), remove=remove, recover=recover)
+        return SettingsPlan(
+            add=tuple(add), remove=remove, recover=recover, history=request.history or 0
+        )
 
     def _too_many(self, field: str, asked: int) -> ProtocolError:
         return ProtocolError(

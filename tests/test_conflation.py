@@ -1,0 +1,293 @@
+"""Conflation of state frames for a connection that is behind (issue 12, decision D9).
+
+Written as the unlucky user on a slow phone: its socket is full, a game floods stats, and bets or
+incidents come in between. What it must see once it reads again: every stream frame, in order;
+the newest state of each channel; offsets that only skip superseded state frames, the frame
+after a skip marked `conflated`; and nothing past the budget (no 1013 for a stats flood).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from igratech_ws.brokers.base import Publication
+from igratech_ws.core.channels import STATE_EVENTS
+from igratech_ws.core.close_codes import CloseCode
+from tests.test_hub import FakeSubscriber, RecordingBroker, make_hub, settle
+
+GAME = "game:g-1"
+OTHER = "game:g-2"
+BUDGET = 64 * 1024
+
+
+def stats(broker: RecordingBroker, n: int, channel: str = GAME) -> Publication:
+    body = {"scope": "game", "gameId": channel[5:], "updatedAt": "2026-11-23T19:45:00Z"}
+    return broker.publish_now(channel, "stats", json.dumps({**body, "values": {"n": n}}).encode())
+
+
+def incident(broker: RecordingBroker, n: int, channel: str = GAME) -> Publication:
+    return broker.publish_now(channel, "incident", json.dumps({"incidentId": f"i-{n}"}).encode())
+
+
+def fall_behind(sub: FakeSubscriber, hub: Any) -> None:
+    """The client stopped reading long ago: its socket holds more than a quarter of the budget."""
+    sub.reading = False
+    sub.backlog = hub.low_water + 1
+
+
+async def followed(hub: Any, sub: FakeSubscriber, *channels: str) -> None:
+    for channel in channels:
+        hub.finish_join(sub, await hub.join(sub, channel, None))
+    await settle()
+
+
+def check_view(frames: list[dict[str, Any]], published: list[Publication]) -> None:
+    """Per channel: offsets increase; every stream publication is there; a skip is only over
+    state publications of the event of the frame after it, which is marked conflated."""
+    by_offset = {(p.channel, p.offset): p for p in published}
+    for channel in {p.channel for p in published}:
+        mine = [f for f in frames if f.get("channel") == channel and not f.get("snapshot")]
+        seen = [f["offset"] for f in mine]
+        assert seen == sorted(set(seen)), seen
+        streams = [
+            p.offset for p in published if p.channel == channel and p.event not in STATE_EVENTS
+        ]
+        assert [o for o in seen if by_offset[(channel, o)].event not in STATE_EVENTS] == streams
+        previous = 0
+        for frame in mine:
+            skipped = [by_offset[(channel, o)] for o in range(previous + 1, frame["offset"])]
+            if skipped:
+                assert frame.get("conflated") is True, (frame, skipped)
+                assert frame["event"] in STATE_EVENTS
+                assert {p.event for p in skipped} == {frame["event"]}, skipped
+            else:
+                assert "conflated" not in frame, frame
+            assert json.loads(by_offset[(channel, frame["offset"])].data) == frame["data"]
+            previous = frame["offset"]
+        last = max(p.offset for p in published if p.channel == channel)
+        assert previous == last, "the newest publication of the channel never arrived"
+
+
+async def test_a_behind_connection_gets_only_the_newest_stats_marked_conflated() -> None:
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("slow")
+        await followed(hub, sub, GAME)
+        incident(broker, 0)
+        await settle()
+        fall_behind(sub, hub)
+        published = [stats(broker, n) for n in range(500)]
+        await settle()
+        assert len(sub.queued()) <= 2  # the socket's first frame that held it, and one stats
+        assert sub.closes == []
+        assert hub.conflated_frames >= 498
+        sub.reading = True
+        sub.drain(hub)
+        await settle()
+        frames = sub.frames()
+        assert frames[-1]["offset"] == published[-1].offset
+        assert frames[-1]["conflated"] is True
+        assert frames[-1]["data"]["values"] == {"n": 499}
+    finally:
+        await hub.close()
+        await broker.close()
+
+
+async def test_a_stream_frame_between_two_stats_keeps_both_sides() -> None:
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("slow")
+        await followed(hub, sub, GAME)
+        fall_behind(sub, hub)
+        incident(broker, -1)  # queued while behind is not known yet: the flush finds out
+        await settle()
+        published = [
+            stats(broker, 1),
+            stats(broker, 2),
+            incident(broker, 3),
+            stats(broker, 4),
+            stats(broker, 5),
+        ]
+        await settle()
+        sub.reading = True
+        sub.drain(hub)
+        await settle()
+        view = [(f["event"], f["offset"], f.get("conflated")) for f in sub.frames()]
+        assert view == [
+            ("incident", 1, None),
+            ("stats", 3, True),
+            ("incident", 4, None),
+            ("stats", 6, True),
+        ]
+        assert published[-1].offset == 6
+    finally:
+        await hub.close()
+        await broker.close()
+
+
+async def test_an_answer_between_two_stats_is_a_barrier() -> None:
+    """A frame that is not a live push (an answer, a pong) is never overtaken: the stats before
+    it stay, so what the client sees around it is what was true then."""
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("slow")
+        await followed(hub, sub, GAME)
+        fall_behind(sub, hub)
+        incident(broker, 0)
+        await settle()
+        stats(broker, 1)
+        hub.send(sub, b'{"event":"pong","data":{"serverTime":"2026-11-23T19:45:00Z"}}')
+        stats(broker, 2)
+        stats(broker, 3)
+        await settle()
+        sub.reading = True
+        sub.drain(hub)
+        await settle()
+        view = [(f["event"], f.get("offset"), f.get("conflated")) for f in sub.frames()]
+        assert view == [
+            ("incident", 1, None),
+            ("stats", 2, None),
+            ("pong", None, None),
+            ("stats", 4, True),
+        ]
+    finally:
+        await hub.close()
+        await broker.close()
+
+
+async def test_a_stream_flood_is_never_conflated_but_closed_as_a_slow_consumer() -> None:
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("slow", reading=False)
+        await followed(hub, sub, GAME)
+        for n in range(2000):
+            incident(broker, n)
+            if n % 50 == 0:
+                await settle(2)
+        await settle()
+        assert sub.closes and int(sub.closes[0]) == 1013
+        assert hub.conflated_frames == 0
+    finally:
+        await hub.close()
+        await broker.close()
+
+
+async def test_a_never_reading_client_on_a_stats_flood_stays_under_the_budget() -> None:
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("never", reading=False)
+        await followed(hub, sub, GAME, OTHER)
+        published: list[Publication] = []
+        for n in range(3000):
+            published.append(stats(broker, n, GAME if n % 2 else OTHER))
+            if n % 100 == 0:
+                published.append(incident(broker, n))
+            if n % 25 == 0:
+                await settle(2)
+                outbox = sub.pending
+                assert outbox is None or outbox.size <= BUDGET
+        await settle()
+        assert sub.closes == []
+        assert sub.backlog + (sub.pending.size if sub.pending else 0) <= 2 * BUDGET
+        sub.reading = True
+        sub.drain(hub)
+        await settle()
+        check_view(sub.frames(), published)
+    finally:
+        await hub.close()
+        await broker.close()
+
+
+# --- the property: never a stream frame dropped, never a reorder ---------------------------------
+
+OPS = st.lists(
+    st.sampled_from(
+        [
+            ("stats", GAME),
+            ("stats", GAME),
+            ("stats", OTHER),
+            ("incident", GAME),
+            ("incident", OTHER),
+            ("behind", ""),
+            ("drain", ""),
+            ("tick", ""),
+            ("pong", ""),
+        ]
+    ),
+    max_size=80,
+)
+
+
+async def _run(ops: list[tuple[str, str]]) -> None:
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("prop")
+        await followed(hub, sub, GAME, OTHER)
+        published: list[Publication] = []
+        for n, (op, channel) in enumerate(ops):
+            if op == "stats":
+                published.append(stats(broker, n, channel))
+            elif op == "incident":
+                published.append(incident(broker, n, channel))
+            elif op == "behind":
+                fall_behind(sub, hub)
+            elif op == "drain":
+                sub.reading = True
+                sub.drain(hub)
+            elif op == "pong":
+                hub.send(sub, b'{"event":"pong","data":{"serverTime":"2026-11-23T19:45:00Z"}}')
+            else:
+                await settle(3)
+        await settle()
+        sub.reading = True
+        sub.drain(hub)
+        await settle()
+        assert sub.closes == []
+        if published:
+            check_view(sub.frames(), published)
+    finally:
+        await hub.close()
+        await broker.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS)
+def test_conflation_never_drops_a_stream_frame_nor_reorders(ops: list[tuple[str, str]]) -> None:
+    asyncio.run(_run(ops))
+
+
+async def test_state_records_and_behind_connections_do_not_outlive_their_keys() -> None:
+    """Nothing a reader does may leave shared state behind: once the followers are gone, the
+    channel's state record and the held connection are forgotten."""
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("gone")
+        stats(broker, 0)
+        await followed(hub, sub, GAME, OTHER)
+        incident(broker, 1)
+        await settle()
+        fall_behind(sub, hub)
+        for n in range(5):
+            stats(broker, n)
+        await settle()
+        assert hub._states and hub._behind
+        sub.close_with(CloseCode.TRY_AGAIN_LATER)
+        for channel in (GAME, OTHER):
+            hub.leave(sub, channel)
+        await settle()
+        assert hub._states == {} and hub._behind == set()
+    finally:
+        await hub.close()
+        await broker.close()
