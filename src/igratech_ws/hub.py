@@ -71,7 +71,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from igratech_ws.brokers.base import Broker, BrokerError, Publication
+from igratech_ws.brokers.base import Broker, BrokerError, Publication, StreamPosition
 from igratech_ws.core.channels import STATE_EVENTS
 from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.core.codec import CONFLATED_MARK, SNAPSHOT_MARK, publication_frame
@@ -99,6 +99,9 @@ WRITABLE_POLL = 0.25
 PUBLICATION_OVERHEAD = 120
 #: Publications a `history` request looks back through at most per channel, for its stream events.
 HISTORY_SCAN = 1000
+#: Reads of (state slots, position, state slots) for a join from the broker before settling for
+#: the newest state at or below the position that the reads saw (see `Hub._state_at_top`).
+STATE_READ_ATTEMPTS = 4
 
 
 class Subscriber(Protocol):
@@ -204,6 +207,12 @@ class _StateRecord:
         """A delivered state publication (deliveries are in order: the newest wins)."""
         self.latest[publication.event] = publication
 
+    def complete_at(self, last: tuple[int, str]) -> bool:
+        """Every entry is of `last`'s epoch and at or below it: the record is then exactly the
+        newest state at or below `last` (deliveries are contiguous up to it)."""
+        offset, epoch = last
+        return all(p.epoch == epoch and p.offset <= offset for p in self.latest.values())
+
     def seed(self, publications: list[Publication], live_epoch: str | None) -> None:
         """Merge the broker's slots: an entry is replaced by a newer one of its epoch, or by one
         of another epoch unless the entry is of the epoch being delivered."""
@@ -216,6 +225,10 @@ class _StateRecord:
             ):
                 self.latest[publication.event] = publication
         self.seeded = True
+
+
+def _slots(states: list[Publication]) -> set[tuple[str, int, str]]:
+    return {(p.event, p.offset, p.epoch) for p in states}
 
 
 def _held_size(publication: Publication) -> int:
@@ -661,20 +674,17 @@ class Hub:
                 and channel not in self._syncing
                 and record is not None
                 and record.seeded
+                and record.complete_at(last)
             ):
                 # This node has delivered the channel up to `last`, in order, and everything
                 # newer reaches the join buffer: an exact start without asking the broker, which
                 # is what keeps a storm of clients joining one game off the broker; the state
-                # record is complete up to `last` too.
+                # record is complete up to `last` too (none of it newer: a newer entry from the
+                # broker's slots hides the one at or below `last`).
                 states: list[Publication] = list(record.latest.values())
             else:
-                # The state first, then the position: every state read is at or below it, so
-                # none is left out for being newer than the start (and none is stale).
-                states = await self._read_states(channel)
-                last = self._last.get(channel)
-                if last is None or channel in self._syncing:
-                    top = await self.broker.position(channel)
-                    last = (top.offset, top.epoch)
+                states, top = await self._state_at_top(channel)
+                last = (top.offset, top.epoch)
             state = ChannelState(channel=channel, offset=last[0], epoch=last[1])
             snapshot = await self._snapshot(channel, states, last[0], last[1], history)
             return JoinResult(state, [], last[0], snapshot)
@@ -692,9 +702,8 @@ class Hub:
             self.recovery_limit,
         )
         if not recovered:
-            # A fresh start, as for a follow: state first, then the position it is below.
-            states = await self._read_states(channel)
-            top = await self.broker.position(channel)
+            # A fresh start, as for a follow.
+            states, top = await self._state_at_top(channel)
             state = ChannelState(
                 channel=channel, offset=top.offset, epoch=top.epoch, recovered=False
             )
@@ -702,6 +711,37 @@ class Hub:
             return JoinResult(state, [], top.offset, snapshot)
         state = ChannelState(channel=channel, offset=top.offset, epoch=top.epoch, recovered=True)
         return JoinResult(state, first, offset + len(first))
+
+    async def _state_at_top(self, channel: str) -> tuple[list[Publication], StreamPosition]:
+        """The channel's state slots and a position they are exact for: the newest state of each
+        event at or below the position.
+
+        A slot holds only the newest publication of its event, so one read of the slots and one
+        of the position race with publishing: slots read first miss a state published before
+        the position was read (a stale snapshot), slots read after may hold one newer than the
+        position that hides the one at or below it. Slots, position, slots again: when the two
+        reads of the slots agree, nothing of state was published in between and the first read
+        is exact for the position. Under a publish rate faster than three broker round trips the
+        reads may keep disagreeing; after `STATE_READ_ATTEMPTS` the newest entry at or below the
+        position of either read is taken (it may then be older than the newest state at or
+        below the start; the next state push corrects it).
+        """
+        for _ in range(STATE_READ_ATTEMPTS):
+            before = await self._read_states(channel)
+            top = await self.broker.position(channel)
+            after = await self._read_states(channel)
+            if _slots(before) == _slots(after):
+                return before, top
+        newest: dict[str, Publication] = {}
+        for publication in (*before, *after):
+            known = newest.get(publication.event)
+            if (
+                publication.epoch == top.epoch
+                and publication.offset <= top.offset
+                and (known is None or known.offset < publication.offset)
+            ):
+                newest[publication.event] = publication
+        return list(newest.values()), top
 
     async def _read_states(self, channel: str) -> list[Publication]:
         """The broker's state slots of `channel`, merged into the node's record (which they

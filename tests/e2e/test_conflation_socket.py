@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from igratech_ws.app import App
-from tests.e2e.conftest import NOW, raw_upgrade
+from tests.support.gateway import NOW, raw_upgrade
 
 BUDGET = 64 * 1024
 

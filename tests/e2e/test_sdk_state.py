@@ -11,7 +11,7 @@ import pytest
 
 from igratech_ws.app import App
 from igratech_ws.client import connect as sdk_connect
-from tests.e2e.conftest import NOW, balance, incident, publish, token
+from tests.support.gateway import NOW, balance, incident, publish, token
 
 
 async def _next(events: AsyncIterator[Any], wanted: str) -> Any:

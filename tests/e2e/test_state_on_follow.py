@@ -23,8 +23,8 @@ from websockets.asyncio.client import ClientConnection
 
 from igratech_ws.app import App
 from igratech_ws.brokers.base import Publication
-from tests.e2e.cluster import BrokerSpace
-from tests.e2e.conftest import NOW, connect, recv, recv_event, send, settings
+from tests.support.cluster import BrokerSpace
+from tests.support.gateway import NOW, connect, recv, recv_event, send, settings
 
 BROKERS = ["memory", "redis", "nats"]
 

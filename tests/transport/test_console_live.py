@@ -429,12 +429,6 @@ async def test_a_second_login_of_the_demo_user_logs_the_console_out(
 
 # --- state at once on follow -------------------------------------------------------------------
 
-NEEDS_SNAPSHOTS = pytest.mark.xfail(
-    strict=True, reason="needs state on follow (server snapshots, issue 12)"
-)
-
-
-@NEEDS_SNAPSHOTS
 async def test_scoreboard_is_filled_at_once_on_load(browser: Browser, gateway: App) -> None:
     from playwright.async_api import expect
 
@@ -451,7 +445,6 @@ async def test_scoreboard_is_filled_at_once_on_load(browser: Browser, gateway: A
     ).to_have_count(1)
 
 
-@NEEDS_SNAPSHOTS
 async def test_balance_is_there_at_once_on_load(browser: Browser, gateway: App) -> None:
     from playwright.async_api import expect
 

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from igratech_ws import metrics
 from igratech_ws.config import Config
 from igratech_ws.node import Node
-from tests.test_hub import FakeSubscriber, RecordingBroker, settle
+from tests.support.fakes import FakeSubscriber, RecordingBroker, settle
 
 
 def _value(exposition: bytes, name: str) -> float:

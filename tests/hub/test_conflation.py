@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from igratech_ws.brokers.base import Publication
 from igratech_ws.core.channels import STATE_EVENTS
 from igratech_ws.core.close_codes import CloseCode
-from tests.test_hub import FakeSubscriber, RecordingBroker, make_hub, settle
+from tests.support.fakes import FakeSubscriber, RecordingBroker, make_hub, settle
 
 GAME = "game:g-1"
 OTHER = "game:g-2"
