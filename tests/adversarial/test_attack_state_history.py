@@ -177,7 +177,7 @@ async def test_snapshot_counter_counts_only_what_could_be_sent(filled_memory: Ap
     strict=True,
     reason="F5: history is bounded per channel (a quarter of the budget), not per request: "
     "100 games x 256 KiB is 25 MB, so even a client reading at full speed is closed with 1013 "
-    "before it sees the settings answer",
+    "(after ~1,650 of the 10,000 frames on loopback)",
 )
 async def test_an_honest_fast_reader_asking_history_on_every_game_is_not_closed(
     filled_memory: App,
@@ -187,19 +187,19 @@ async def test_an_honest_fast_reader_asking_history_on_every_game_is_not_closed(
         app.ws_url, open_timeout=5, close_timeout=2, max_size=None
     ) as ws:
         await recv_event(ws, "connected")
-        await ws.send(REQUEST)
+        await ws.send(REQUEST.decode())
         events: list[str] = []
         close_code = None
         try:
-            async with asyncio.timeout(20):
-                while True:
-                    message = json.loads(await ws.recv())
+            async with asyncio.timeout(25):
+                while True:  # until a second of quiet: every snapshot is in
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 1.0))
                     events.append(message["event"])
-                    if message["event"] == "settings":
-                        break
+        except TimeoutError:
+            pass
         except websockets.ConnectionClosed as closed:
             close_code = closed.rcvd.code if closed.rcvd else None
         assert close_code is None and "settings" in events, (
-            f"closed with {close_code} after {len(events)} frames, answer received: "
-            f"{'settings' in events}"
+            f"closed with {close_code} after {len(events)} frames while reading at full speed, "
+            f"answer received: {'settings' in events}"
         )
