@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import websockets
 
 from igratech_ws.app import App, running_app
 from tests.adversarial.raw_ws import connect as raw_connect
@@ -112,7 +111,9 @@ async def test_no_snapshot_or_history_of_another_users_channel(app: App) -> None
                 while True:
                     seen.append(await recv(ws, 0.5))
     leaked = [
-        f for f in seen if f["event"] != "error" and (channel in json.dumps(f) or "9999" in json.dumps(f))
+        f
+        for f in seen
+        if f["event"] != "error" and (channel in json.dumps(f) or "9999" in json.dumps(f))
     ]
     assert leaked == [], leaked
 
@@ -190,8 +191,12 @@ async def test_a_hundred_thousand_made_up_games_leave_nothing_behind(app: App) -
 async def test_history_churn_without_reading_is_closed_within_the_budget(app: App) -> None:
     game = "g-churn"
     channel = f"game:{game}"
-    await asyncio.gather(*(app.node.broker.publish(channel, "bet", bet(game, n)) for n in range(100)))
-    follow = frame(0x1, json.dumps({"event": "settings", "data": {"follow": [game], "history": 100}}).encode())
+    await asyncio.gather(
+        *(app.node.broker.publish(channel, "bet", bet(game, n)) for n in range(100))
+    )
+    follow = frame(
+        0x1, json.dumps({"event": "settings", "data": {"follow": [game], "history": 100}}).encode()
+    )
     unfollow = frame(0x1, json.dumps({"event": "settings", "data": {"unfollow": [game]}}).encode())
 
     def churn() -> tuple[int, Any]:
