@@ -227,6 +227,46 @@ class _StateRecord:
         self.seeded = True
 
 
+class HistoryAllowance:
+    """What one request's `settings.history` may read and send, shared by every channel the
+    request adds: one channel read at a time, at most `max_bytes` of stream events in all and at
+    most `HISTORY_SCAN` publications looked through in all. Channels served after it is spent get
+    fewer events, or none (the newest of each kept). A request's work and what it queues are so
+    bounded whatever the number of channels times `history` (100 games with `history: 100` once
+    read up to 256 KiB per game, all at once, and closed the asking client with 1013)."""
+
+    __slots__ = ("bytes_left", "lock", "scan_left")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.lock = asyncio.Lock()
+        self.bytes_left = max_bytes
+        self.scan_left = HISTORY_SCAN
+
+
+def _with_held_state(
+    snapshot: tuple[Publication, ...], held: list[Publication], cursor: int, epoch: str
+) -> tuple[Publication, ...]:
+    """`snapshot` with each state entry replaced by a newer one of its event that was delivered
+    while the connection joined, at or below the start (`cursor`): the reads of the slots can
+    miss it (see `Hub._state_at_top`), and it would otherwise be dropped as before the start."""
+    newest = {p.event: p for p in snapshot if p.event in STATE_EVENTS}
+    changed = False
+    for publication in held:
+        if (
+            publication.event in STATE_EVENTS
+            and publication.epoch == epoch
+            and 0 < publication.offset <= cursor
+        ):
+            known = newest.get(publication.event)
+            if known is None or known.offset < publication.offset:
+                newest[publication.event] = publication
+                changed = True
+    if not changed:
+        return snapshot
+    stream = [p for p in snapshot if p.event not in STATE_EVENTS]
+    return tuple(sorted([*stream, *newest.values()], key=lambda p: p.offset))
+
+
 def _slots(states: list[Publication]) -> set[tuple[str, int, str]]:
     return {(p.event, p.offset, p.epoch) for p in states}
 
@@ -648,17 +688,23 @@ class Hub:
 
     # --- joining and leaving ---------------------------------------------------------------------
 
+    def history_allowance(self) -> HistoryAllowance:
+        """A new allowance for one request's history: a quarter of the budget in bytes."""
+        return HistoryAllowance(self.page_bytes)
+
     async def join(
         self,
         subscriber: Subscriber,
         channel: str,
         recover: tuple[int, str] | None,
         history: int = 0,
+        allowance: HistoryAllowance | None = None,
     ) -> JoinResult:
         """Start `subscriber` on `channel`; hold live publications until `finish_join`.
 
         The result carries the channel's current state at or below the start (and its last
-        `history` stream events), unless the channel is recovered.
+        `history` stream events, within `allowance`: pass the same one for every channel of one
+        request), unless the channel is recovered.
 
         Caller's duties: call `finish_join` for every successful `join` of one answer together,
         right after queueing the answer (`connected` or `settings`) and nothing else in between,
@@ -686,7 +732,9 @@ class Hub:
                 states, top = await self._state_at_top(channel)
                 last = (top.offset, top.epoch)
             state = ChannelState(channel=channel, offset=last[0], epoch=last[1])
-            snapshot = await self._snapshot(channel, states, last[0], last[1], history)
+            snapshot = await self._snapshot(
+                channel, states, last[0], last[1], history, allowance
+            )
             return JoinResult(state, [], last[0], snapshot)
         offset, epoch = recover
         # One publication decides: the rest is replayed in pages once the answer is out.
@@ -707,7 +755,9 @@ class Hub:
             state = ChannelState(
                 channel=channel, offset=top.offset, epoch=top.epoch, recovered=False
             )
-            snapshot = await self._snapshot(channel, states, top.offset, top.epoch, history)
+            snapshot = await self._snapshot(
+                channel, states, top.offset, top.epoch, history, allowance
+            )
             return JoinResult(state, [], top.offset, snapshot)
         state = ChannelState(channel=channel, offset=top.offset, epoch=top.epoch, recovered=True)
         return JoinResult(state, first, offset + len(first))
@@ -754,7 +804,13 @@ class Hub:
         return states
 
     async def _snapshot(
-        self, channel: str, states: list[Publication], cursor: int, epoch: str, history: int
+        self,
+        channel: str,
+        states: list[Publication],
+        cursor: int,
+        epoch: str,
+        history: int,
+        allowance: HistoryAllowance | None,
     ) -> tuple[Publication, ...]:
         """Of `states`, those of (`epoch`) at or below `cursor` and younger than the state ttl,
         with the last `history` stream events, in offset order."""
@@ -767,37 +823,44 @@ class Hub:
             if p.epoch == epoch and 0 < p.offset <= cursor and p.published_at > oldest
         ]
         if history > 0:
-            picked.extend(await self._recent_stream(channel, cursor, epoch, history))
+            picked.extend(
+                await self._recent_stream(
+                    channel, cursor, epoch, history, allowance or self.history_allowance()
+                )
+            )
         picked.sort(key=lambda p: p.offset)
         return tuple(picked)
 
     async def _recent_stream(
-        self, channel: str, cursor: int, epoch: str, count: int
+        self, channel: str, cursor: int, epoch: str, count: int, allowance: HistoryAllowance
     ) -> list[Publication]:
         """The last `count` stream events at or below `cursor` in `epoch`, oldest first: read
-        backwards a page at a time through at most `HISTORY_SCAN` publications, and at most
-        `page_bytes` of them (the newest kept)."""
+        backwards a page at a time, one channel of the request at a time, within `allowance`
+        (publications looked through, bytes kept: the newest kept)."""
         found: list[Publication] = []
-        size = 0
         end = cursor
-        scanned = 0
-        while end > 0 and len(found) < count and scanned < HISTORY_SCAN:
-            step = min(PAGE_MAX_COUNT, end, HISTORY_SCAN - scanned)
-            page = await self.broker.history(channel, end - step, step)
-            if page.top.epoch != epoch:
-                break
-            publications = [p for p in page.publications if end - step < p.offset <= end]
-            for publication in reversed(publications):
-                if publication.event in STATE_EVENTS:
-                    continue
-                size += _held_size(publication)
-                if size > self.page_bytes or len(found) >= count:
-                    return found[::-1]
-                found.append(publication)
-            scanned += step
-            if not publications or publications[0].offset != end - step + 1:
-                break  # history no longer holds what is older
-            end -= step
+        async with allowance.lock:
+            while end > 0 and len(found) < count and allowance.scan_left > 0:
+                step = min(PAGE_MAX_COUNT, end, allowance.scan_left)
+                allowance.scan_left -= step
+                page = await self.broker.history(channel, end - step, step)
+                if page.top.epoch != epoch:
+                    break
+                publications = [p for p in page.publications if end - step < p.offset <= end]
+                for publication in reversed(publications):
+                    if publication.event in STATE_EVENTS:
+                        continue
+                    if len(found) >= count:
+                        return found[::-1]
+                    size = _held_size(publication)
+                    if size > allowance.bytes_left:
+                        allowance.bytes_left = 0  # spent: no older event for another channel
+                        return found[::-1]
+                    allowance.bytes_left -= size
+                    found.append(publication)
+                if not publications or publications[0].offset != end - step + 1:
+                    break  # history no longer holds what is older
+                end -= step
         return found[::-1]
 
     def finish_join(self, subscriber: Subscriber, result: JoinResult) -> None:
@@ -812,9 +875,15 @@ class Hub:
             return  # left meanwhile
         epoch = result.state.epoch
         cursor = result.cursor
-        for publication in result.snapshot:
+        snapshot = result.snapshot
+        if join.buffer and result.state.recovered is not True:
+            snapshot = _with_held_state(snapshot, join.buffer, cursor, epoch)
+        for publication in snapshot:
+            if subscriber.pending is _OVERFLOWED:
+                break  # closed as a slow consumer: what follows is never sent
             self.send_wire(subscriber, self._snapshot_wire(publication))
-        self.snapshot_frames += len(result.snapshot)
+            if subscriber.pending is not _OVERFLOWED:
+                self.snapshot_frames += 1
         for publication in result.missed:
             self.send_wire(subscriber, self._wire(publication))
         held, overflowed = join.buffer, join.mode == _OVERFLOWED_BUFFER

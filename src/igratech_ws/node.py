@@ -428,16 +428,22 @@ class Node:
     ) -> list[JoinResult] | None:
         """Join every channel `plan` adds, or none: None (and the connection closed with 1013
         when the broker could not answer) when the connection is gone."""
+        # One allowance for the whole request: its history is bounded however many channels.
+        allowance = self.hub.history_allowance() if plan.history else None
         try:
             if len(plan.add) == 1:  # the usual case (a user channel, one game): no gather tasks
                 channel = plan.add[0]
                 recover = plan.recover.get(channel)
-                results = [await self.hub.join(connection, channel, recover, plan.history)]
+                results = [
+                    await self.hub.join(connection, channel, recover, plan.history, allowance)
+                ]
             else:
                 results = list(
                     await asyncio.gather(
                         *(
-                            self.hub.join(connection, ch, plan.recover.get(ch), plan.history)
+                            self.hub.join(
+                                connection, ch, plan.recover.get(ch), plan.history, allowance
+                            )
                             for ch in plan.add
                         )
                     )

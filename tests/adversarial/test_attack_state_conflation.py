@@ -20,8 +20,8 @@ import pytest
 
 from igratech_ws.app import App, running_app
 from igratech_ws.brokers.base import Publication
-from tests.adversarial.raw_ws import connect, frame, in_thread, read_frames
-from tests.e2e.conftest import NOW, base_config
+from tests.support.gateway import NOW, base_config
+from tests.support.raw_ws import connect, frame, in_thread, read_frames
 
 STATS = 3000  # per game, ~4 KB each: ~24 MB for two games, far past the kernel's buffers
 STREAM_EVERY = 40

@@ -25,9 +25,9 @@ import websockets
 
 from igratech_ws.app import App, running_app
 from igratech_ws.brokers.base import HistoryPage
-from tests.adversarial.raw_ws import connect, frame, in_thread, read_frames
-from tests.e2e.cluster import BrokerSpace
-from tests.e2e.conftest import NOW, base_config, recv_event
+from tests.support.cluster import BrokerSpace
+from tests.support.gateway import NOW, base_config, recv_event
+from tests.support.raw_ws import connect, frame, in_thread, read_frames
 
 GAMES = 100
 BETS = 100
@@ -35,12 +35,6 @@ BUDGET = 1_048_576  # max_write_buffer_bytes (the default)
 #: docs/security.md: worst case per connection, one message being assembled plus a full budget.
 PER_CONNECTION = 1_088 * 1024
 ATTACKERS = 4
-
-AMPLIFIED = pytest.mark.xfail(
-    strict=True,
-    reason="F2: Node gathers Hub.join for every added channel at once and each holds up to a "
-    "quarter of the budget of history (decoded from Redis): 19-29 MB per connection, not 1,088 KB",
-)
 
 
 def bet(game: str, n: int) -> bytes:
@@ -84,7 +78,7 @@ async def _filled(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Ap
             await space.cleanup()
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=AMPLIFIED)])
+@pytest.fixture(params=["memory", "redis"])
 async def filled(request: pytest.FixtureRequest) -> AsyncIterator[App]:
     async for app in _filled(str(request.param), request):
         yield app
@@ -133,11 +127,6 @@ async def test_history_on_every_game_stays_within_the_connection_bound(filled: A
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: every added channel's history is read and encoded before the budget is checked; "
-    "one settings reads ~29 MB of history to send at most 1 MiB and then closes with 1013",
-)
 async def test_history_work_is_bounded_by_what_the_budget_can_send(filled_memory: App) -> None:
     app = filled_memory
     broker = app.node.broker
@@ -161,11 +150,6 @@ async def test_history_work_is_bounded_by_what_the_budget_can_send(filled_memory
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F4: igratech_ws_snapshot_frames_total counts snapshot frames that were built and "
-    "dropped after the connection overflowed its budget (Hub.finish_join adds len(snapshot))",
-)
 async def test_snapshot_counter_counts_only_what_could_be_sent(filled_memory: App) -> None:
     app = filled_memory
     socks = await in_thread(_attack, app.port, 1)
@@ -178,12 +162,6 @@ async def test_snapshot_counter_counts_only_what_could_be_sent(filled_memory: Ap
     assert app.node.hub.snapshot_frames * 2_800 <= BUDGET, app.node.hub.snapshot_frames
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5: history is bounded per channel (a quarter of the budget), not per request: "
-    "100 games x 256 KiB is 25 MB, so even a client reading at full speed is closed with 1013 "
-    "(after ~1,650 of the 10,000 frames on loopback)",
-)
 async def test_an_honest_fast_reader_asking_history_on_every_game_is_not_closed(
     filled_memory: App,
 ) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from igratech_ws.app import App, running_app
 from igratech_ws.brokers.base import Publication
-from tests.e2e.conftest import NOW, base_config, connect, recv, recv_event, settings
+from tests.support.gateway import NOW, base_config, connect, recv, recv_event, settings
 
 FOLLOWERS = 6
 HISTORY = 20

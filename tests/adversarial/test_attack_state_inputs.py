@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from igratech_ws.app import App, running_app
-from tests.adversarial.raw_ws import connect as raw_connect
-from tests.adversarial.raw_ws import frame, in_thread, read_frames
-from tests.e2e.conftest import NOW, base_config, connect, recv, recv_event, send, settings
+from tests.support.gateway import NOW, base_config, connect, recv, recv_event, send, settings
+from tests.support.raw_ws import connect as raw_connect
+from tests.support.raw_ws import frame, in_thread, read_frames
 
 #: Frames per second a client sends: inside the default message rate limit (20/s, burst 40).
 RATE = 16.0
