@@ -10,7 +10,8 @@ instructions; each system call costs a few thousand more).
 
 Servers: igratech-ws as the storm runs it (``jwt``), the same without a token (``anon``: no JWT
 verified, no user channel joined), and the bare picows broadcaster the storm compares against
-(``picows``). ``--profile`` keeps each dump and writes
+(``picows``); and ``verify``: `TokenVerifier.verify` alone, per HS256 token (a process that
+verifies 2,000 distinct tokens minus one that verifies none). ``--profile`` keeps each dump and writes
 ``callgrind_annotate``'s inclusive listing next to it (`--out`).
 
 Slow on purpose: a Python server under callgrind runs about 50 times slower, so igratech-ws takes
@@ -141,9 +142,24 @@ async def _connect(
             "jwt_secret": JWT_SECRET if jwt else None,
         }
     )
-    if answer["connected"] < n or answer["ready"] < first + n:
+    if answer["connected"] < n or answer["ready"] < n:
         raise RuntimeError(f"only {answer['connected']}/{n} connected: {answer}")
     return int(answer["connected"])
+
+
+async def _warm(url: str, proto: str, n: int, jwt: bool, concurrency: int) -> Worker:
+    """Open `n` connections to warm the server; the first ones may fail (the server's 5 s
+    handshake deadline can pass while valgrind translates the code they run for the first
+    time), and are tried again."""
+    worker = Worker()
+    first = 0
+    for _ in range(10):
+        with contextlib.suppress(AssertionError, RuntimeError):
+            await _connect(Worker(), url, proto, 1, first, jwt, 1)
+            break
+        first += 1
+    await _connect(worker, url, proto, n, first + 1, jwt, concurrency)
+    return worker
 
 
 def _start(
@@ -223,21 +239,63 @@ async def measure(
             await asyncio.sleep(0.5)
         _control("--instr=on", proc.pid)
         url = f"ws://127.0.0.1:{port}" + ("/wspublic" if kind is OURS else "/")
-        worker = Worker()
         # Warm: imports done lazily, caches, the game's broker subscription, the allocator.
-        # Slowly at first: valgrind translates each new code path once, which takes seconds.
-        await _connect(worker, url, kind.proto, 5, 0, jwt, 1)
-        await _connect(worker, url, kind.proto, warmup - 5, 5, jwt, concurrency)
+        warm = await _warm(url, kind.proto, warmup, jwt, concurrency)
         await asyncio.sleep(1.0)
         _control("--zero", proc.pid)
-        done = await _connect(worker, url, kind.proto, n, warmup, jwt, concurrency)
+        worker = Worker()
+        done = await _connect(worker, url, kind.proto, n, 1000, jwt, concurrency)
         await asyncio.sleep(1.0)  # what the last answers set in motion (timers, flushes)
         totals = _collect(variant, proc.pid, out, profile)
-        with contextlib.suppress(Exception):
-            await worker.close()
+        for opened in (warm, worker):
+            with contextlib.suppress(Exception):
+                await opened.close()
         return Cost(variant, kind.name, done, totals["Ir"], totals.get("sysCount"))
     finally:
         _stop(variant, proc, out)
+
+
+_VERIFY_SCRIPT = """
+import sys, time
+import jwt
+from igratech_ws.auth import TokenVerifier
+n, secret = int(sys.argv[1]), sys.argv[2]
+now = int(time.time())
+claims = [{"sub": f"u-{i}", "iat": now, "exp": now + 3600} for i in range(VERIFY_TOKENS + 1)]
+tokens = [jwt.encode(c, secret, "HS256") for c in claims]
+verifier = TokenVerifier(secret=secret)
+verifier.verify(tokens[-1])
+for token in tokens[:n]:
+    verifier.verify(token)
+"""
+#: Tokens `verify_cost` verifies (the difference between a run with them and one without).
+VERIFY_TOKENS = 2000
+
+
+def _instructions(argv: list[str], out: Path, name: str) -> int:
+    dump = out / f"callgrind.{name}"
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", *argv],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=600,
+    )
+    try:
+        return _totals(dump)["Ir"]
+    finally:
+        dump.unlink()
+
+
+def verify_cost(out: Path) -> Cost:
+    """Instructions of `TokenVerifier.verify` alone for one HS256 token (the storm's kind): a
+    process verifying `VERIFY_TOKENS` distinct tokens minus the same process verifying none."""
+    script = _VERIFY_SCRIPT.replace("VERIFY_TOKENS", str(VERIFY_TOKENS))
+    runs = [
+        _instructions([sys.executable, "-c", script, str(n), JWT_SECRET], out, f"verify{n}")
+        for n in (0, VERIFY_TOKENS)
+    ]
+    return Cost("verify", "igratech-ws", VERIFY_TOKENS, runs[1] - runs[0], None)
 
 
 async def run(
@@ -253,11 +311,11 @@ async def run(
     """Measure `variants` side by side (instruction counts do not mind sharing the CPU); `out`
     must exist."""
     ports = ports or Ports(start=29100)
-    return list(
-        await asyncio.gather(
-            *(measure(v, n, warmup, concurrency, out, profile, ports) for v in variants)
-        )
-    )
+    servers = [v for v in variants if v in VARIANTS]
+    jobs = [measure(v, n, warmup, concurrency, out, profile, ports) for v in servers]
+    if "verify" in variants:
+        jobs.append(asyncio.to_thread(verify_cost, out))
+    return list(await asyncio.gather(*jobs))
 
 
 def summary(costs: list[Cost]) -> dict[str, Any]:
@@ -277,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument(
-        "--variants", default="jwt,picows", help=f"comma-separated, of {','.join(VARIANTS)}"
+        "--variants",
+        default="jwt,anon,picows,verify",
+        help=f"comma-separated, of {','.join(VARIANTS)},verify (TokenVerifier.verify alone)",
     )
     parser.add_argument("--out", type=Path, default=None, help="keep dumps and logs here")
     parser.add_argument("--profile", action="store_true", help="keep annotated dumps in --out")
@@ -289,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"handshake_cost: {why}", file=sys.stderr)
         return 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and v != "verify"]
     if unknown:
         parser.error(f"unknown variants {unknown}")
     out = args.out or Path(tempfile.mkdtemp(prefix="handshake-cost-"))
@@ -308,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     for cost in costs:
         syscalls = cost.row()["syscalls_per_handshake"]
         print(
-            f"{cost.variant:9} {cost.server:16} {cost.per_handshake:12,.0f} instructions/handshake"
+            f"{cost.variant:9} {cost.server:16} {cost.per_handshake:12,.0f} instructions/"
+            + ("verify" if cost.variant == "verify" else "handshake")
             + (f"  {syscalls:5.1f} syscalls/handshake" if syscalls is not None else ""),
             flush=True,
         )
