@@ -1,10 +1,10 @@
-"""One WebSocket connection after picows's HTTP upgrade: frames in, frames out, closing.
+"""One WebSocket connection: its HTTP upgrade, frames in, frames out, closing.
 
 Each accepted socket gets one `WebSocketConnection`, a plain asyncio protocol, from the first byte:
 
 0. **Who is it.** `peer` is the TCP peer's address. With `proxy_protocol` on, a connection from
    a trusted proxy (`trusted_proxies`) must start with a PROXY protocol v1/v2 header
-   (`core.client_address`): it is read and stripped here, before picows sees a byte, and its
+   (`core.client_address`): it is read and stripped here, before the request is read, and its
    source address is kept (`proxy_source`). A connection that should carry one and does not, or
    carries a malformed one, is answered 400 `proxy_header_missing` / `proxy_header_invalid`; one
    that carries a PROXY header where none is read (the setting is off, or the peer is not
