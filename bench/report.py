@@ -319,7 +319,7 @@ def _handshake_cost_section(rows: list[Row]) -> list[str]:
         f"under callgrind, {jwt['handshakes']:,} handshakes + a `settings` request following one "
         "game each, 100 in flight, after 100 to warm up; user-space instructions of the server "
         "process per handshake, and its system calls, whose kernel work the count leaves out). "
-        "A busy machine moves CPU times; these counts move by about 1.5% from run to run.",
+        "A busy machine moves CPU times; these counts move by up to 2% from run to run.",
         "",
     ]
     names = {
