@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import attacks, brokers, conflation, publish, scenarios
+from bench import attacks, brokers, conflation, handshake_cost, publish, scenarios
 from bench.servers import (
     ALL_KINDS,
     KINDS,
@@ -36,8 +36,19 @@ from bench.servers import (
     missing_reason,
 )
 
-SCENARIOS = ("burst", "paced", "idle", "storm", "publish", "many", "brokers", "attacks", "workers",
-             "conflation")
+SCENARIOS = (
+    "burst",
+    "paced",
+    "idle",
+    "storm",
+    "handshake",
+    "publish",
+    "many",
+    "brokers",
+    "attacks",
+    "conflation",
+    "workers",
+)
 # Run only when named in --scenarios: the default run already fills its ~20-minute budget, and
 # `workers` (igratech-ws --workers 1 vs 2 on Redis, 30,000 idle connections) needs ~2 more.
 OPT_IN = ("workers",)
@@ -106,6 +117,38 @@ async def _guard(
         if k in row
     }
     _log(f"     {label}: {json.dumps(brief, default=str)}")
+
+
+async def _handshake_cost(
+    ctx: scenarios.Context, rows: list[dict[str, Any]], kinds: list[Kind], log_dir: Path
+) -> None:
+    """The storm's handshake counted in instructions under callgrind (bench/handshake_cost.py):
+    igratech-ws with and without a JWT and the bare picows server, side by side; ~5 minutes."""
+    why = handshake_cost.available()
+    if why is None and not (OURS in kinds and PICOWS in kinds):
+        why = "it compares igratech-ws with the picows broadcaster: both must be run"
+    if why is not None:
+        ctx.notes.append(f"skipped the handshake cost: {why}")
+        return
+    need = 600.0
+    if ctx.time_left() < need:
+        ctx.notes.append("skipped the handshake cost: the time budget was spent")
+        return
+    _log("run  handshake cost (callgrind: igratech-ws with and without a JWT, picows)")
+    out = log_dir / "handshake_cost"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        costs = await asyncio.wait_for(
+            handshake_cost.run(["jwt", "anon", "picows", "verify"], out, ports=ctx.ports),
+            max(need, ctx.time_left()),
+        )
+    except Exception as exc:
+        ctx.notes.append(f"handshake cost failed: {type(exc).__name__}: {exc}"[:400])
+        _log(f"FAIL handshake cost: {type(exc).__name__}: {exc}")
+        return
+    for cost in costs:
+        rows.append(cost.row())
+        _log(f"     handshake cost {cost.variant}: {cost.per_handshake:,.0f} instructions")
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,6 +226,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 f"storm {kind.name} 5000",
                 functools.partial(scenarios.storm, ctx, kind, 5000),
             )
+    if "handshake" in chosen:
+        await _handshake_cost(ctx, rows, kinds, log_dir)
     if "publish" in chosen:
         for kind in [k for k in kinds if k in (OURS, scenarios.SOKETI)]:
             for batch in (1, 10 if kind is scenarios.SOKETI else 100):

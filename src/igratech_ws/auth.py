@@ -10,9 +10,7 @@ start: rotate keys by adding the new key, restarting, then removing the old one.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
 import hmac
 import json
 import math
@@ -263,7 +261,7 @@ class TokenVerifier:
         section 4.1) except the time claims, which `verify` checks on every path
         (`_check_times`); a differential test holds the two paths to the same answers."""
         key = secret.encode() if isinstance(secret, str) else bytes(secret)
-        expected = hmac.new(key, segments.signing_input, hashlib.sha256).digest()
+        expected = _hs256(key, segments.signing_input)
         if not hmac.compare_digest(expected, segments.signature):
             raise AuthError("invalid token: Signature verification failed")
         claims = segments.claims()
@@ -340,9 +338,48 @@ class _Segments:
 _json_decoder = msgspec.json.Decoder()
 
 
+#: HMAC-SHA256 states with the secret's key already absorbed: a copy per token skips OpenSSL's
+#: algorithm lookup and the key's processing, most of what an HMAC of a short token costs.
+_MACS: dict[bytes, hmac.HMAC] = {}
+_MAX_MACS = 8
+
+
+def _hs256(key: bytes, message: bytes) -> bytes:
+    base = _MACS.get(key)
+    if base is None:
+        base = hmac.new(key, digestmod="sha256")
+        if len(_MACS) >= _MAX_MACS:
+            _MACS.clear()
+        _MACS[key] = base
+    mac = base.copy()
+    mac.update(message)
+    return mac.digest()
+
+
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+#: Decoded JOSE headers by their encoded segment: the tokens of one issuer share one header, so
+#: most handshakes skip its base64 and JSON (bounded; the dicts are only read).
+_HEADERS: dict[str, Any] = {}
+_MAX_HEADERS = 64
+_MAX_CACHED_HEADER = 256
+
+
 def _b64url(segment: str) -> bytes:
-    # validate=True refuses characters outside the base64url alphabet instead of skipping them.
-    return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
+    # Strict mode refuses characters outside the base64url alphabet instead of skipping them, as
+    # base64.b64decode(validate=True) does (and misplaced padding too).
+    data = (segment + "=" * (-len(segment) % 4)).encode("ascii").translate(_URLSAFE)
+    return binascii.a2b_base64(data, strict_mode=True)
+
+
+def _header(segment: str) -> Any:
+    header = _HEADERS.get(segment)
+    if header is None:
+        header = _json_decoder.decode(_b64url(segment))
+        if isinstance(header, dict) and len(segment) <= _MAX_CACHED_HEADER:
+            if len(_HEADERS) >= _MAX_HEADERS:
+                _HEADERS.clear()
+            _HEADERS[segment] = header
+    return header
 
 
 def _split_token(token: str) -> _Segments:
@@ -353,10 +390,10 @@ def _split_token(token: str) -> _Segments:
     if len(parts) != 3:
         raise AuthError("malformed token: not enough segments")
     try:
-        header = _json_decoder.decode(_b64url(parts[0]))
+        header = _header(parts[0])
         payload = _b64url(parts[1])
         signature = _b64url(parts[2])
-    except (binascii.Error, ValueError, msgspec.DecodeError):
+    except (binascii.Error, ValueError, msgspec.DecodeError):  # UnicodeError is a ValueError
         raise AuthError("malformed token: invalid base64 or JSON") from None
     if not isinstance(header, dict):
         raise AuthError("malformed token: the header is not a JSON object")

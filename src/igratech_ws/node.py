@@ -54,9 +54,25 @@ _LOGOUT_CODES: dict[LogoutReason, CloseCode] = {
 }
 
 
+_clock_second = -1
+_clock_prefix = ""
+
+
 def utc_now() -> str:
-    """The current time as RFC 3339 UTC with milliseconds, the contract's `Timestamp`."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """The current time as RFC 3339 UTC with milliseconds, the contract's `Timestamp`.
+
+    The date and time of day are formatted once per second (every handshake asks twice)."""
+    global _clock_second, _clock_prefix
+    now = time.time()
+    second = int(now)
+    micros = round((now - second) * 1e6)  # as datetime rounds a timestamp
+    if micros >= 1_000_000:
+        second += 1
+        micros -= 1_000_000
+    if second != _clock_second:
+        _clock_prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _clock_second = second
+    return f"{_clock_prefix}{micros // 1000:03d}Z"
 
 
 class Connection(Subscriber, Protocol):

@@ -12,9 +12,9 @@ text message goes to the node, a binary one gets an `error`, a frame over the bu
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 from collections import deque
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,6 +34,49 @@ PATH = "/wspublic"
 MAX_QUERY_FIELDS = 16
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: A query `parse_qs` would read as it is written: no percent-escape, no `+`, no fragment, nothing
+#: `urlsplit` strips or that could name a host. Such a query is split without them.
+_PLAIN_QUERY = re.compile(rb"[A-Za-z0-9._~!$'()*,;:@/?=&-]*")
+_PREFIX = PATH.encode() + b"?"
+
+
+def plain_query(raw_target: bytes) -> dict[str, list[str]] | None:
+    """The query of `raw_target` as `parse_qs` reads it, when the target is ``/wspublic`` with a
+    plain query of at most `MAX_QUERY_FIELDS` fields; otherwise None (the caller parses it in
+    full). The handshake of nearly every client (a token and a settings JSON, both URL-safe once
+    encoded) takes this path."""
+    if raw_target == _PREFIX[:-1]:
+        return {}
+    start = len(_PREFIX)
+    if not raw_target.startswith(_PREFIX) or _PLAIN_QUERY.fullmatch(raw_target, start) is None:
+        return None
+    fields = raw_target[start:].decode("ascii").split("&")
+    if len(fields) > MAX_QUERY_FIELDS:
+        return None
+    query: dict[str, list[str]] = {}
+    for field in fields:
+        name, _, value = field.partition("=")
+        if value:  # parse_qs drops a field without a value (`a`, `a=`), and empty fields
+            query.setdefault(name, []).append(value)
+    return query
+
+
+class _SessionIds:
+    """Session ids: 32 hex digits (128 random bits) each, from one `os.urandom` per 256."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self) -> None:
+        self._pool: list[str] = []
+
+    def __call__(self) -> str:
+        if not self._pool:
+            block = os.urandom(16 * 256).hex()
+            self._pool = [block[i : i + 32] for i in range(0, len(block), 32)]
+        return self._pool.pop()
+
+
+new_session_id = _SessionIds()
 
 
 class Admission:
@@ -153,6 +196,9 @@ class Handshake:
 
     def __call__(self, request: WSUpgradeRequest) -> Admission | WSUpgradeResponse:
         raw_target = request.path
+        query = plain_query(raw_target)
+        if query is not None:
+            return self._admit(request, query)
         if not raw_target.isascii():
             return self._refuse(
                 400, "bad_request", "The request target must be ASCII (percent-encoded)", "target"
@@ -163,15 +209,9 @@ class Handshake:
             return self._refuse(400, "bad_request", "The request target is not a URI", "target")
         if target.path != PATH:
             return self._refuse(404, "not_found", f"The WebSocket endpoint is {PATH}")
-        if self.node.draining:
-            return self._refuse(503, "draining", "This node is restarting; connect again shortly")
-        if self.node.at_capacity():
-            return self._refuse(503, "at_capacity", "This node is full; connect to another one")
-        allowed_origins = self.allowed_origins
-        if allowed_origins:
-            origin = (request.headers.get("Origin") or "").rstrip("/").lower()
-            if origin and origin not in allowed_origins:
-                return self._refuse(403, "origin_not_allowed", "This origin may not connect")
+        refusal = self._may_connect(request)
+        if refusal is not None:
+            return refusal
         if _BAD_PERCENT.search(target.query):
             return self._refuse(
                 400, "bad_request", "The query has a `%` not followed by two hex digits", "query"
@@ -186,6 +226,29 @@ class Handshake:
             return self._refuse(
                 400, "bad_request", f"At most {MAX_QUERY_FIELDS} query parameters", "query"
             )
+        return self._admit(request, query, checked=True)
+
+    def _may_connect(self, request: WSUpgradeRequest) -> WSUpgradeResponse | None:
+        """The refusals that do not depend on the query, in the order they are checked."""
+        if self.node.draining:
+            return self._refuse(503, "draining", "This node is restarting; connect again shortly")
+        if self.node.at_capacity():
+            return self._refuse(503, "at_capacity", "This node is full; connect to another one")
+        allowed_origins = self.allowed_origins
+        if allowed_origins:
+            origin = (request.headers.get("Origin") or "").rstrip("/").lower()
+            if origin and origin not in allowed_origins:
+                return self._refuse(403, "origin_not_allowed", "This origin may not connect")
+        return None
+
+    def _admit(
+        self, request: WSUpgradeRequest, query: dict[str, list[str]], *, checked: bool = False
+    ) -> Admission | WSUpgradeResponse:
+        """Decide on a parsed query; `checked` says `_may_connect` was already applied."""
+        if not checked:
+            refusal = self._may_connect(request)
+            if refusal is not None:
+                return refusal
         token = _first(query.get("token")) or _bearer(request.headers.get("Authorization"))
         principal: Principal = ANONYMOUS
         if token:
@@ -201,7 +264,7 @@ class Handshake:
             )
         raw_settings = _first(query.get("settings"))
         session = Session(
-            uuid.uuid4().hex, principal.user_id, max_games=self.node.config.max_games_per_connection
+            new_session_id(), principal.user_id, max_games=self.node.config.max_games_per_connection
         )
         try:
             request_settings = (

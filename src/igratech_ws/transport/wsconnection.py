@@ -1,10 +1,10 @@
-"""One WebSocket connection after picows's HTTP upgrade: frames in, frames out, closing.
+"""One WebSocket connection: its HTTP upgrade, frames in, frames out, closing.
 
 Each accepted socket gets one `WebSocketConnection`, a plain asyncio protocol, from the first byte:
 
 0. **Who is it.** `peer` is the TCP peer's address. With `proxy_protocol` on, a connection from
    a trusted proxy (`trusted_proxies`) must start with a PROXY protocol v1/v2 header
-   (`core.client_address`): it is read and stripped here, before picows sees a byte, and its
+   (`core.client_address`): it is read and stripped here, before the request is read, and its
    source address is kept (`proxy_source`). A connection that should carry one and does not, or
    carries a malformed one, is answered 400 `proxy_header_missing` / `proxy_header_invalid`; one
    that carries a PROXY header where none is read (the setting is off, or the peer is not
@@ -12,14 +12,17 @@ Each accepted socket gets one `WebSocketConnection`, a plain asyncio protocol, f
    a trusted peer's `X-Forwarded-For` give the client (`client`, shown in logs) and the key of
    the per-address limit (`address`, None when a trusted proxy named nobody). The handshake
    deadline (`HANDSHAKE_TIMEOUT`) covers the PROXY header too.
-1. **Upgrade.** It hands picows exactly the bytes of the HTTP request, up to the blank line that
-   ends it; picows parses the request, calls `_decide` and writes its answer. Frames a client
-   pipelined behind its request never reach picows: they stay here and are parsed like every
-   later byte. (Taking the socket over in picows's `on_ws_connected` instead would lose them: a
-   frame cut in picows's buffer cannot be recovered.) A request over `MAX_REQUEST_BYTES` without
-   its blank line is answered 431. Once the 101 is written the picows objects are dropped, read
-   buffer included, so an idle connection holds no read buffer at all (uvloop and aiofastnet
-   read into one buffer per read for plain protocols).
+1. **Upgrade.** The bytes of the HTTP request, up to the blank line that ends it, are parsed
+   here with picows's rules (`parse_request`: a GET request line in HTTP/1.1, at most 128 header
+   fields, token names, no folding, no body); the application's `_decide` answers it, then the
+   WebSocket headers are checked as picows checks them (Upgrade, Connection, version 13, a
+   16-byte key) and the 101 is written. What is malformed is answered 400 `bad_request` (field
+   `request`). A request over `MAX_REQUEST_BYTES` without its blank line is answered 431. Frames
+   a client pipelined behind its request are parsed like every later byte. Nothing of picows is
+   built per connection (its protocol object, logger, timer, future and socket options cost more
+   than the rest of a handshake together; uvloop and aiofastnet set TCP_NODELAY themselves), and
+   an idle connection holds no read buffer at all (uvloop and aiofastnet read into one buffer per
+   read for plain protocols).
 2. **Frames in.** Every byte goes through one path, `core.wsframes.Inbound`: RFC 6455 framing,
    unmasking, message assembly, UTF-8 (1007), the size bound (1009, from the header), and the
    per-connection budget (every frame takes a token; 1008 after `ratelimit.STRIKES` refused in
@@ -45,26 +48,25 @@ the Autobahn echo testee (tests/support/autobahn_echo_server.py) for the conform
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
+import re
 import socket
 import time
+from base64 import b64decode, b64encode
+from hashlib import sha1
 from typing import Any, cast
 
-from picows import (
-    WSAutoPingStrategy,
-    WSListener,
-    WSTransport,
-    WSUpgradeRequest,
-    WSUpgradeResponse,
-    WSUpgradeResponseWithListener,
-)
-from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not re-exported
+from multidict import CIMultiDict
+from picows import WSUpgradeRequest, WSUpgradeResponse
 
 from igratech_ws.config import Config
 from igratech_ws.core import wsframes
 from igratech_ws.core.client_address import (
+    ClientAddress,
     ProxyHeaderMissing,
     ProxyProtocolError,
+    TrustedProxies,
     parse_proxy_header,
     resolve,
     starts_with_proxy_header,
@@ -101,19 +103,86 @@ PROXY_HEADER_UNTRUSTED = (
 )
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
-_picows_log = logging.getLogger("picows.ws")
+
+#: Header fields an upgrade request may have (picows's bound).
+MAX_HEADER_FIELDS = 128
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
 
 
-class _Upgraded(WSListener):
-    """picows's listener for the moment the 101 is written: hands the socket back."""
+class BadRequest(ValueError):
+    """The upgrade request is not one picows would accept; the message says why."""
 
-    __slots__ = ("connection",)
 
-    def __init__(self, connection: WebSocketConnection) -> None:
-        self.connection = connection
+def parse_request(head: bytes) -> WSUpgradeRequest:
+    """The request line and header fields of `head` (the request up to its blank line), by
+    picows's rules; raises `BadRequest`."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise BadRequest(f"Malformed request line: {lines[0][:80]!r}")
+    method, path, version = parts
+    if method != b"GET":
+        raise BadRequest(f"Unsupported HTTP method: {method[:20]!r}")
+    if not path:
+        raise BadRequest("HTTP request target cannot be empty")
+    if version != b"HTTP/1.1":
+        raise BadRequest(f"Unsupported HTTP version: {version[:20]!r}")
+    if len(lines) - 1 > MAX_HEADER_FIELDS:
+        raise BadRequest(f"HTTP request contains more than {MAX_HEADER_FIELDS} headers")
+    headers: CIMultiDict[str] = CIMultiDict()
+    token = _TOKEN.fullmatch
+    bad_value = _BAD_FIELD_VALUE.search
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest(f"Obsolete folded HTTP header is not supported: {line[:80]!r}")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise BadRequest(f"Malformed header in HTTP request: {line[:80]!r}")
+        if token(name) is None:
+            raise BadRequest(f"Invalid HTTP header name: {name[:80]!r}")
+        value = value.strip(b" \t")
+        if bad_value(value) is not None:
+            raise BadRequest(f"Invalid HTTP header value for {name[:80]!r}")
+        headers.add(name.decode("ascii"), value.decode("ascii", "surrogateescape"))
+    if "Transfer-Encoding" in headers:
+        raise BadRequest("Transfer-Encoding is not supported in HTTP requests")
+    lengths = headers.getall("Content-Length", [])
+    if len(lengths) > 1:
+        raise BadRequest("Multiple Content-Length headers are not supported")
+    if lengths and (not lengths[0] or lengths[0].strip("0")):
+        raise BadRequest(f"HTTP request body is not supported: Content-Length is {lengths[0]!r}")
+    request = WSUpgradeRequest()
+    request.method = method
+    request.path = path
+    request.version = version
+    request.headers = headers
+    return request
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.connection._upgraded()
+
+def accept_key(headers: CIMultiDict[str]) -> bytes:
+    """The Sec-WebSocket-Accept of an upgrade request's `headers` (RFC 6455 section 4.2.1), or
+    `BadRequest` for a request that is not a WebSocket upgrade (picows's checks and order)."""
+    if headers.get("upgrade", "").lower() != "websocket":
+        raise BadRequest("No WebSocket UPGRADE header. Can 'Upgrade' only to 'websocket'")
+    connection = headers.get("connection")
+    if connection is None:
+        raise BadRequest("No CONNECTION upgrade header")
+    if connection.lower() != "upgrade":
+        raise BadRequest("CONNECTION header value is not 'upgrade'")
+    version = headers.get("sec-websocket-version")
+    if version not in ("13", "8", "7"):
+        raise BadRequest(f"Upgrade requested to unsupported websocket version: {version!r:.40}")
+    key = headers.get("sec-websocket-key")
+    try:
+        key_bytes = key.encode("ascii") if key else b""
+        if not key_bytes or len(b64decode(key_bytes, validate=True)) != 16:
+            raise BadRequest(f"Handshake error, invalid key: {key!r:.40}")
+    except (UnicodeEncodeError, binascii.Error):
+        raise BadRequest(f"Handshake error, invalid key: {key!r:.40}") from None
+    return b64encode(sha1(key_bytes + _WS_GUID).digest())
 
 
 class WebSocketConnection(asyncio.Protocol):
@@ -126,15 +195,14 @@ class WebSocketConnection(asyncio.Protocol):
     __slots__ = (
         "_close_timer",
         "_config",
+        "_handshake_timer",
         "_inbound",
         "_live",
         "_proxy_bytes",
-        "_request_bytes",
+        "_request",
         "_stall_timer",
         "_state",
-        "_tail",
         "_transport",
-        "_upgrade",
         "address",
         "client",
         "last_seen",
@@ -147,26 +215,9 @@ class WebSocketConnection(asyncio.Protocol):
         self._config = config
         self._state = _HANDSHAKE
         self._transport: asyncio.Transport | None = None
-        self._upgrade: WSProtocol | None = WSProtocol(
-            None,  # host and port: a server's
-            None,  # path: a server's
-            False,  # is_client_side
-            self._on_request,
-            _picows_log,
-            True,  # disconnect_on_exception
-            HANDSHAKE_TIMEOUT,
-            False,  # enable_auto_ping
-            10.0,
-            10.0,
-            WSAutoPingStrategy.PING_WHEN_IDLE,
-            False,  # enable_auto_pong: pings are ours (after the upgrade picows sees nothing)
-            config.max_frame_bytes,
-            None,  # extra headers
-            2048,  # its read buffer, for the request only (picows's minimum)
-        )
-        #: The last 3 bytes handed to picows (the blank line may straddle two reads).
-        self._tail = b""
-        self._request_bytes = 0
+        #: The upgrade request received so far (its blank line not yet seen).
+        self._request = b""
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._inbound: wsframes.Inbound | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -292,8 +343,9 @@ class WebSocketConnection(asyncio.Protocol):
             self._proxy_bytes = b""
         high = max(1, self._config.max_write_buffer_bytes // 4)
         transport.set_write_buffer_limits(high=high, low=high // 2)
-        assert self._upgrade is not None
-        self._upgrade.connection_made(transport)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, self._handshake_timeout
+        )
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -342,14 +394,10 @@ class WebSocketConnection(asyncio.Protocol):
             self._drained()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        upgrade = self._upgrade
-        if upgrade is not None:
-            self._upgrade = None
-            upgrade.connection_lost(exc)
-        for timer in (self._close_timer, self._stall_timer):
+        for timer in (self._handshake_timer, self._close_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._close_timer = self._stall_timer = None
+        self._handshake_timer = self._close_timer = self._stall_timer = None
         self._inbound = None
         self._leave_open(None)
         self._state = _CLOSED
@@ -379,11 +427,11 @@ class WebSocketConnection(asyncio.Protocol):
             self._handshake_data(rest)
 
     def _handshake_data(self, data: bytes) -> None:
-        """Bytes before the upgrade: picows gets the request and nothing after it."""
-        upgrade = self._upgrade
-        if upgrade is None:
-            return  # refused: picows answered and closes the socket
-        if self._request_bytes == 0 and not self._tail and starts_with_proxy_header(data):
+        """Bytes before the upgrade: the request up to its blank line, then frames."""
+        if self._state != _HANDSHAKE:
+            return  # refused: the answer is written and the socket is closing
+        received = self._request
+        if not received and starts_with_proxy_header(data):
             # A PROXY header where none is read: refused by name, not as a malformed request.
             config = self._config
             if not config.proxy_protocol:
@@ -394,40 +442,40 @@ class WebSocketConnection(asyncio.Protocol):
                 why = PROXY_HEADER_UNTRUSTED
             self._refuse_raw(400, "proxy_header_refused", why, "proxy")
             return
-        tail = self._tail
-        end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
-        if end < 0:
-            self._request_bytes += len(data)
-            if self._request_bytes > MAX_REQUEST_BYTES:
+        if received:
+            start = len(received) - 3  # the blank line may straddle two reads
+            received += data
+            end = received.find(b"\r\n\r\n", max(0, start))
+        else:
+            received = data
+            end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > MAX_REQUEST_BYTES:
+            if len(received) > MAX_REQUEST_BYTES or end >= 0:
+                self._request = b""
                 self._refuse_raw(431, "request_too_large", REQUEST_TOO_LONG)
                 return
-            _feed(upgrade, data)
-            self._tail = (tail + data[-3:])[-3:]
+            self._request = received  # bounded: MAX_REQUEST_BYTES
             return
-        cut = end + 4 - len(tail)
-        if self._request_bytes + cut > MAX_REQUEST_BYTES:
-            self._refuse_raw(431, "request_too_large", REQUEST_TOO_LONG)
-            return
-        self._tail = b""
-        _feed(upgrade, data[:cut])
-        if self._state == _HANDSHAKE:
-            # picows refused (its answer is written and the socket is closing): nothing more.
-            self._upgrade = None
-            self._state = _CLOSED
-            return
-        rest = data[cut:]
-        if rest:
-            self._receive(rest)
+        self._request = b""
+        self._upgrade(received[:end], received[end + 4 :])
 
-    def _on_request(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
-        """picows's listener factory: the application decides; picows writes the answer."""
+    def _upgrade(self, head: bytes, rest: bytes) -> None:
+        """The whole request (`head`, without its blank line) arrived: decide, answer, go on
+        with what the client sent behind it (`rest`)."""
         try:
-            found = resolve(
-                self.peer,
-                self._config.trusted_proxy_list,
-                forwarded_for=request.headers.getall("X-Forwarded-For", None),
-                proxy_source=self.proxy_source,
-            )
+            request = parse_request(head)
+        except BadRequest as exc:
+            self._refuse_raw(400, "bad_request", str(exc))
+            return
+        try:
+            trusted = self._config.trusted_proxy_list
+            forwarded_for = request.headers.getall("X-Forwarded-For", None)
+            if forwarded_for is None and self.proxy_source is None:
+                found = _peer_only(self.peer, trusted)
+            else:
+                found = resolve(
+                    self.peer, trusted, forwarded_for=forwarded_for, proxy_source=self.proxy_source
+                )
             self.client, self.address = found.address, found.limit_key
             refusal = self._decide(request)
         except Exception:  # a bug must refuse one handshake, not take the listener down
@@ -435,13 +483,30 @@ class WebSocketConnection(asyncio.Protocol):
             self._refusing("internal_error")
             refusal = error_response(500, "internal_error", "The server could not accept this")
         if refusal is not None:
-            return WSUpgradeResponseWithListener(refusal, None)
-        return WSUpgradeResponseWithListener(
-            WSUpgradeResponse.create_101_response(), _Upgraded(self)
-        )
+            self._answer_and_close(refusal)
+            return
+        try:
+            accept = accept_key(request.headers)
+        except BadRequest as exc:
+            self._refuse_raw(400, "bad_request", str(exc))
+            return
+        transport = self._transport
+        assert transport is not None
+        transport.write(_SWITCHING + b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        self._upgraded()
+        if rest:
+            self._receive(rest)
+
+    def _handshake_timeout(self) -> None:
+        """The client did not complete its upgrade request in time: drop it, without an answer."""
+        self._handshake_timer = None
+        if self._state == _HANDSHAKE:
+            self._state = _CLOSED
+            if self._transport is not None:
+                self._transport.close()
 
     def _upgraded(self) -> None:
-        """picows wrote the 101: from here on every byte is ours."""
+        """The 101 is written: from here on every byte is a frame."""
         config = self._config
         now = time.monotonic()
         self._inbound = wsframes.Inbound(
@@ -453,22 +518,27 @@ class WebSocketConnection(asyncio.Protocol):
         self.last_seen = now
         self._state = _OPEN
         self._live = True
-        # picows's objects (its read buffer among them) go with this last reference.
-        self._upgrade = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self._guarded(self._opened)
 
-    def _refuse_raw(self, status: int, code: str, message: str, field: str = "request") -> None:
-        """Answer before picows has a whole request (it never will): `status`, then close."""
-        self._refusing(code)
+    def _answer_and_close(self, response: WSUpgradeResponse) -> None:
+        """Write a refusal (`response`, already counted) and close the socket after it."""
         self._state = _CLOSED
-        upgrade, self._upgrade = self._upgrade, None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         transport = self._transport
-        if upgrade is not None:
-            upgrade.connection_lost(None)  # cancels picows's handshake timer
         if transport is not None:
-            response = error_response(status, code, message, field)
+            response.headers["Connection"] = "close"
             transport.write(bytes(response.to_bytes()))
             transport.close()
+
+    def _refuse_raw(self, status: int, code: str, message: str, field: str = "request") -> None:
+        """Refuse the upgrade request before (or without) `_decide`: `status`, then close."""
+        self._refusing(code)
+        self._answer_and_close(error_response(status, code, message, field))
 
     # --- frames in -----------------------------------------------------------------------------
 
@@ -588,15 +658,21 @@ class WebSocketConnection(asyncio.Protocol):
             log.exception("connection end handler failed", extra={"client": self.client})
 
 
-def _feed(upgrade: WSProtocol, data: bytes) -> None:
-    """Hand `data` to picows through its buffered-protocol interface."""
-    view = memoryview(data)
-    while view:
-        buffer = upgrade.get_buffer(-1)
-        size = min(len(buffer), len(view))
-        buffer[:size] = view[:size]
-        upgrade.buffer_updated(size)
-        view = view[size:]
+#: `resolve` of a TCP peer alone (no PROXY header, no X-Forwarded-For), by peer: it depends on
+#: nothing else but the trusted networks, and parsing the address costs more than the rest of it.
+_PEER_ONLY: dict[str, tuple[TrustedProxies, ClientAddress]] = {}
+_MAX_PEERS_CACHED = 4096
+
+
+def _peer_only(peer: str, trusted: TrustedProxies) -> ClientAddress:
+    entry = _PEER_ONLY.get(peer)
+    if entry is not None and entry[0] is trusted:
+        return entry[1]
+    found = resolve(peer, trusted)
+    if len(_PEER_ONLY) >= _MAX_PEERS_CACHED:
+        _PEER_ONLY.clear()
+    _PEER_ONLY[peer] = (trusted, found)
+    return found
 
 
 def error_response(
@@ -630,4 +706,14 @@ async def serve(
     return await loop.create_server(factory, host, port, **kwargs)
 
 
-__all__ = ["CLOSE_TIMEOUT", "MAX_REQUEST_BYTES", "WebSocketConnection", "error_response", "serve"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "MAX_HEADER_FIELDS",
+    "MAX_REQUEST_BYTES",
+    "BadRequest",
+    "WebSocketConnection",
+    "accept_key",
+    "error_response",
+    "parse_request",
+    "serve",
+]
