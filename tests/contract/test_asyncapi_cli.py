@@ -21,6 +21,7 @@ from tests.support.nodejs import asyncapi_cli
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2000)  # a first install of the CLI (retried): minutes
 def test_the_official_asyncapi_cli_finds_the_document_valid(tmp_path: Path) -> None:
     if shutil.which("node") is None:
         if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":

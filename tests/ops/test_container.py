@@ -27,6 +27,9 @@ import websockets
 from igratech_ws.auth import mint_token
 
 ROOT = Path(__file__).resolve().parents[2]
+#: A fresh machine builds the Debian base and the image first: minutes, not the suite's 300 s.
+pytestmark = pytest.mark.timeout(1800)
+
 BASE_IMAGE = "localhost/debian-python:bookworm"
 IMAGE = "localhost/igratech-ws:ops-test"
 SECRET = "container-secret-that-is-long-enough-for-hs256"
