@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,40 +26,14 @@ from igratech_ws.app import App, running_app
 from igratech_ws.config import Config
 from igratech_ws.core.publishing import PublishRequest, validate_publish
 from igratech_ws.demo_feed import DEMO_GAMES, DEMO_USER, demo_player_name, run_demo_feed
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WAIT_MS = 15_000
 API_KEY = "console-live-test-key"
 SECRET = "console-live-test-secret-0123456789abcdef"
 NOW = "2026-12-02T03:00:00Z"
 GAME = DEMO_GAMES[0]
 LOCAL = ("http://127.0.0.1:", "ws://127.0.0.1:", "data:")
-
-
-def _require_browser() -> None:
-    missing = None
-    if not os.path.exists(CHROMIUM):
-        missing = f"{CHROMIUM} is missing (apt-get install chromium)"
-    else:
-        try:
-            import playwright.async_api  # noqa: F401
-        except ImportError:
-            missing = "the playwright package is missing (pip install -e '.[dev]')"
-    if missing is None:
-        return
-    if os.environ.get("IGRATECH_WS_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{missing}, and IGRATECH_WS_REQUIRE_SERVICES=1 requires the browser tests")
-    pytest.skip(missing)
 
 
 def _config() -> Config:
@@ -91,7 +64,7 @@ class Browser:
 @pytest.fixture
 async def browser(gateway: App) -> AsyncIterator[Browser]:
     """A Chromium page that may reach 127.0.0.1 only; its errors fail the test."""
-    _require_browser()
+    require_browser()
     from playwright.async_api import async_playwright, expect
 
     expect.set_options(timeout=WAIT_MS)
