@@ -691,10 +691,10 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
     lines += [
         "## Reproduce",
         "",
-        "<!-- not-run: installs the peers and runs for about 15 minutes -->",
+        "<!-- not-run: installs the peers and runs for about 30 minutes -->",
         "```sh",
         "make bench-peers   # once: Node peers into bench/peers/, python-socketio + matplotlib",
-        "make bench         # about 20 minutes; writes this file, docs/benchmarks/*.png and the capacity model of docs/deployment.md",
+        "make bench         # about 30 minutes; writes this file, docs/benchmarks/*.png and the capacity model of docs/deployment.md",
         ".venv/bin/python -m bench.run --quick   # 1,000 clients, igratech-ws vs the limit",
         ".venv/bin/python -m bench.run --scenarios workers   # --workers 1 vs 2 on Redis (~2 min)",
         ".venv/bin/python -m bench.run --scenarios brokers   # section 8 and the capacity model",
