@@ -26,7 +26,7 @@ import websockets
 from igratech_ws.app import App, running_app
 from igratech_ws.brokers.base import HistoryPage
 from tests.support.cluster import BrokerSpace
-from tests.support.gateway import NOW, base_config, recv_event
+from tests.support.gateway import base_config, bet_payload, recv_event
 from tests.support.raw_ws import connect, frame, in_thread, read_frames
 
 GAMES = 100
@@ -35,22 +35,6 @@ BUDGET = 1_048_576  # max_write_buffer_bytes (the default)
 #: docs/security.md: worst case per connection, one message being assembled plus a full budget.
 PER_CONNECTION = 1_088 * 1024
 ATTACKERS = 4
-
-
-def bet(game: str, n: int) -> bytes:
-    items = [
-        {
-            "betId": f"b-{n}-{i}",
-            "market": "match_winner",
-            "selection": "home",
-            "odds": "2.10",
-            "stake": "5.00",
-            "currency": "EUR",
-            "placedAt": NOW,
-        }
-        for i in range(20)
-    ]
-    return json.dumps({"gameId": game, "bets": items}, separators=(",", ":")).encode()
 
 
 GAME_IDS = [f"g-{i:03d}" for i in range(GAMES)]
@@ -68,7 +52,7 @@ async def _filled(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Ap
             for game in GAME_IDS:
                 await asyncio.gather(
                     *(
-                        app.node.broker.publish(f"game:{game}", "bet", bet(game, n))
+                        app.node.broker.publish(f"game:{game}", "bet", bet_payload(game, n))
                         for n in range(BETS)
                     )
                 )

@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 
 from igratech_ws.app import App, running_app
-from tests.support.gateway import NOW, base_config, connect, recv, recv_event, send, settings
+from tests.support.gateway import (
+    NOW,
+    base_config,
+    bet_payload,
+    connect,
+    recv,
+    recv_event,
+    send,
+    settings,
+)
 from tests.support.raw_ws import connect as raw_connect
 from tests.support.raw_ws import frame, in_thread, read_frames
 
@@ -32,22 +41,6 @@ PER_CONNECTION = 1_088 * 1024  # docs/security.md
 async def app() -> AsyncIterator[App]:
     async with running_app(base_config(history_size=1000)) as gateway:
         yield gateway
-
-
-def bet(game: str, n: int) -> bytes:
-    items = [
-        {
-            "betId": f"b-{n}-{i}",
-            "market": "match_winner",
-            "selection": "home",
-            "odds": "2.10",
-            "stake": "5.00",
-            "currency": "EUR",
-            "placedAt": NOW,
-        }
-        for i in range(20)
-    ]
-    return json.dumps({"gameId": game, "bets": items}, separators=(",", ":")).encode()
 
 
 # --- invalid history ------------------------------------------------------------------------------
@@ -190,7 +183,7 @@ async def test_history_churn_without_reading_is_closed_within_the_budget(app: Ap
     game = "g-churn"
     channel = f"game:{game}"
     await asyncio.gather(
-        *(app.node.broker.publish(channel, "bet", bet(game, n)) for n in range(100))
+        *(app.node.broker.publish(channel, "bet", bet_payload(game, n)) for n in range(100))
     )
     follow = frame(
         0x1, json.dumps({"event": "settings", "data": {"follow": [game], "history": 100}}).encode()

@@ -109,6 +109,23 @@ def incident(game: str, n: int) -> dict[str, Any]:
     }
 
 
+def bet_payload(game: str, n: int, bets: int = 20) -> bytes:
+    """A `bet` payload of `bets` bets (about 2.9 KB for 20), encoded: a large stream event."""
+    items = [
+        {
+            "betId": f"b-{n}-{i}",
+            "market": "match_winner",
+            "selection": "home",
+            "odds": "2.10",
+            "stake": "5.00",
+            "currency": "EUR",
+            "placedAt": NOW,
+        }
+        for i in range(bets)
+    ]
+    return json.dumps({"gameId": game, "bets": items}, separators=(",", ":")).encode()
+
+
 def balance(user: str, amount: str) -> dict[str, Any]:
     return {
         "event": "balance",

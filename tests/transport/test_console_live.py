@@ -27,6 +27,7 @@ from igratech_ws.config import Config
 from igratech_ws.core.publishing import PublishRequest, validate_publish
 from igratech_ws.demo_feed import DEMO_GAMES, DEMO_USER, demo_player_name, run_demo_feed
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
+from tests.support.gateway import base_config
 
 WAIT_MS = 15_000
 API_KEY = "console-live-test-key"
@@ -37,15 +38,7 @@ LOCAL = ("http://127.0.0.1:", "ws://127.0.0.1:", "data:")
 
 
 def _config() -> Config:
-    return Config(
-        host="127.0.0.1",
-        port=0,
-        api_host="127.0.0.1",
-        api_port=0,
-        jwt_secret=SECRET,
-        api_key=API_KEY,
-        demo=True,
-    )
+    return base_config(jwt_secret=SECRET, api_key=API_KEY, demo=True)
 
 
 @pytest.fixture
