@@ -77,9 +77,17 @@ def dev_dependencies() -> dict[str, str]:
     return deps
 
 
-def _install(directory: Path, specs: list[str], ready: Callable[[], bool], *flags: str) -> bool:
+def _install(
+    directory: Path,
+    specs: list[str],
+    ready: Callable[[], bool],
+    *flags: str,
+    mark_ready: Callable[[], object] = lambda: None,
+) -> bool:
     """`npm install specs` into `directory` unless `ready()`; True if it installed. Checked again
-    under the directory's lock, so that of two processes only the first one installs."""
+    under the directory's lock, so that of two processes only the first one installs.
+    `mark_ready` runs under the same lock after a successful install: whatever `ready()` reads
+    must be written there, or a second process that takes the lock in between installs again."""
     if ready():
         return False
     with locked(directory):
@@ -100,6 +108,7 @@ def _install(directory: Path, specs: list[str], ready: Callable[[], bool], *flag
                 timeout=INSTALL_S,
             )
             if result.returncode == 0:
+                mark_ready()
                 return True
         raise InstallFailed(
             f"npm install {' '.join(specs)} failed {INSTALL_ATTEMPTS} times; the last time:\n"
@@ -117,10 +126,9 @@ def install_js_client_deps() -> bool:
         return stamp.exists() and json.loads(stamp.read_text()) == wanted and modules.is_dir()
 
     specs = [f"{name}@{version}" for name, version in sorted(wanted.items())]
-    installed = _install(DEPS_DIR, specs, ready, "--no-save")
-    if installed:
-        stamp.write_text(json.dumps(wanted))
-    return installed
+    return _install(
+        DEPS_DIR, specs, ready, "--no-save", mark_ready=lambda: stamp.write_text(json.dumps(wanted))
+    )
 
 
 def install_asyncapi_cli() -> bool:
