@@ -16,7 +16,7 @@ import pytest
 from igratech_ws.brokers import BrokerOptions
 from igratech_ws.brokers.base import BrokerError, HistoryLimits, Publication, PublishResult
 from igratech_ws.brokers.nats import NatsBroker, publish_event, stream_name
-from igratech_ws.brokers.nats.appender import Appender
+from igratech_ws.brokers.nats.appender import PROBE_AFTER, Appender
 from igratech_ws.brokers.nats.subjects import H_EXPECTED_LAST_MSG_ID, H_OFFSET
 from tests.support.brokers import WAIT_S
 from tests.support.servers import private_server
@@ -187,20 +187,26 @@ async def test_a_keyed_state_event_that_was_made_is_a_duplicate(make_broker: Mak
 
 # --- chains broken mid-way ------------------------------------------------------------------------
 
-Hook = Callable[[int, dict[str, str]], Awaitable[None]]
+Hook = Callable[[int, int, dict[str, str]], Awaitable[None]]
 
 
 def hook_chain(broker: NatsBroker, hook: Hook) -> None:
-    """Call `hook(offset, headers)` before the broker sends each chained message (one that
-    expects its predecessor's id): it may append elsewhere, restart the server, edit headers."""
+    """Call `hook(offset, index in its chain, headers)` before the broker sends each chained
+    message (one that expects its predecessor's id, index 1 and up): it may append elsewhere,
+    restart the server, edit headers."""
     nc = broker._nc
     assert nc is not None
     publish = nc.publish
+    index = 0
 
     async def hooked(subject: str, payload: bytes = b"", reply: str = "", **kw: Any) -> None:
+        nonlocal index
         headers = kw.get("headers")
         if headers is not None and H_EXPECTED_LAST_MSG_ID in headers:
-            await hook(int(headers[H_OFFSET]), headers)
+            index += 1
+            await hook(int(headers[H_OFFSET]), index, headers)
+        else:
+            index = 0
         await publish(subject, payload, reply=reply, **kw)
 
     nc.publish = hooked  # type: ignore[method-assign]
@@ -242,7 +248,7 @@ async def test_a_chain_broken_by_another_publisher_on_the_channel_loses_and_reor
     await broker.publish(GAME, "bet", b'{"i":-1}')  # the tail is known: the next go in chains
     injected: list[Publication] = []
 
-    async def another_append(offset: int, headers: dict[str, str]) -> None:
+    async def another_append(offset: int, index: int, headers: dict[str, str]) -> None:
         if offset == 5 and not injected:
             # Messages 2..4 are stored (wait for it), then the other node appends to the channel.
             async with asyncio.timeout(WAIT_S):
@@ -272,7 +278,7 @@ async def test_a_chain_broken_by_an_append_to_another_channel_goes_on_in_order(
     nc = await nats.connect(server_url)
     breaks = 0
 
-    async def other_channel(offset: int, headers: dict[str, str]) -> None:
+    async def other_channel(offset: int, index: int, headers: dict[str, str]) -> None:
         nonlocal breaks
         if offset % 7 == 0:
             breaks += 1
@@ -295,21 +301,39 @@ async def test_repeated_chain_breaks_stop_chaining(make_broker: MakeBroker) -> N
     appender = appender_of(broker)
     other = await make_broker(node_id="n2")
     await broker.publish(GAME, "bet", b'{"i":-1}')
+    interfere = True
 
-    async def always(offset: int, headers: dict[str, str]) -> None:
-        await other.publish("game:other", "incident", b"{}")
+    async def always(offset: int, index: int, headers: dict[str, str]) -> None:
+        if interfere and index == 1:
+            # Once the chain's first is stored, another channel's message: it breaks here.
+            async with asyncio.timeout(WAIT_S):
+                while True:
+                    if (await other.position(GAME)).offset >= offset - 1:
+                        break
+                    await asyncio.sleep(0.005)
+            await other.publish("game:other", "incident", b"{}")
 
     hook_chain(broker, always)
-    for _ in range(8):
+    for _ in range(10):  # each broken chain halves the limit: 128 -> 1 in 7
         outcomes = await publish_all(broker, 20)
         assert all(isinstance(o, PublishResult) for o in outcomes)
+        if appender.chain_limit == 1:
+            break
     assert appender.chain_limit == 1  # fell back to one append at a time
+    # From then on, one try of a chain of 2 per PROBE_AFTER appends: one broken chain each.
     breaks = appender.chain_breaks
-    outcomes = await publish_all(broker, 20)
-    assert all(isinstance(o, PublishResult) for o in outcomes)
-    assert appender.chain_breaks == breaks
+    for _ in range(3):
+        outcomes = await publish_all(broker, PROBE_AFTER)
+        assert all(isinstance(o, PublishResult) for o in outcomes)
+        assert appender.chain_limit <= 2
+    assert appender.chain_breaks - breaks <= 3
     offsets = [r.publication.offset for r in outcomes if isinstance(r, PublishResult)]
-    assert offsets == list(range(offsets[0], offsets[0] + 20))
+    assert offsets == list(range(offsets[0], offsets[0] + PROBE_AFTER))
+    # Once nothing comes in between any more, the tries succeed and chains grow again.
+    interfere = False
+    for _ in range(3):
+        await publish_all(broker, PROBE_AFTER)
+    assert appender.chain_limit > 2
 
 
 async def test_a_chain_message_refused_for_its_own_reason_fails_it_and_the_rest_only(
@@ -318,7 +342,7 @@ async def test_a_chain_message_refused_for_its_own_reason_fails_it_and_the_rest_
     broker = await make_broker()
     await broker.publish(GAME, "bet", b'{"i":-1}')
 
-    async def spoil(offset: int, headers: dict[str, str]) -> None:
+    async def spoil(offset: int, index: int, headers: dict[str, str]) -> None:
         if offset == 5:
             headers["Nats-Expected-Stream"] = "NOT-THIS-ONE"  # refused: wrong stream
 
@@ -357,7 +381,7 @@ async def test_a_server_restart_mid_chain_loses_and_reorders_nothing(
             await broker.publish(GAME, "bet", b'{"i":-1}')
             restarted = False
 
-            async def restart(offset: int, headers: dict[str, str]) -> None:
+            async def restart(offset: int, index: int, headers: dict[str, str]) -> None:
                 nonlocal restarted
                 if offset == 6 and not restarted:
                     restarted = True
