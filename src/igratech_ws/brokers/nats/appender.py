@@ -437,11 +437,11 @@ class Appender:
         self._chained += 1
         return f"{self._chain_prefix}{self._chained:x}"
 
-    async def _append_chain(self, channel: str, tail: _Tail, group: list[_Pending]) -> int:
+    async def _append_chain(self, channel: str, tail: _Tail, group: list[_Pending]) -> None:
         """Send `group` (two or more unkeyed publications) without waiting in between: the first
         expects the channel's tail, each later one the previous one's message id. Settles the
-        futures of the stored ones and returns their number, all of them; raises `_ChainBroken`
-        (how many were stored, and the first refusal) if the server refused one."""
+        future of each one stored; raises `_ChainBroken` (how many were stored, and the first
+        refusal) if the server refused one."""
         now = time.time()
         subject = append_subject(self.prefix, channel)
         sent: list[tuple[Publication, str, asyncio.Future[_Ack]]] = []
@@ -478,7 +478,6 @@ class Appender:
                 self.appends += 1
                 self._remember(channel, _Tail(ack.seq, publication.offset, publication.epoch))
                 _settle(pending, PublishResult(publication))
-            return len(group)
         finally:
             for _, reply, future in sent:
                 self._acks.forget(reply)
