@@ -413,3 +413,38 @@ async def test_a_server_restart_mid_chain_loses_and_reorders_nothing(
                 assert made >= 4  # the ones acknowledged before the restart
         finally:
             await broker.close()
+
+
+async def test_two_nodes_chaining_into_one_stream_lose_and_reorder_nothing(
+    make_broker: MakeBroker,
+) -> None:
+    # Both nodes' chains interleave in the stream (breaking each other's), on shared and own
+    # channels: every channel stays consecutive, and each node's publications in call order.
+    nodes = [await make_broker(), await make_broker(node_id="n2")]
+    channels = ["game:shared", "game:a", "game:b"]
+
+    async def node_burst(broker: NatsBroker, n: int) -> list[tuple[str, int, PublishResult]]:
+        calls = [(channels[(i * 7 + n) % 3], i) for i in range(300)]
+
+        async def call(channel: str, i: int) -> PublishResult:
+            await asyncio.sleep(i * 0.0005)  # spread out: many small chains, not one big one
+            return await broker.publish(channel, "bet", b'{"n":%d,"i":%d}' % (n, i))
+
+        results = await asyncio.gather(*(call(c, i) for c, i in calls))
+        return [(c, i, r) for (c, i), r in zip(calls, results, strict=True)]
+
+    async def pause(offset: int, index: int, headers: dict[str, str]) -> None:
+        if index % 4 == 2:
+            await asyncio.sleep(0.002)  # the other node's messages get in between
+
+    for broker in nodes:
+        hook_chain(broker, pause)
+    made = await asyncio.gather(*(node_burst(b, n) for n, b in enumerate(nodes)))
+    for channel in channels:
+        stored = (await nodes[0].history(channel, 0, 1000)).publications
+        assert [p.offset for p in stored] == list(range(1, len(stored) + 1))
+        assert len({p.epoch for p in stored}) == 1
+        for n, results in enumerate(made):
+            ours = [r.publication for c, _, r in results if c == channel]
+            assert [p for p in stored if p.origin == nodes[n].node_id] == ours
+    assert sum(appender_of(b).chain_breaks for b in nodes) >= 1
