@@ -209,7 +209,7 @@ def hook_chain(broker: NatsBroker, hook: Hook) -> None:
             index = 0
         await publish(subject, payload, reply=reply, **kw)
 
-    nc.publish = hooked  # type: ignore[method-assign]
+    nc.publish = hooked  # type: ignore[method-assign, assignment]
 
 
 async def publish_all(broker: NatsBroker, n: int, event: str = "bet") -> list[object]:
