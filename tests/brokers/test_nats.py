@@ -93,6 +93,8 @@ def test_url_options_are_ours_and_stripped() -> None:
         parse_url("nats://127.0.0.1:4222?prefx=a")
     with pytest.raises(ValueError, match="prefix"):
         NatsBroker("nats://127.0.0.1:4222?prefix=a.*", BrokerOptions(node_id="n"))
+    with pytest.raises(ValueError, match="chain"):
+        NatsBroker("nats://127.0.0.1:4222?chain=0", BrokerOptions(node_id="n"))
     assert isinstance(from_url("nats://127.0.0.1:4222?prefix=x"), NatsBroker)
     assert stream_name("a.b") == "IGWS_a_b"
 

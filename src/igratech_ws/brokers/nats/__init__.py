@@ -12,16 +12,19 @@ JSON, verbatim) and the headers are::
     Igws-Time     publication time, Unix seconds as a Python float repr
     Igws-Origin   the publishing node id (or any name a backend chooses)
     Nats-Expected-Last-Subject-Sequence   the stream sequence of the message it follows (0: none)
-    Nats-Msg-Id   ``<token>/<idempotency key>``, only on a publish with a key
+    Nats-Msg-Id   ``<token>/<idempotency key>``, on a publish with a key; a node-unique id
+                  (no ``/``) on a chained one that another chained one follows
+    Nats-Expected-Last-Msg-Id   instead of the sequence, on a chained publication after the
+                  first: the id of the one it follows (see `appender`)
 
 One stream holds every channel, bounded by ``MaxMsgsPerSubject = history_size`` and ``MaxAge``
 (`BrokerOptions.retention`, or the URL's ``max_age``); a stream per channel would cost a stream
 (and its server-side state and API calls) per game and user, which NATS does not scale to. How an
 append stays atomic per channel, how keys are deduplicated and how state slots are written:
-`append`; how a node does it in one round trip, several publications per round trip on NATS
-2.12+ (atomic batches): `appender`. Reads (`history`): nothing is created for a channel without
-messages (no epoch marker,
-no consumer): its position is ``(0, EMPTY_EPOCH)``.
+`append`; how a node does it in one round trip, with many publications of a channel in flight at
+once (chains), and a state publication with its slot in one atomic batch on NATS 2.12+:
+`appender`. Reads (`history`): nothing is created for a channel without messages (no epoch
+marker, no consumer): its position is ``(0, EMPTY_EPOCH)``.
 
 Epochs. The first message of a channel's (empty) subject picks a random epoch and every later
 message copies it. When the channel's messages are all gone (idle longer than ``MaxAge``, or the

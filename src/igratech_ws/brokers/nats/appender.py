@@ -1,4 +1,4 @@
-"""A node's appends to JetStream: one round trip per append, several publications per append.
+"""A node's appends to JetStream: one round trip per append, many publications in flight at once.
 
 The append protocol is `append`'s (consecutive offsets by ``Nats-Expected-Last-Subject-Sequence``,
 idempotency keys by ``Nats-Msg-Id``, state slots by ``Nats-Rollup: sub``); what this module adds is
@@ -10,13 +10,30 @@ how a node drives it fast:
   the expectation (error 10071) and the node reads the tail again and retries; so a remembered
   tail is only ever a guess that the server checks. Tails are kept for the `MAX_TAILS` channels
   published last.
-- **Per channel, one append is in flight; what arrives meanwhile goes together next.** The
-  publications queued behind it leave as one *atomic batch* (NATS 2.12 and later, stream option
-  ``allow_atomic``): every message of the channel, then the newest state slot of each state event,
-  all stored or none, with the expectation on the first message. So a burst of publications to one
-  channel costs one round trip, the server stores and republishes them back to back (the nodes get
-  them in one read), and a state slot is written in the same atomic step as its publication. On a
-  server without atomic batches they leave one by one, each in one round trip.
+- **Per channel, one append is in flight; what arrives meanwhile goes together next**, as a
+  *chain*: the publications are sent back to back without waiting, the first expecting the
+  channel's tail (``Nats-Expected-Last-Subject-Sequence``), each later one the message id of the
+  one before it (``Nats-Expected-Last-Msg-Id``; the chained ones carry a unique
+  ``Nats-Msg-Id``, the last one none). The server stores a chain message only right after its
+  predecessor, so what it stored of a chain is always a prefix of it, at consecutive offsets:
+  nothing behind a hole, nothing out of order. A refusal in the middle settles the stored ones;
+  if the refusal was ``wrong last msg id`` (any other message of the stream came in between: the
+  expectation is stream-wide, so another node's or a backend's append to any channel breaks a
+  chain), the rest go back to the front of the queue and are sent again behind the new tail; any
+  other refusal fails that publication and the ones after it, and so does a timeout (their fate
+  is unknown, as for a single append: the tail is read again). A whole chain doubles the node's
+  chain limit (`MAX_CHAIN`, the URL option ``chain``), a broken one halves it: on a stream that
+  other publishers keep appending to, a node ends up appending one at a time and tries chaining
+  again after `PROBE_AFTER` single appends. A node's chain leaves in one write, so its own
+  appends to other channels do not break it. Cost: the server keeps each chained id in its
+  duplicate table for the stream's duplicate window (about 0.2 KB each).
+- **State events go in an atomic batch** on a server that has them (NATS 2.12 and later, stream
+  option ``allow_atomic``): the state event and the unkeyed publications queued behind it, then
+  the newest state slot of each state event, all stored or none, with the expectation on the
+  first message, so a state slot is written in the same atomic step as its publication. Only
+  where atomicity is needed: 2.12+ writes every atomic batch to disk with several fsyncs (file
+  storage), which made batching every burst slower than chains. On a server without atomic
+  batches a state event goes alone, and its slot is a second step (see `append`).
 - A publication with an idempotency key always goes alone (a duplicate id would fail a whole
   batch): JetStream answers a duplicate with the first one's sequence, which is read back.
 - Acknowledgements come on one inbox subscription of the node and are decoded here (nats-py's
@@ -48,6 +65,7 @@ from igratech_ws.brokers.core import new_epoch
 from igratech_ws.brokers.nats.append import first_of, headers_of
 from igratech_ws.brokers.nats.history import StreamMissing, read_last
 from igratech_ws.brokers.nats.subjects import (
+    H_EXPECTED_LAST_MSG_ID,
     H_EXPECTED_LAST_SUBJECT_SEQ,
     H_MSG_ID,
     H_ROLLUP,
@@ -67,6 +85,12 @@ MAX_BATCH = 256
 #: succeeded, so only heavy cross-node contention on one channel gets here).
 MAX_ATTEMPTS = 64
 
+#: Publications sent as one chain at most (see the module docstring).
+MAX_CHAIN = 128
+#: Single appends in a row after which a node whose chains kept breaking tries chaining again.
+PROBE_AFTER = 64
+
+ERR_WRONG_LAST_MSG_ID = 10070
 ERR_WRONG_LAST_SEQUENCE = 10071
 #: "wrong last sequence" as an atomic batch reports it.
 ERR_WRONG_LAST_SEQUENCE_BATCH = 10164
@@ -103,6 +127,15 @@ class _AckError(Exception):
         self.err_code = error.err_code
 
 
+class _ChainBroken(Exception):
+    """The server refused message `stored` of a chain (the ones before it are stored)."""
+
+    def __init__(self, stored: int, error: _AckError) -> None:
+        super().__init__(f"chain broken after {stored}: {error}")
+        self.stored = stored
+        self.error = error
+
+
 @dataclass(slots=True)
 class _Tail:
     seq: int
@@ -116,6 +149,11 @@ class _Pending:
     data: bytes
     key: str | None
     future: asyncio.Future[PublishResult]
+
+
+def _settle(pending: _Pending, result: PublishResult) -> None:
+    if not pending.future.done():  # the caller may have given up
+        pending.future.set_result(result)
 
 
 class Acks:
@@ -183,6 +221,7 @@ class Appender:
         timeout: float,
         state_events: frozenset[str],
         atomic: bool,
+        max_chain: int = MAX_CHAIN,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -197,9 +236,20 @@ class Appender:
         # Channels with publications waiting, and the task appending each one's queue.
         self._queues: dict[str, deque[_Pending]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        #: Appends made, and how many of them were atomic batches (for tests and metrics).
+        #: Appends made (messages acknowledged as stored, or batches), how many of them were
+        #: atomic batches, chains sent whole, chains broken (for tests and metrics).
         self.appends = 0
         self.batches = 0
+        self.chains = 0
+        self.chain_breaks = 0
+        #: Publications chained at most (1: no chains); `chain_limit` is the current limit, halved
+        #: at each broken chain and doubled after each whole one.
+        self.max_chain = max(1, max_chain)
+        self.chain_limit = self.max_chain
+        self._calm = 0
+        # Chain message ids: unique to this appender; no "/", so never an idempotency key's id.
+        self._chain_prefix = uuid.uuid4().hex[:16] + "."
+        self._chained = 0
 
     async def start(self) -> None:
         await self._acks.start()
@@ -246,9 +296,10 @@ class Appender:
                 group = self._take(queue)
                 try:
                     async with asyncio.timeout(self.timeout):
-                        results = await self._append(channel, group)
+                        await self._append(channel, group, queue)
                 except BaseException as exc:
-                    # What happened to the append is unknown: read the tail next time.
+                    # What happened to the append is unknown: read the tail next time. The
+                    # publications already acknowledged keep their results.
                     self._tails.pop(channel, None)
                     error = exc
                     if isinstance(exc, TimeoutError):
@@ -258,22 +309,31 @@ class Appender:
                             pending.future.set_exception(error)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
-                    continue
-                for pending, result in zip(group, results, strict=True):
-                    if not pending.future.done():
-                        pending.future.set_result(result)
         finally:
             self._tasks.pop(channel, None)
             if not queue:
                 self._queues.pop(channel, None)
 
     def _take(self, queue: deque[_Pending]) -> list[_Pending]:
-        """The next append: one keyed publication alone, or unkeyed ones up to the next key."""
+        """The next append: a keyed publication alone; on a server with atomic batches, a state
+        event and the unkeyed ones after it (one batch); otherwise a chain of unkeyed non-state
+        publications (`chain_limit` at most; one when chaining is off)."""
         first = queue.popleft()
         group = [first]
-        if first.key is not None or not self.atomic:
+        if first.key is not None:
             return group
-        while queue and queue[0].key is None and len(group) < MAX_BATCH:
+        if first.event in self.state_events:
+            if not self.atomic:
+                return group  # appended, then its slot written (`_append_one`)
+            while queue and queue[0].key is None and len(group) < MAX_BATCH:
+                group.append(queue.popleft())
+            return group
+        while (
+            queue
+            and queue[0].key is None
+            and queue[0].event not in self.state_events
+            and len(group) < self.chain_limit
+        ):
             group.append(queue.popleft())
         return group
 
@@ -293,40 +353,138 @@ class Appender:
         while len(self._tails) > MAX_TAILS:
             self._tails.popitem(last=False)
 
-    async def _append(self, channel: str, group: list[_Pending]) -> list[PublishResult]:
+    async def _append(
+        self, channel: str, group: list[_Pending], queue: deque[_Pending]
+    ) -> None:
+        """Append `group` (one `_take`) and settle each publication's future with its result."""
         alone = group[0]
-        # A state event alone goes as a batch too (its slot in the same atomic step), unless it
-        # is a keyed one the batch said was a duplicate: alone, JetStream tells where the first is.
-        batch = len(group) > 1 or (self.atomic and alone.event in self.state_events)
+        # A state event goes as a batch (its slot in the same atomic step), unless it is a keyed
+        # one the batch said was a duplicate: alone, JetStream tells where the first one is.
+        batch = self.atomic and alone.event in self.state_events
+        rest = group
         for attempt in range(MAX_ATTEMPTS):
             tail = await self._tail(channel)
             try:
                 if batch:
-                    return await self._append_batch(channel, tail, group)
-                return [await self._append_one(channel, tail, alone)]
-            except _AckError as exc:
-                if exc.err_code == ERR_BATCH_DUPLICATE_ID and len(group) == 1:
-                    batch = False
-                    continue
-                if exc.err_code == ERR_ATOMIC_DISABLED:
-                    # The stream was updated by a node that does not ask for atomic batches
-                    # (an older version): go on one by one.
-                    log.warning(
-                        "NATS stream %s refuses atomic batches: appending one by one", self.stream
-                    )
-                    self.atomic = False
-                    results = []
-                    for pending in group:
-                        results.extend(await self._append(channel, [pending]))
-                    return results
-                if exc.err_code not in _CONFLICTS:
+                    results = await self._append_batch(channel, tail, rest)
+                    for pending, result in zip(rest, results, strict=True):
+                        _settle(pending, result)
+                    return
+                if len(rest) == 1:
+                    _settle(rest[0], await self._append_one(channel, tail, rest[0]))
+                    self._single_held()
+                    return
+                await self._append_chain(channel, tail, rest)
+                self._chain_held(len(rest))
+                return
+            except _ChainBroken as broken:
+                stored, exc = broken.stored, broken.error
+                rest = rest[stored:]
+                if stored and exc.err_code == ERR_WRONG_LAST_MSG_ID:
+                    # Another append came between two of the chain (another node's, a backend's:
+                    # any message of the stream): the stored ones are settled and the tail is
+                    # known; the rest go back to the front of the queue, in order.
+                    self._chain_broken()
+                    queue.extendleft(reversed(rest))
+                    return
+                if stored:
+                    # The chain's message `stored` was refused for its own reason: it and the
+                    # ones after it (refused too: each expects its predecessor) fail.
                     raise BrokerError(f"NATS refused the append: {exc}") from None
-                # Somebody appended since the tail we knew: read it again. A short random pause
-                # spreads out publishers on other nodes that keep colliding on one channel.
-                self._tails.pop(channel, None)
-                if attempt:
-                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                # Nothing of the chain was stored: the first one's error decides, below.
+            except _AckError as error:
+                exc = error
+            if exc.err_code == ERR_BATCH_DUPLICATE_ID and batch and len(rest) == 1:
+                batch = False
+                continue
+            if exc.err_code == ERR_ATOMIC_DISABLED:
+                # The stream was updated by a node that does not ask for atomic batches
+                # (an older version): go on one by one.
+                log.warning(
+                    "NATS stream %s refuses atomic batches: appending one by one", self.stream
+                )
+                self.atomic = False
+                for pending in rest:
+                    await self._append(channel, [pending], queue)
+                return
+            if exc.err_code not in _CONFLICTS:
+                raise BrokerError(f"NATS refused the append: {exc}") from None
+            # Somebody appended since the tail we knew: read it again. A short random pause
+            # spreads out publishers on other nodes that keep colliding on one channel.
+            self._tails.pop(channel, None)
+            if attempt:
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise BrokerError(f"{channel}: gave up after {MAX_ATTEMPTS} concurrent appends")
+
+    def _single_held(self) -> None:
+        if self.chain_limit == 1 and self.max_chain > 1:
+            self._calm += 1
+            if self._calm >= PROBE_AFTER:  # try chaining again
+                self._calm = 0
+                self.chain_limit = 2
+
+    def _chain_held(self, length: int) -> None:
+        self.chains += 1
+        if length >= self.chain_limit:
+            self.chain_limit = min(self.max_chain, self.chain_limit * 2)
+
+    def _chain_broken(self) -> None:
+        self.chain_breaks += 1
+        self.chain_limit = max(1, self.chain_limit // 2)
+        self._calm = 0
+
+    def _chain_id(self) -> str:
+        self._chained += 1
+        return f"{self._chain_prefix}{self._chained:x}"
+
+    async def _append_chain(self, channel: str, tail: _Tail, group: list[_Pending]) -> None:
+        """Send `group` (two or more unkeyed publications) without waiting in between: the first
+        expects the channel's tail, each later one the previous one's message id. Settles the
+        future of each one stored; raises `_ChainBroken` (how many were stored, and the first
+        refusal) if the server refused one."""
+        now = time.time()
+        subject = append_subject(self.prefix, channel)
+        sent: list[tuple[Publication, str, asyncio.Future[_Ack]]] = []
+        last = len(group) - 1
+        previous = ""
+        try:
+            # No await yields in between unless nats-py's buffer is full, so a node's chain
+            # reaches the server in one piece, between no other appends of the same node.
+            for index, pending in enumerate(group):
+                publication = Publication(
+                    channel, tail.offset + 1 + index, tail.epoch, pending.event, pending.data,
+                    now, self.origin,
+                )
+                headers = headers_of(publication)
+                if index == 0:
+                    headers[H_EXPECTED_LAST_SUBJECT_SEQ] = str(tail.seq)
+                else:
+                    headers[H_EXPECTED_LAST_MSG_ID] = previous
+                if index < last:
+                    previous = headers[H_MSG_ID] = self._chain_id()
+                reply, future = self._acks.expect()
+                sent.append((publication, reply, future))
+                await self._nc.publish(subject, pending.data, reply=reply, headers=headers)
+            # The acknowledgements come in order. What the server stored is a prefix of the
+            # chain: a message is stored only right after its predecessor (the id is unique).
+            for stored, (pending, (publication, _, future)) in enumerate(
+                zip(group, sent, strict=True)
+            ):
+                ack = await future
+                if ack.error is not None:
+                    raise _ChainBroken(stored, _AckError(ack.error))
+                if ack.duplicate:  # a chain id is never sent twice
+                    raise BrokerError(f"NATS took chain message {stored} for a duplicate")
+                self.appends += 1
+                self._remember(channel, _Tail(ack.seq, publication.offset, publication.epoch))
+                _settle(pending, PublishResult(publication))
+        finally:
+            for _, reply, future in sent:
+                self._acks.forget(reply)
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: no "never retrieved" report
 
     async def _send(self, subject: str, data: bytes, headers: dict[str, str]) -> _Ack:
         reply, future = self._acks.expect()

@@ -40,7 +40,7 @@ from igratech_ws.brokers.base import (
     check_idempotency_key,
 )
 from igratech_ws.brokers.core import Backoff, BrokerCore, encode_control
-from igratech_ws.brokers.nats.appender import Appender
+from igratech_ws.brokers.nats.appender import MAX_CHAIN, Appender
 from igratech_ws.brokers.nats.client import Client
 from igratech_ws.brokers.nats.history import (
     Stored,
@@ -86,7 +86,8 @@ def _as_broker_error(what: str) -> Iterator[None]:
 class NatsBroker(BrokerCore):
     """`Broker` over NATS JetStream. See the package docstring for subjects, format and design.
 
-    `url` is ``nats://host:port[?prefix=P&storage=file|memory&replicas=N&timeout=S&max_age=S]``;
+    `url` is
+    ``nats://host:port[?prefix=P&storage=file|memory&replicas=N&timeout=S&max_age=S&chain=N]``;
     the query is ours and is stripped before connecting. Every node of one deployment must use
     the same prefix and options (the stream is updated to those of the node that starts last).
     """
@@ -105,6 +106,9 @@ class NatsBroker(BrokerCore):
         self._timeout = float(query.get("timeout", self.options.op_timeout))
         retention = float(query.get("max_age", self.options.retention))
         self._max_age = max(self.limits.ttl, retention)
+        self._max_chain = int(query.get("chain", MAX_CHAIN))
+        if self._max_chain < 1:
+            raise ValueError("NATS URL option chain must be 1 or more")
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         # One entry per channel the hub follows; the hub bounds that set.
@@ -185,6 +189,7 @@ class NatsBroker(BrokerCore):
                         timeout=self._timeout,
                         state_events=self.options.state_events,
                         atomic=self.atomic_batches,
+                        max_chain=self._max_chain,
                     )
                     await self._appender.start()
                     await self._nc.subscribe(control_subject(self.prefix), cb=self._control_msg)

@@ -30,10 +30,11 @@ H_TIME = "Igws-Time"
 H_ORIGIN = "Igws-Origin"
 H_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 H_MSG_ID = "Nats-Msg-Id"
+H_EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 H_ROLLUP = "Nats-Rollup"
 
 #: URL query options that are ours (stripped before nats-py sees the URL).
-URL_OPTIONS = frozenset({"prefix", "storage", "replicas", "timeout", "max_age"})
+URL_OPTIONS = frozenset({"prefix", "storage", "replicas", "timeout", "max_age", "chain"})
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-:")
@@ -112,7 +113,8 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
 
     Options: ``prefix`` (subject/stream namespace), ``storage`` (``file`` or ``memory``),
     ``replicas`` (stream replicas), ``timeout`` (seconds per request), ``max_age`` (seconds the
-    stream keeps messages, hence an idle channel's position). Unknown ones are refused
+    stream keeps messages, hence an idle channel's position), ``chain`` (publications per
+    channel in flight at once at most; 1 turns chains off). Unknown ones are refused
     so that a typo is not silently ignored.
     """
     parts = urlsplit(url)
