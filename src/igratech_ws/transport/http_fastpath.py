@@ -212,7 +212,7 @@ class _Connection(asyncio.Protocol):
         or `MAX_SERVED_AT_ONCE` were answered (the rest on the loop's next turn)."""
         routes = self.shared.routes
         served = 0
-        while not self.closing and self.task is None and not self.write_paused:
+        while self.buffer and not self.closing and self.task is None and not self.write_paused:
             if served == MAX_SERVED_AT_ONCE:
                 self.loop.call_soon(self._serve)
                 break
