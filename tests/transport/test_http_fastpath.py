@@ -226,6 +226,7 @@ class _Transport:
     def __init__(self) -> None:
         self.written: list[bytes] = []
         self.closed = False
+        self.paused = False
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -237,10 +238,11 @@ class _Transport:
         self.closed = True
 
     def pause_reading(self) -> None:
-        return None
+        self.paused = True
 
     def resume_reading(self) -> None:
-        return None
+        assert not self.closed, "resume_reading on a closed transport"
+        self.paused = False
 
 
 async def test_a_pipelined_burst_does_not_hold_the_loop(
@@ -262,6 +264,26 @@ async def test_a_pipelined_burst_does_not_hold_the_loop(
     ]
     assert offsets == list(range(1, burst + 1))
     connection.connection_lost(None)
+
+
+async def test_a_burst_cut_short_by_a_lost_connection_stops_quietly(
+    site: PublishFastSite, at_once: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst big enough to pause reading, and the connection lost before its next slice: the
+    slice scheduled for the next loop turn serves nothing and touches no closed transport."""
+    connection = http_fastpath._Connection(site._shared)
+    transport = _Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    request = raw_publish(incident())
+    burst = site._shared.routes.max_body_bytes // len(request) + 2 * MAX_SERVED_AT_ONCE
+    connection.data_received(request * burst)
+    assert transport.paused and len(transport.written) == MAX_SERVED_AT_ONCE
+    transport.closed = True
+    connection.connection_lost(None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(transport.written) == MAX_SERVED_AT_ONCE
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
 
 
 async def test_a_long_burst_over_a_socket_is_answered_in_order(

@@ -247,7 +247,7 @@ class _Connection(asyncio.Protocol):
                 self.task = self.loop.create_task(self._finish(head, publishing, waiting_for))
                 break
             self._answer(answer, head.close)
-        if self.read_paused and len(self.buffer) <= routes.max_body_bytes:
+        if self.read_paused and not self.closing and len(self.buffer) <= routes.max_body_bytes:
             self.read_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
