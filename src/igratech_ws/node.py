@@ -491,6 +491,11 @@ class Node:
 
     # --- publishing and logout through the API -----------------------------------------------
 
+    @property
+    def publishes_at_once(self) -> bool:
+        """Whether `publish` finishes without waiting (`Broker.publishes_at_once`)."""
+        return self.broker.publishes_at_once
+
     async def publish(
         self, publication: ValidatedPublication, *, idempotency_key: str | None = None
     ) -> PublishResult:

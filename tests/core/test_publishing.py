@@ -7,11 +7,14 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from igratech_ws.core.codec import ProtocolError
 from igratech_ws.core.messages import BalanceData, StatsData
 from igratech_ws.core.publishing import (
     PublishRequest,
+    decode_valid_publish,
     parse_batch_body,
     parse_publish_body,
     validate_publish,
@@ -187,3 +190,91 @@ def test_parse_batch_body_errors(body: bytes, code: str, field: str | None) -> N
     with pytest.raises(ProtocolError) as caught:
         parse_batch_body(body, max_items=2)
     assert (caught.value.code, caught.value.field) == (code, field)
+
+
+# --- the one-pass reading of a single publish agrees with the two-pass one ----------------------
+
+VALID_BODIES = {
+    "incident": {"event": "incident", "gameId": "g-1", "data": INCIDENT},
+    "bet": {"event": "bet", "gameId": "g-1", "data": BET},
+    "game stats": {"event": "stats", "gameId": "g-1", "data": GAME_STATS},
+    "game stats without id": {"event": "stats", "gameId": "g-1", "data": GAME_STATS_NO_ID},
+    "global stats": {"event": "stats", "data": GLOBAL_STATS},
+    "balance": {"event": "balance", "userId": "u-42", "data": BALANCE},
+    "bets-result": {"event": "bets-result", "userId": "u-42", "data": RESULTS},
+}
+#: Values that break (or keep) a body: wrong types, patterns, bounds, targets, unknown members.
+ODD_VALUES: list[Any] = [
+    None, 0, -1, 301, 1.5, True, "", " ", "g-2", "g 1", "x" * 65, "x" * 129, "u-42", "global",
+    "game", "incident", "balance", "stats", "jackpot", "2026-11-23T19:45:00Z", "1.00", "EUR",
+    [], {}, [1], {"a": 1}, "\ud800",
+]  # fmt: skip
+TOP_KEYS = ["event", "gameId", "userId", "idempotencyKey", "data", "extra"]
+DATA_KEYS = ["gameId", "incidentId", "type", "occurredAt", "minute", "side", "score", "scope",
+             "values", "balance", "currency", "updatedAt", "bets", "results", "description"]  # fmt: skip
+
+_DROP = object()
+_changes = st.lists(
+    st.tuples(
+        st.booleans(), st.sampled_from(TOP_KEYS + DATA_KEYS), st.sampled_from([_DROP, *ODD_VALUES])
+    ),
+    max_size=3,
+)
+
+
+def two_pass(body: bytes) -> tuple[Any, str | None] | None:
+    """The reference reading: `parse_publish_body` then `validate_publish` (None if refused)."""
+    try:
+        request = parse_publish_body(body)
+        return validate_publish(request), request.idempotencyKey
+    except ProtocolError:
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(sorted(VALID_BODIES)), _changes, st.sampled_from([None, "k-1", "k.2_x"]))
+def test_the_one_pass_reading_accepts_exactly_what_the_two_pass_reading_does(
+    kind: str, changes: list[tuple[bool, str, Any]], key: str | None
+) -> None:
+    body: dict[str, Any] = json.loads(json.dumps(VALID_BODIES[kind]))
+    if key is not None:
+        body["idempotencyKey"] = key
+    for in_data, name, value in changes:
+        target = body["data"] if in_data and isinstance(body.get("data"), dict) else body
+        if value is _DROP:
+            target.pop(name, None)
+        else:
+            target[name] = value
+    raw = json.dumps(body).encode()
+    assert decode_valid_publish(raw) == two_pass(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.sampled_from([b"", b" ", b"{", b"[]", b"null", b"\xff{}"]))
+def test_the_one_pass_reading_refuses_what_the_two_pass_reading_refuses(raw: bytes) -> None:
+    one = decode_valid_publish(raw)
+    assert one is None or one == two_pass(raw)
+
+
+@pytest.mark.parametrize("kind", sorted(VALID_BODIES))
+def test_valid_bodies_are_read_in_one_pass(kind: str) -> None:
+    raw = json.dumps(VALID_BODIES[kind]).encode()
+    assert decode_valid_publish(raw) is not None
+    assert decode_valid_publish(raw) == two_pass(raw)
+
+
+def test_a_repeated_member_is_left_to_the_two_pass_reading() -> None:
+    """JSON leaves a repeated member's meaning open; the two-pass reading (the reference) takes
+    the last `data`, the one-pass reading fails on the first: it refuses, and the caller reads
+    the body in two passes."""
+    data = json.dumps(INCIDENT)
+    raw = f'{{"event": "incident", "gameId": "g-1", "data": 1, "data": {data}}}'.encode()
+    assert decode_valid_publish(raw) is None
+    reference = two_pass(raw)
+    assert reference is not None and reference[0].channel == "game:g-1"
+
+
+def test_a_body_nested_too_deeply_is_refused_in_one_pass() -> None:
+    raw = b'{"event": "incident", "gameId": "g-1", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert decode_valid_publish(raw) is None
+    assert two_pass(raw) is None

@@ -72,8 +72,7 @@ class Publication(msgspec.Struct, frozen=True, array_like=True):
     origin: str
 
 
-@dataclass(frozen=True, slots=True)
-class PublishResult:
+class PublishResult(msgspec.Struct, frozen=True):
     """What `Broker.publish` did: the publication, and whether it was a duplicate.
 
     `duplicate` is True when the idempotency key was already used for this channel within the
@@ -82,6 +81,8 @@ class PublishResult:
     brokers keep no payload for deduplication). A broker may know where the first publication is
     only while it is in history: once it has left, a duplicate is still refused and reported
     with `publication.offset` 0 and `publication.epoch` `EMPTY_EPOCH` (position unknown).
+
+    (A frozen struct, not a frozen dataclass: one is built per publish, and it is cheaper.)
     """
 
     publication: Publication
@@ -218,6 +219,10 @@ class Broker(Protocol):
     options: BrokerOptions
     #: Whether other nodes can share this broker (False for memory: control messages are moot).
     shared: bool
+    #: Whether `publish` finishes without ever waiting (memory): then a caller may run it outside
+    #: a task (the HTTP fast path does). False when it may wait for a server, and may use
+    #: ``asyncio.timeout``, which needs a task.
+    publishes_at_once: bool
 
     @property
     def state(self) -> BrokerState: ...

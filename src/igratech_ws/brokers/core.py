@@ -88,6 +88,7 @@ class BrokerCore:
 
     #: Whether other nodes can share this broker (False for memory).
     shared = True
+    publishes_at_once = False
 
     def __init__(self, options: BrokerOptions) -> None:
         self.options = options

@@ -111,6 +111,8 @@ class MemoryBroker(BrokerCore):
     """
 
     shared = False
+    #: `publish` never awaits: appending and delivering are one synchronous step.
+    publishes_at_once = True
 
     def __init__(self, options: BrokerOptions | None = None, **fields: Any) -> None:
         super().__init__(replace(options or BrokerOptions(), **fields))

@@ -35,7 +35,7 @@ import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 from aiohttp import web
@@ -47,6 +47,7 @@ from igratech_ws.core.codec import ProtocolError, split_validation_error
 from igratech_ws.core.publishing import (
     ValidatedPublication,
     decode_valid_batch,
+    decode_valid_publish,
     parse_batch_body,
     parse_publish_body,
     validate_publish,
@@ -72,6 +73,9 @@ class GatewayNode(Protocol):
     connections, tells the other nodes, and returns how many local connections it closed; `info`
     returns JSON-able counters (``node``, ``connections``, ``users``, ``channels``, ``broker``);
     `ready` is true while the broker is connected and the node is not draining.
+
+    A node may also have ``publishes_at_once``: true when `publish` finishes without waiting (the
+    memory broker), so that the fast path may run it outside a task (absent: false).
     """
 
     node_id: str
@@ -128,8 +132,12 @@ class LogoutRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reason: Literal["forced", "token_expired"] = "forced"
 
 
-class Answer(NamedTuple):
-    """An API answer before it meets a transport: status, JSON body, extra headers."""
+class Answer(msgspec.Struct, frozen=True):
+    """An API answer before it meets a transport: status, JSON body, extra headers.
+
+    (A struct rather than a named tuple: one is built per request, and a named tuple's
+    constructor is a Python function.)
+    """
 
     status: int
     body: bytes
@@ -379,17 +387,24 @@ class PublishRoutes:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.max_batch_items = max_batch_items
+        #: Whether the node's `publish` finishes without waiting (see `GatewayNode`).
+        self.publishes_at_once = bool(getattr(node, "publishes_at_once", False))
 
     async def publish(self, body: bytes) -> Answer:
         """``POST /api/v1/publish``: validate, then publish (at most once per idempotency key)."""
-        if not body.strip():
-            return _EMPTY_BODY
-        try:
-            request = parse_publish_body(body)
-            validated = validate_publish(request)
-        except ProtocolError as exc:
-            return _protocol_error_answer(exc)
-        outcome = await self.node.publish(validated, idempotency_key=request.idempotencyKey)
+        decoded = decode_valid_publish(body)
+        if decoded is None:
+            # The two-pass reading: what is wrong (or, rarely, valid after all: see
+            # `decode_valid_publish`).
+            if not body.strip():
+                return _EMPTY_BODY
+            try:
+                request = parse_publish_body(body)
+                decoded = (validate_publish(request), request.idempotencyKey)
+            except ProtocolError as exc:
+                return _protocol_error_answer(exc)
+        validated, key = decoded
+        outcome = await self.node.publish(validated, idempotency_key=key)
         return json_answer(_result(outcome))
 
     async def publish_batch(self, body: bytes) -> Answer:

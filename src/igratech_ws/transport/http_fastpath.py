@@ -25,6 +25,18 @@ connection holds more than one request's worth of unread bytes or its writes are
 connection with no complete request for `keepalive_timeout` seconds is closed, like aiohttp does
 with idle keep-alive connections. `PublishFastSite.stop` lets the publishes in flight finish
 (bounded by the runner's shutdown timeout) before closing.
+
+Per request, as little as possible runs beyond the publish itself:
+
+- A head is parsed once per distinct head: a client on keep-alive sends the same head again
+  and again (but for ``Content-Length``), and what a head asks for is a function of its bytes
+  alone, so parsed heads are remembered by their bytes (a bounded cache, `HEAD_CACHE_SIZE`).
+- On a node whose publish never waits (``publishes_at_once``: the memory broker), a publish
+  runs at once, in the callback that read it (``coro.send(None)``), with no task: a task is made
+  only if it waits after all. At most `MAX_SERVED_AT_ONCE` requests are answered per callback;
+  the rest of a pipelined burst waits for the loop's next turn, so that one connection cannot
+  hold the loop. Other brokers' publishes wait for a server (and may use ``asyncio.timeout``,
+  which needs a task): each runs in a task, one at a time per connection.
 """
 
 from __future__ import annotations
@@ -33,9 +45,11 @@ import asyncio
 import contextlib
 import re
 import time
+import types
+from collections.abc import Coroutine, Generator
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 
@@ -55,6 +69,17 @@ from igratech_ws.transport.http_api import (
 MAX_HEAD_BYTES = 8192
 #: Seconds a connection may go without a complete request before it is closed.
 KEEPALIVE_TIMEOUT = 75.0
+#: Parsed heads remembered per site (by their bytes), and the longest head remembered: the keys
+#: hold at most 128 KiB. When full, the cache is emptied (a client cycling through distinct heads
+#: only makes each of them parse again).
+HEAD_CACHE_SIZE = 64
+MAX_CACHED_HEAD_BYTES = 2048
+#: Requests answered in one callback before the rest of a pipelined burst waits for the loop.
+MAX_SERVED_AT_ONCE = 32
+
+_T = TypeVar("_T")
+#: `_Connection._finish`'s mark of a publish not started yet.
+_NOT_STARTED: Any = object()
 
 _SINGLE_LINE = b"POST /api/v1/publish HTTP/1.1\r\n"
 _BATCH_LINE = b"POST /api/v1/publish/batch HTTP/1.1\r\n"
@@ -66,10 +91,9 @@ _WANTED_RE = re.compile(
     rb"\r\n(content-length|content-type|authorization|connection|transfer-encoding|expect"
     rb"|upgrade):([^\r]*)"
 )
-_STATUS_LINE = (
-    b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n"
-)
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+#: The start of an answer's head, by status: status line, Content-Type, then Content-Length's name.
+_ANSWER_START = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: "
+_ANSWER_STARTS = {s.value: _ANSWER_START % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
 class _Clock:
@@ -99,10 +123,13 @@ class _Shared:
         self.keepalive = keepalive
         self.connections: set[_Connection] = set()
         self.clock = _Clock()
+        #: Parsed heads by their bytes (request line to the blank line): see the module docstring.
+        self.heads: dict[bytes, _Head] = {}
 
 
 class _Head:
-    """A parsed request head served here: where its body ends and what it asked for."""
+    """A parsed request head served here: where its body ends and what it asked for (offsets
+    from the head's first byte). Shared by every request with the same head: never changed."""
 
     __slots__ = ("authorization", "batch", "close", "content_type", "end", "path", "start")
 
@@ -181,9 +208,14 @@ class _Connection(asyncio.Protocol):
     # --- serving ---------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        """Answer every complete request in the buffer, until one needs the broker."""
+        """Answer the complete requests in the buffer, until one has to wait (for the broker),
+        or `MAX_SERVED_AT_ONCE` were answered (the rest on the loop's next turn)."""
         routes = self.shared.routes
-        while not self.closing and self.task is None and not self.write_paused:
+        served = 0
+        while self.buffer and not self.closing and self.task is None and not self.write_paused:
+            if served == MAX_SERVED_AT_ONCE:
+                self.loop.call_soon(self._serve)
+                break
             head = self.head or self._parse_head()
             if head is None:
                 break
@@ -193,14 +225,29 @@ class _Connection(asyncio.Protocol):
             body = bytes(self.buffer[head.start : head.end])
             del self.buffer[: head.end]
             self.head = None
+            served += 1
             refused = check_api_key(routes.api_key, head.authorization)
             if refused is None and not is_json_type(head.content_type):
                 refused = unsupported_media_answer(head.content_type)
             if refused is not None:
                 self._answer(refused, head.close)
                 continue
-            self.task = self.loop.create_task(self._publish(head, body))
-        if self.read_paused and len(self.buffer) <= routes.max_body_bytes:
+            publishing = routes.publish_batch(body) if head.batch else routes.publish(body)
+            if not routes.publishes_at_once:
+                self.task = self.loop.create_task(self._finish(head, publishing))
+                break
+            # Started here; a task only if it waits after all (see the module docstring).
+            try:
+                waiting_for = publishing.send(None)
+            except StopIteration as done:
+                answer = done.value
+            except Exception as exc:
+                answer = _failure_answer(head, exc)
+            else:
+                self.task = self.loop.create_task(self._finish(head, publishing, waiting_for))
+                break
+            self._answer(answer, head.close)
+        if self.read_paused and not self.closing and len(self.buffer) <= routes.max_body_bytes:
             self.read_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
@@ -214,14 +261,28 @@ class _Connection(asyncio.Protocol):
             if len(buffer) > MAX_HEAD_BYTES or (buffer and not b"POST /".startswith(buffer[:6])):
                 self._hand_off()
             return None
-        if buffer.startswith(_SINGLE_LINE):
+        raw = bytes(buffer[: end + 4])
+        heads = self.shared.heads
+        head = heads.get(raw)
+        if head is None:
+            head = self._read_head(raw)
+            if head is not None and len(raw) <= MAX_CACHED_HEAD_BYTES:
+                if len(heads) >= HEAD_CACHE_SIZE:
+                    heads.clear()
+                heads[raw] = head
+        return head
+
+    def _read_head(self, raw: bytes) -> _Head | None:
+        """`_parse_head` for a head (`raw`: request line to the blank line) not seen before."""
+        end = len(raw) - 4
+        if raw.startswith(_SINGLE_LINE):
             batch, fields_at = False, len(_SINGLE_LINE)
-        elif buffer.startswith(_BATCH_LINE):
+        elif raw.startswith(_BATCH_LINE):
             batch, fields_at = True, len(_BATCH_LINE)
         else:
             self._hand_off()
             return None
-        fields = bytes(buffer[fields_at : end + 2])
+        fields = raw[fields_at : end + 2]
         if _FIELDS_RE.fullmatch(fields) is None:
             self._hand_off()
             return None
@@ -263,17 +324,21 @@ class _Connection(asyncio.Protocol):
             connection.find(b"close") >= 0,
         )
 
-    async def _publish(self, head: _Head, body: bytes) -> None:
-        routes = self.shared.routes
+    async def _finish(
+        self,
+        head: _Head,
+        publishing: Coroutine[Any, Any, Answer],
+        waiting_for: Any = _NOT_STARTED,
+    ) -> None:
+        """The task of a request: runs `publishing`, or the rest of it when `_serve` started it
+        and it has to wait (`waiting_for`: what it waits for)."""
         try:
-            if head.batch:
-                answer = await routes.publish_batch(body)
+            if waiting_for is _NOT_STARTED:
+                answer = await publishing
             else:
-                answer = await routes.publish(body)
-        except BrokerError as exc:
-            answer = broker_unavailable_answer("POST", head.path, exc)
-        except Exception:
-            answer = internal_error_answer("POST", head.path)
+                answer = await _resumed(publishing, waiting_for)
+        except Exception as exc:
+            answer = _failure_answer(head, exc)
         self.task = None
         self._answer(answer, head.close)
         if self.buffer and not self.closing:
@@ -285,16 +350,21 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        status, body, headers = answer
-        reason = _REASONS.get(status, b"Unknown")
-        parts = [_STATUS_LINE % (status, reason, len(body), self.shared.clock.date())]
-        if headers:
-            parts.extend(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
-        if close:
-            parts.append(b"Connection: close\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
-        transport.write(b"".join(parts))
+        body = answer.body
+        status = answer.status
+        start = _ANSWER_STARTS.get(status) or _ANSWER_START % (status, b"Unknown")
+        if answer.headers or close:
+            headers = answer.headers or {}
+            fields = [b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items()]
+            if close:
+                fields.append(b"Connection: close\r\n")
+            extra = b"".join(fields)
+        else:
+            extra = b""
+        transport.write(
+            b"%s%d\r\nDate: %s\r\n%s\r\n%s"
+            % (start, len(body), self.shared.clock.date(), extra, body)
+        )
         self.last_active = time.monotonic()
         if close:
             self.closing = True
@@ -329,6 +399,41 @@ class _Connection(asyncio.Protocol):
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
+
+
+def _failure_answer(head: _Head, exc: Exception) -> Answer:
+    """The answer to a publish that raised `exc` (call from the ``except`` block: a bug's
+    traceback is logged)."""
+    if isinstance(exc, BrokerError):
+        return broker_unavailable_answer("POST", head.path, exc)
+    return internal_error_answer("POST", head.path)
+
+
+@types.coroutine
+def _resumed(coro: Coroutine[Any, Any, _T], waiting_for: Any) -> Generator[Any, Any, _T]:
+    """Await the rest of `coro`, a coroutine started by hand (``coro.send(None)``) that returned
+    `waiting_for` instead of finishing: what a coroutine hands its task (a future to wait for, or
+    None for "run me again soon").
+
+    ``await coro`` would start it over; this is ``yield from`` resumed after its first step, as
+    PEP 380 spells it out: what the task sends or throws (a cancellation) goes on to `coro`.
+    """
+    while True:
+        try:
+            sent = yield waiting_for
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                waiting_for = coro.throw(exc)
+            except StopIteration as done:
+                return cast(_T, done.value)
+        else:
+            try:
+                waiting_for = coro.send(sent)
+            except StopIteration as done:
+                return cast(_T, done.value)
 
 
 class PublishFastSite(web.TCPSite):
