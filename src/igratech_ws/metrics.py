@@ -187,6 +187,22 @@ class NodeCollector(Collector):
                 handler_errors,
             )
 
+        # NATS only: how often its per-channel chains of appends held (see docs/deployment.md).
+        chains: tuple[int, int] | None = getattr(broker, "append_chains", None)
+        if chains is not None:
+            whole, broken = chains
+            yield counter(
+                "broker_append_chains",
+                "Chains of appends to one channel sent whole to NATS (several in flight).",
+                whole,
+            )
+            yield counter(
+                "broker_append_chain_breaks",
+                "Chains broken by another append to the stream in between (their rest sent again "
+                "in order; many of them mean the node appends one at a time for a while).",
+                broken,
+            )
+
         state = GaugeMetricFamily(
             f"{PREFIX}_broker_state",
             "1 for the broker connection's current state, 0 for the others.",

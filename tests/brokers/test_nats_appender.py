@@ -107,6 +107,7 @@ async def test_a_burst_to_one_channel_goes_in_chains(make_broker: MakeBroker) ->
     # Several in flight at once: chains, not one round trip per publication, nor batches.
     assert appender.chains >= 1 and appender.chain_breaks == 0 and appender.batches == 0
     assert appender.appends == 300
+    assert broker.append_chains == (appender.chains, 0)  # what the metrics export
     async with asyncio.timeout(WAIT_S):
         await all_in.wait()
     assert [p.offset for p in received] == list(range(1, 301))

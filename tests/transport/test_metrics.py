@@ -170,13 +170,18 @@ class _Hub:
 
 class _Broker:
     state = BrokerState.DISCONNECTED
+    append_chains = (5, 2)
+
+
+class _MemoryLikeBroker:
+    state = BrokerState.CONNECTED
 
 
 class _Node:
     def __init__(self) -> None:
         self.node_id = "n-1"
         self.hub = _Hub()
-        self.broker = _Broker()
+        self.broker: object = _Broker()
         self.closes = {1013: 4, 1000: 1}
         self.connections_total = 9
         self.draining = True
@@ -212,6 +217,8 @@ def test_collector_reads_every_counter() -> None:
     assert value(samples, "igratech_ws_draining") == 1
     assert value(samples, "igratech_ws_broker_state", state="disconnected") == 1
     assert value(samples, "igratech_ws_broker_state", state="connected") == 0
+    assert value(samples, "igratech_ws_broker_append_chains_total") == 5
+    assert value(samples, "igratech_ws_broker_append_chain_breaks_total") == 2
     # Counters are read at scrape time: a change shows in the next scrape.
     node.hub.frames_out = 13
     assert value(parse(installed.exposition().decode()), "igratech_ws_frames_out_total") == 13
@@ -233,8 +240,10 @@ def test_latency_is_observed_once_per_publication_and_never_negative() -> None:
 def test_optional_counters_are_left_out_when_the_node_lacks_them() -> None:
     node = _Node()
     del node.messages_in, node.rate_limited, node.refused
+    node.broker = _MemoryLikeBroker()
     samples = parse(metrics.NodeMetrics(node).exposition().decode())
     names = {name for name, _ in samples}
     assert "igratech_ws_messages_in_total" not in names
     assert "igratech_ws_rate_limited_messages_total" not in names
+    assert "igratech_ws_broker_append_chains_total" not in names
     assert "igratech_ws_connections" in names

@@ -199,6 +199,13 @@ class NatsBroker(BrokerCore):
             raise
         self.set_state(BrokerState.CONNECTED)
 
+    @property
+    def append_chains(self) -> tuple[int, int]:
+        """Chains of appends this node sent whole and chains broken by another append in
+        between (then sent again behind it), since `start`; (0, 0) before it. For metrics."""
+        appender = self._appender
+        return (0, 0) if appender is None else (appender.chains, appender.chain_breaks)
+
     async def close(self) -> None:
         """Stop delivering and disconnect. Idempotent. Does not delete the stream."""
         if self._closing:
