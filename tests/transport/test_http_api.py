@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import aiohttp
@@ -55,6 +55,16 @@ class FakeNode:
             publication.event,
             publication.data_json,
             idempotency_key=idempotency_key,
+        )
+
+    async def publish_many(
+        self, items: Sequence[tuple[ValidatedPublication, str | None]]
+    ) -> list[PublishResult]:
+        if self.broker_down:
+            raise BrokerError("connection refused")
+        self.published_keys.extend(key for _, key in items)
+        return await self.broker.publish_many(
+            [(p.channel, p.event, p.data_json, key) for p, key in items]
         )
 
     async def logout_user(

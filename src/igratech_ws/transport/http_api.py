@@ -34,7 +34,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
@@ -68,7 +68,9 @@ class GatewayNode(Protocol):
 
     `publish` appends a validated publication to its channel and may raise `BrokerError`; with an
     `idempotency_key` already seen on that channel within the broker's window it appends nothing
-    and returns the first publication as a duplicate. `logout_user` closes the user's local
+    and returns the first publication as a duplicate. `publish_many` does the same for each
+    (publication, key) pair as if one after the other, but hands them to the broker together;
+    it raises `BrokerError` once every item has settled. `logout_user` closes the user's local
     connections, tells the other nodes, and returns how many local connections it closed; `info`
     returns JSON-able counters (``node``, ``connections``, ``users``, ``channels``, ``broker``);
     `ready` is true while the broker is connected and the node is not draining.
@@ -79,6 +81,10 @@ class GatewayNode(Protocol):
     async def publish(
         self, publication: ValidatedPublication, *, idempotency_key: str | None = None
     ) -> PublishResult: ...
+
+    async def publish_many(
+        self, items: Sequence[tuple[ValidatedPublication, str | None]]
+    ) -> list[PublishResult]: ...
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
@@ -400,11 +406,12 @@ class PublishRoutes:
         validated = decode_valid_batch(body, self.max_batch_items)
         if validated is None:
             return self._batch_error(body)
-        publish = self.node.publish
-        # One at a time, in order: each channel's offsets follow the list order, and a key
-        # repeated inside the batch is a duplicate of its first item.
-        results = [_result(await publish(v, idempotency_key=key)) for v, key in validated]
-        return json_answer(BatchAnswer(results))
+        # Together, in order: each channel's offsets follow the list order, a key repeated
+        # inside the batch is a duplicate of its first item, and the broker gets the whole
+        # batch at once, so its deliveries reach each follower together (a few writes, not one
+        # per item). A broker failure answers 503 once every item has settled.
+        outcomes = await self.node.publish_many(validated)
+        return Answer(200, _encoder.encode(BatchAnswer([_result(o) for o in outcomes])))
 
     def _batch_error(self, body: bytes) -> Answer:
         """What is wrong with a batch that `decode_valid_batch` refused (the two-pass reading,
