@@ -211,8 +211,13 @@ class MemoryBroker(BrokerCore):
             check_idempotency_key(key)
             check_data(data)
         now = time.time()
-        publish = self._publish
-        return [publish(channel, event, data, key, now) for channel, event, data, key in items]
+        append, publish = self._append, self._publish
+        return [
+            PublishResult(append(channel, event, data, now))
+            if key is None
+            else publish(channel, event, data, key, now)
+            for channel, event, data, key in items
+        ]
 
     def _publish(
         self, channel: str, event: str, data: bytes, key: str | None, now: float
@@ -243,10 +248,12 @@ class MemoryBroker(BrokerCore):
             streams.move_to_end(channel)
         stream.top += 1
         publication = Publication(channel, stream.top, stream.epoch, event, data, now, self.node_id)
-        stream.history.append(publication)
+        history = stream.history
+        history.append(publication)
         if event in self._state_events:
             stream.states[event] = publication
-        self._expire(stream, now)
+        if stream.states or history[0].published_at < now - self.limits.ttl:
+            self._expire(stream, now)  # (else it has nothing to drop)
         if channel in self._subscribed:
             self.deliver(publication)
         return publication
