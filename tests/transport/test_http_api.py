@@ -1009,6 +1009,8 @@ _MUTATIONS: list[tuple[str, Any]] = [
     ("gameId", None),
     ("gameId", "g-2"),
     ("gameId", "bad id"),
+    ("gameId", "g-1\n"),  # the payload's, but a newline more
+    ("gameId", "g" * 65),
     ("userId", "u-1"),
     ("idempotencyKey", "k-1"),
     ("idempotencyKey", ""),
@@ -1023,7 +1025,7 @@ _MUTATIONS: list[tuple[str, Any]] = [
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["incident", "bet", "balance", "global"]),
+            st.sampled_from(["incident", "bet", "balance", "global", "game stats"]),
             st.lists(st.sampled_from(_MUTATIONS), max_size=2),
         ),
         min_size=0,
@@ -1037,7 +1039,17 @@ def test_the_one_pass_batch_reading_accepts_exactly_what_the_two_pass_reading_do
     from igratech_ws.core.codec import ProtocolError
     from igratech_ws.core.publishing import decode_valid_batch, parse_batch_body, validate_publish
 
-    makers = {"incident": incident, "bet": bet, "balance": balance, "global": global_stats}
+    def game_stats() -> dict[str, Any]:  # a game's stats may leave data.gameId out
+        data = {"scope": "game", "updatedAt": TS, "values": {"n": 1}}
+        return {"event": "stats", "gameId": "g-1", "data": data}
+
+    makers = {
+        "incident": incident,
+        "bet": bet,
+        "balance": balance,
+        "global": global_stats,
+        "game stats": game_stats,
+    }
     items = []
     for kind, mutations in specs:
         item = makers[kind]()

@@ -8,9 +8,10 @@ The payload is re-encoded compactly, so what subscribers receive is canonical JS
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
+from msgspec import Meta
 
 from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError, decode_json, decode_payload, encode
@@ -139,6 +140,13 @@ def _resolve(
 # type per event, tagged by `event`. `decode_valid_batch` tries that and returns None on any
 # failure, so that the caller takes the two-pass path, which finds (and words) the error: both
 # accept exactly the same bodies, with the same results.
+#
+# The target `gameId` is read there without the `Identifier` pattern (a regex call per item, a
+# good part of the decoding): every payload's `gameId` is an `Identifier`, and must equal the
+# target's, so a target equal to it needs no check of its own; any other is checked after.
+
+#: `Identifier` but its pattern: see above.
+_TargetGameId = Annotated[str, Meta(min_length=1, max_length=64)]
 
 
 def _typed_request(event: str, payload: type) -> type[msgspec.Struct]:
@@ -146,7 +154,7 @@ def _typed_request(event: str, payload: type) -> type[msgspec.Struct]:
         f"Publish_{event.replace('-', '_')}",
         [
             ("data", payload),
-            ("gameId", Identifier | None, None),
+            ("gameId", _TargetGameId | None, None),
             ("userId", Identifier | None, None),
             ("idempotencyKey", IdempotencyKey | None, None),
         ],
@@ -158,6 +166,12 @@ def _typed_request(event: str, payload: type) -> type[msgspec.Struct]:
 
 
 _EVENT_OF_TYPED = {_typed_request(event, kind): event for event, kind in PUBLISHED_EVENTS.items()}
+assert all(
+    field.type in (Identifier, Identifier | None)
+    for kind in PUBLISHED_EVENTS.values()
+    for field in msgspec.structs.fields(kind)
+    if field.name == "gameId"
+), "decode_valid_batch trusts a target gameId equal to the payload's: keep that one checked"
 _TypedBatch = msgspec.defstruct(
     "PublishBatchTyped",
     [("items", list[Union[tuple(_EVENT_OF_TYPED)]])],  # type: ignore[misc]  # noqa: UP007
@@ -176,12 +190,21 @@ def decode_valid_batch(
         items = _typed_batch_decoder.decode(body).items
         if not 0 < len(items) <= max_items:
             return None
-        return [
-            (
-                _resolve(_EVENT_OF_TYPED[type(item)], item.data, item.gameId, item.userId),
-                item.idempotencyKey,
+        validated = []
+        for item in items:
+            payload, game_id = item.data, item.gameId
+            if (
+                game_id is not None
+                and getattr(payload, "gameId", None) != game_id
+                and not channels.is_valid_id(game_id)
+            ):
+                return None
+            validated.append(
+                (
+                    _resolve(_EVENT_OF_TYPED[type(item)], payload, game_id, item.userId),
+                    item.idempotencyKey,
+                )
             )
-            for item in items
-        ]
+        return validated
     except (msgspec.DecodeError, RecursionError, MemoryError, UnicodeError, ProtocolError):
         return None
