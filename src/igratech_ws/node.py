@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -21,7 +21,6 @@ from igratech_ws.brokers.base import (
     BrokerState,
     ControlKinds,
     NodePresence,
-    Publication,
     PublishResult,
     UserLogin,
     UserLogout,
@@ -508,14 +507,17 @@ class Node:
             idempotency_key=idempotency_key,
         )
 
-    async def publish_many(self, publications: list[ValidatedPublication]) -> list[Publication]:
-        """Publish in order (each channel's offsets follow the list order). Raises `BrokerError`.
-
-        All at once: a broker queues each call before its first await, in call order, so the
-        batch costs one round trip to the broker and its publications come back together.
-        """
-        results = await asyncio.gather(*(self.publish(p) for p in publications))
-        return [result.publication for result in results]
+    async def publish_many(
+        self, items: Sequence[tuple[ValidatedPublication, str | None]]
+    ) -> list[PublishResult]:
+        """Publish validated publications, each with its idempotency key, as `publish` would one
+        after the other (each channel's offsets follow the list order; a key repeated in the
+        list is a duplicate of its first item), but handed to the broker together: one round
+        trip, and their deliveries come back together (`Broker.publish_many`). Raises
+        `BrokerError` once every item has settled; any of them may then have been published."""
+        return await self.broker.publish_many(
+            [(p.channel, p.event, p.data_json, key) for p, key in items]
+        )
 
     async def logout_user(
         self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"

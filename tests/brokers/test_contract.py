@@ -180,6 +180,48 @@ async def test_concurrent_publishes_on_one_node_are_gap_free(make_broker: Broker
     assert [p.offset for p in received] == list(range(1, 201))
 
 
+async def test_publish_many_is_publish_in_list_order_per_channel(
+    make_broker: BrokerFactory,
+) -> None:
+    node = await make_broker(limits=HistoryLimits(size=500, ttl=30.0))
+    broker = node.broker
+    await broker.subscribe(GAME)
+    await broker.subscribe(OTHER)
+    await broker.publish(GAME, "incident", data(-1))  # a stream that already has a top
+    # Two channels interleaved (on sharded Redis they may live on two servers).
+    items = [(GAME if i % 3 else OTHER, "bet", data(i), None) for i in range(120)]
+    results = await broker.publish_many(items)
+    assert [r.duplicate for r in results] == [False] * 120
+    published = [r.publication for r in results]
+    assert [(p.channel, p.event, p.data) for p in published] == [(c, e, d) for c, e, d, _ in items]
+    game = [p for p in published if p.channel == GAME]
+    other = [p for p in published if p.channel == OTHER]
+    assert [p.offset for p in game] == list(range(2, 2 + len(game)))
+    assert [p.offset for p in other] == list(range(1, 1 + len(other)))
+    # Delivered as published, in offset order, and in history in list order.
+    assert await node.wait_for_publications(GAME, 1 + len(game)) == [
+        (await broker.history(GAME, 0, 1)).publications[0],
+        *game,
+    ]
+    assert await node.wait_for_publications(OTHER, len(other)) == other
+    history = await broker.history(OTHER, 0, 500)
+    assert [p.data for p in history.publications] == [p.data for p in other]
+    assert await broker.publish_many([]) == []
+
+
+async def test_publish_many_refuses_a_bad_item_before_publishing_any(
+    make_broker: BrokerFactory,
+) -> None:
+    node = await make_broker()
+    broker = node.broker
+    good = (GAME, "incident", data(1), None)
+    with pytest.raises(ValueError, match="UTF-8"):
+        await broker.publish_many([good, (GAME, "incident", b'{"a":"\xff"}', None)])
+    with pytest.raises(ValueError, match="idempotency key"):
+        await broker.publish_many([good, (GAME, "incident", data(2), "a key")])
+    assert await broker.position(GAME) == StreamPosition(0, EMPTY_EPOCH)
+
+
 async def test_concurrent_publishes_from_two_nodes_are_gap_free_and_delivered_once(
     make_broker: BrokerFactory,
 ) -> None:

@@ -20,6 +20,7 @@ from tests.support.brokers import WAIT_S, BrokerFactory
 
 GAME = "game:g-1"
 USER = "user:u-1"
+OTHER = "game:g-2"
 MARKER = "global"
 BALANCE = b'{"balance":"1.00"}'
 
@@ -74,6 +75,39 @@ async def test_concurrent_publishes_with_one_key_make_one_publication(
     assert len(originals) == 1
     assert {r.publication.offset for r in results} == {originals[0].publication.offset}
     assert (await nodes[0].broker.position(GAME)).offset == 1
+
+
+async def test_a_key_repeated_within_publish_many_is_a_duplicate_of_its_first_item(
+    make_broker: BrokerFactory,
+) -> None:
+    node = await make_broker()
+    broker = node.broker
+    await broker.publish(GAME, "bet", b"{}", idempotency_key="earlier")
+    results = await broker.publish_many(
+        [
+            (GAME, "bet", b'{"n":1}', "k-1"),
+            (GAME, "bet", b'{"n":2}', None),
+            (GAME, "bet", b'{"n":3}', "k-1"),  # the first item's key, same channel
+            (OTHER, "bet", b'{"n":4}', "k-1"),  # keys are per channel
+            (GAME, "bet", b'{"n":5}', "earlier"),  # a key of an earlier publish
+            (GAME, "bet", b'{"n":6}', "k-2"),
+        ]
+    )
+    assert [r.duplicate for r in results] == [False, False, True, False, True, False]
+    first, second, repeat, other, earlier, last = results
+    assert (repeat.publication.offset, repeat.publication.epoch) == (
+        first.publication.offset,
+        first.publication.epoch,
+    )
+    assert earlier.publication.offset == 1
+    assert [first.publication.offset, second.publication.offset, last.publication.offset] == [
+        2,
+        3,
+        4,
+    ]
+    assert other.publication.offset == 1
+    page = await broker.history(GAME, 0, 10)
+    assert [p.data for p in page.publications] == [b"{}", b'{"n":1}', b'{"n":2}', b'{"n":6}']
 
 
 async def test_keys_are_per_channel(make_broker: BrokerFactory) -> None:

@@ -3,6 +3,7 @@ MemoryBroker, and rows of a private outbox table on the real PostgreSQL."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -44,6 +45,20 @@ class DedupNode:
             publication.event,
             publication.data_json,
             idempotency_key=idempotency_key,
+        )
+
+    async def publish_many(
+        self, items: Sequence[tuple[ValidatedPublication, str | None]]
+    ) -> list[PublishResult]:
+        """`publish` of each item, as one call (the HTTP API's batch route)."""
+        self.calls += 1
+        if self.broker_down:
+            raise BrokerError("broker down (test)")
+        for publication, key in items:
+            if key is not None:
+                self.keys.add((publication.channel, key))
+        return await self.broker.publish_many(
+            [(p.channel, p.event, p.data_json, key) for p, key in items]
         )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import aiohttp
@@ -60,6 +60,16 @@ class FakeNode:
             publication.event,
             publication.data_json,
             idempotency_key=idempotency_key,
+        )
+
+    async def publish_many(
+        self, items: Sequence[tuple[ValidatedPublication, str | None]]
+    ) -> list[PublishResult]:
+        if self.broker_down:
+            raise BrokerError("connection refused")
+        self.published_keys.extend(key for _, key in items)
+        return await self.broker.publish_many(
+            [(p.channel, p.event, p.data_json, key) for p, key in items]
         )
 
     async def logout_user(
@@ -606,6 +616,30 @@ async def test_batch_publishes_in_order(
     assert [json.loads(p.data).get("incidentId") for p in page.publications] == ["i-1", None, "i-2"]
 
 
+async def test_a_batch_item_with_a_repeated_member_is_read_as_the_two_pass_reading_has_it(
+    api: tuple[str, aiohttp.ClientSession], broker: MemoryBroker
+) -> None:
+    """JSON leaves a repeated member's meaning open: the one-pass reading refuses an item whose
+    first `data` is invalid, the two-pass reading takes the last one. Was a 500 (an assertion
+    that the two readings never disagree)."""
+    data = json.dumps(incident()["data"])
+    item = f'{{"event": "incident", "gameId": "g-1", "data": 1, "data": {data}}}'
+    raw = f'{{"items": [{item}, {json.dumps(bet())}]}}'.encode()
+    status, body, _ = await post(api, "/api/v1/publish/batch", raw=raw)
+    assert status == 200, body
+    assert [(r["channel"], r["offset"]) for r in body["results"]] == [
+        ("game:g-1", 1),
+        ("game:g-1", 2),
+    ]
+    assert await top(broker, "game:g-1") == 2
+    # And an invalid last value is refused, naming the item and field.
+    item = f'{{"event": "incident", "gameId": "g-1", "data": {data}, "data": 1}}'
+    status, body, _ = await post(api, "/api/v1/publish/batch", raw=f'{{"items": [{item}]}}'.encode())
+    assert status == 400
+    assert "items[0]" in body["error"]["field"], body
+    assert await top(broker, "game:g-1") == 2
+
+
 async def test_batch_is_all_or_nothing(
     api: tuple[str, aiohttp.ClientSession], broker: MemoryBroker
 ) -> None:
@@ -1004,6 +1038,8 @@ _MUTATIONS: list[tuple[str, Any]] = [
     ("gameId", None),
     ("gameId", "g-2"),
     ("gameId", "bad id"),
+    ("gameId", "g-1\n"),  # the payload's, but a newline more
+    ("gameId", "g" * 65),
     ("userId", "u-1"),
     ("idempotencyKey", "k-1"),
     ("idempotencyKey", ""),
@@ -1018,7 +1054,7 @@ _MUTATIONS: list[tuple[str, Any]] = [
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["incident", "bet", "balance", "global"]),
+            st.sampled_from(["incident", "bet", "balance", "global", "game stats"]),
             st.lists(st.sampled_from(_MUTATIONS), max_size=2),
         ),
         min_size=0,
@@ -1032,7 +1068,17 @@ def test_the_one_pass_batch_reading_accepts_exactly_what_the_two_pass_reading_do
     from igratech_ws.core.codec import ProtocolError
     from igratech_ws.core.publishing import decode_valid_batch, parse_batch_body, validate_publish
 
-    makers = {"incident": incident, "bet": bet, "balance": balance, "global": global_stats}
+    def game_stats() -> dict[str, Any]:  # a game's stats may leave data.gameId out
+        data = {"scope": "game", "updatedAt": TS, "values": {"n": 1}}
+        return {"event": "stats", "gameId": "g-1", "data": data}
+
+    makers = {
+        "incident": incident,
+        "bet": bet,
+        "balance": balance,
+        "global": global_stats,
+        "game stats": game_stats,
+    }
     items = []
     for kind, mutations in specs:
         item = makers[kind]()

@@ -1,6 +1,7 @@
 """What every broker shares: handlers, state, guarded dispatch, epochs, backoff, control encoding.
 
-A broker class derives from `BrokerCore` and calls, from its own I/O code:
+A broker class derives from `BrokerCore`, defines `publish` (and may define `publish_many`, whose
+default here hands every item to `publish` at once), and calls, from its own I/O code:
 
 - `bind(...)` in `start`, `set_state(...)` on every connection change, `mark_closed()` in `close`;
 - `deliver(publication)` for each publication of a subscribed channel, and
@@ -13,9 +14,11 @@ delivering. So a hub bug is never silent and never stops a listener, on any brok
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
+from collections.abc import Sequence
 
 import msgspec
 
@@ -26,7 +29,11 @@ from igratech_ws.brokers.base import (
     HistoryLimits,
     Publication,
     PublicationHandler,
+    PublishItem,
+    PublishResult,
     StateHandler,
+    check_data,
+    check_idempotency_key,
 )
 from igratech_ws.brokers.options import BrokerOptions
 from igratech_ws.logs import RateLimitedLog
@@ -107,6 +114,36 @@ class BrokerCore:
     @property
     def state(self) -> BrokerState:
         return self._state
+
+    async def publish(
+        self, channel: str, event: str, data: bytes, *, idempotency_key: str | None = None
+    ) -> PublishResult:
+        """See `Broker.publish`; every broker defines it."""
+        raise NotImplementedError
+
+    async def publish_many(self, items: Sequence[PublishItem]) -> list[PublishResult]:
+        """See `Broker.publish_many`: every item handed to `publish` in the same loop turn.
+
+        `publish` queues each call in call order before its first await (the `Broker`
+        contract), and the tasks of `asyncio.gather` take their first step in the order they
+        were made, before the broker's writer runs: so the items leave together and in order.
+        """
+        for _, _, data, key in items:
+            check_idempotency_key(key)
+            check_data(data)
+        if len(items) == 1:
+            channel, event, data, key = items[0]
+            return [await self.publish(channel, event, data, idempotency_key=key)]
+        outcomes = await asyncio.gather(
+            *(self.publish(c, e, d, idempotency_key=k) for c, e, d, k in items),
+            return_exceptions=True,
+        )
+        results: list[PublishResult] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # the first failure, once every item has settled
+            results.append(outcome)
+        return results
 
     @property
     def handler_errors(self) -> int:

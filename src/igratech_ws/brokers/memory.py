@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,6 +41,7 @@ from igratech_ws.brokers.base import (
     HistoryPage,
     Publication,
     PublicationHandler,
+    PublishItem,
     PublishResult,
     StateHandler,
     StreamPosition,
@@ -124,6 +126,7 @@ class MemoryBroker(BrokerCore):
             capacity=self.options.max_idempotency_keys, window=self.options.idempotency_window
         )
         self._sweeper: asyncio.Task[None] | None = None
+        self._state_events = self.options.state_events
 
     @property
     def channel_count(self) -> int:
@@ -201,39 +204,58 @@ class MemoryBroker(BrokerCore):
     ) -> PublishResult:
         check_idempotency_key(idempotency_key)
         check_data(data)
-        if idempotency_key is not None:
-            first = self._keys.get(channel, idempotency_key, time.time())
-            if first is not None:
-                return PublishResult(_with_data(first, data), duplicate=True)
-        publication = self.publish_now(channel, event, data)
-        if idempotency_key is not None:
-            self._keys.put(channel, idempotency_key, _with_data(publication, b""), time.time())
+        return self._publish(channel, event, data, idempotency_key, time.time())
+
+    async def publish_many(self, items: Sequence[PublishItem]) -> list[PublishResult]:
+        """See `Broker.publish_many`: here every item is published (and delivered) in one
+        synchronous step, so nothing can come in between and nothing fails halfway."""
+        for _, _, data, key in items:
+            check_idempotency_key(key)
+            check_data(data)
+        now = time.time()
+        append, publish = self._append, self._publish
+        return [
+            PublishResult(append(channel, event, data, now))
+            if key is None
+            else publish(channel, event, data, key, now)
+            for channel, event, data, key in items
+        ]
+
+    def _publish(
+        self, channel: str, event: str, data: bytes, key: str | None, now: float
+    ) -> PublishResult:
+        if key is None:
+            return PublishResult(self._append(channel, event, data, now))
+        keys = self._keys
+        first = keys.get(channel, key, now)
+        if first is not None:
+            return PublishResult(_with_data(first, data), True)
+        publication = self._append(channel, event, data, now)
+        keys.put(channel, key, _with_data(publication, b""), now)
         return PublishResult(publication)
 
     def publish_now(self, channel: str, event: str, data: bytes) -> Publication:
         """Synchronous `publish` without a key, for callers on the loop that want no await."""
-        stream = self._streams.get(channel)
+        return self._append(channel, event, data, time.time())
+
+    def _append(self, channel: str, event: str, data: bytes, now: float) -> Publication:
+        """Append to `channel`'s stream (made if need be) and deliver, in one step."""
+        streams = self._streams
+        stream = streams.get(channel)
         if stream is None:
-            stream = self._streams[channel] = _Stream(self.limits.size)
-            while len(self._streams) > self.max_channels:
-                self._streams.popitem(last=False)
+            stream = streams[channel] = _Stream(self.limits.size)
+            while len(streams) > self.max_channels:
+                streams.popitem(last=False)
         else:
-            self._streams.move_to_end(channel)
-        now = time.time()
+            streams.move_to_end(channel)
         stream.top += 1
-        publication = Publication(
-            channel=channel,
-            offset=stream.top,
-            epoch=stream.epoch,
-            event=event,
-            data=data,
-            published_at=now,
-            origin=self.node_id,
-        )
-        stream.history.append(publication)
-        if event in self.options.state_events:
+        publication = Publication(channel, stream.top, stream.epoch, event, data, now, self.node_id)
+        history = stream.history
+        history.append(publication)
+        if event in self._state_events:
             stream.states[event] = publication
-        self._expire(stream, now)
+        if stream.states or history[0].published_at < now - self.limits.ttl:
+            self._expire(stream, now)  # (else it has nothing to drop)
         if channel in self._subscribed:
             self.deliver(publication)
         return publication

@@ -8,9 +8,10 @@ The payload is re-encoded compactly, so what subscribers receive is canonical JS
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
+from msgspec import Meta
 
 from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError, decode_json, decode_payload, encode
@@ -140,6 +141,13 @@ def _resolve(
 # type per event, tagged by `event`. `decode_valid_batch` tries that and returns None on any
 # failure, so that the caller takes the two-pass path, which finds (and words) the error: both
 # accept exactly the same bodies, with the same results.
+#
+# The target `gameId` is read there without the `Identifier` pattern (a regex call per item, a
+# good part of the decoding): every payload's `gameId` is an `Identifier`, and must equal the
+# target's, so a target equal to it needs no check of its own; any other is checked after.
+
+#: `Identifier` but its pattern: see above.
+_TargetGameId = Annotated[str, Meta(min_length=1, max_length=64)]
 
 
 def _typed_request(event: str, payload: type) -> type[msgspec.Struct]:
@@ -147,7 +155,7 @@ def _typed_request(event: str, payload: type) -> type[msgspec.Struct]:
         f"Publish_{event.replace('-', '_')}",
         [
             ("data", payload),
-            ("gameId", Identifier | None, None),
+            ("gameId", _TargetGameId | None, None),
             ("userId", Identifier | None, None),
             ("idempotencyKey", IdempotencyKey | None, None),
         ],
@@ -159,12 +167,36 @@ def _typed_request(event: str, payload: type) -> type[msgspec.Struct]:
 
 
 _EVENT_OF_TYPED = {_typed_request(event, kind): event for event, kind in PUBLISHED_EVENTS.items()}
+assert all(
+    field.type in (Identifier, Identifier | None)
+    for kind in PUBLISHED_EVENTS.values()
+    for field in msgspec.structs.fields(kind)
+    if field.name == "gameId"
+), "decode_valid_batch trusts a target gameId equal to the payload's: keep that one checked"
 _TypedBatch = msgspec.defstruct(
     "PublishBatchTyped",
     [("items", list[Union[tuple(_EVENT_OF_TYPED)]])],  # type: ignore[misc]  # noqa: UP007
     forbid_unknown_fields=True,
 )
 _typed_batch_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_TypedBatch)
+
+
+def _validated_typed(item: Any) -> tuple[ValidatedPublication, str | None]:
+    """One request read by a typed decoder, validated: the one place both one-pass readings
+    finish an item. Raises ProtocolError where the two-pass reading would refuse it."""
+    payload, game_id = item.data, item.gameId
+    # The target `gameId` was read without its pattern (see above): check it unless the
+    # payload's own, checked, `gameId` equals it.
+    if (
+        game_id is not None
+        and getattr(payload, "gameId", None) != game_id
+        and not channels.is_valid_id(game_id)
+    ):
+        raise _invalid("gameId is not an identifier", "gameId")
+    return (
+        _resolve(_EVENT_OF_TYPED[type(item)], payload, game_id, item.userId),
+        item.idempotencyKey,
+    )
 
 
 def decode_valid_batch(
@@ -177,13 +209,7 @@ def decode_valid_batch(
         items = _typed_batch_decoder.decode(body).items
         if not 0 < len(items) <= max_items:
             return None
-        return [
-            (
-                _resolve(_EVENT_OF_TYPED[type(item)], item.data, item.gameId, item.userId),
-                item.idempotencyKey,
-            )
-            for item in items
-        ]
+        return [_validated_typed(item) for item in items]
     except (msgspec.DecodeError, RecursionError, MemoryError, UnicodeError, ProtocolError):
         return None
 
@@ -206,10 +232,6 @@ def decode_valid_publish(body: bytes) -> tuple[ValidatedPublication, str | None]
     repeated member is read by its last value there, and fails here if an earlier one is invalid.
     """
     try:
-        item = _typed_request_decoder.decode(body)
-        return (
-            _resolve(_EVENT_OF_TYPED[type(item)], item.data, item.gameId, item.userId),
-            item.idempotencyKey,
-        )
+        return _validated_typed(_typed_request_decoder.decode(body))
     except (msgspec.DecodeError, RecursionError, MemoryError, UnicodeError, ProtocolError):
         return None
