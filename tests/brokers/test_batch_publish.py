@@ -30,9 +30,10 @@ from tests.support.gateway import API_KEY, base_config, incident
 #: Events for the followed game in the batch.
 EVENTS = 100
 #: At most this many writes per follower for the whole batch. One on the memory broker (one
-#: synchronous step); on Redis and NATS the deliveries come back in a socket read or a few.
-#: Published one round trip after another, it was one write per event.
-MAX_WRITES = 6
+#: synchronous step); on Redis and NATS the deliveries come back in a socket read or a few (NATS
+#: in chains: several per read). Published one round trip after another, it was one write per
+#: event (90 here); the margin over the usual 1-6 is for a loaded machine (CI runs two workers).
+MAX_WRITES = 15
 
 
 @pytest.fixture
@@ -90,12 +91,6 @@ def _keyed(item: dict[str, Any], key: str) -> dict[str, Any]:
     return {**item, "idempotencyKey": key}
 
 
-#: Brokers on which a batch's deliveries do not come back together: NATS before 2.12 has no
-#: atomic batches, and its appender appends a channel's items one acknowledgement after another
-#: (brokers/nats/appender.py), so each arrives on its own.
-SPREAD_OUT = {"nats"}
-
-
 async def test_a_batch_reaches_each_follower_in_a_few_writes(
     gateway: App, make_broker: BrokerFactory, writes: Counter[ClientConnection]
 ) -> None:
@@ -118,8 +113,6 @@ async def test_a_batch_reaches_each_follower_in_a_few_writes(
         for ws in followers:
             await ws.close()
     assert len(counted) == 2
-    if make_broker.kind in SPREAD_OUT and counted[-1] > MAX_WRITES:
-        pytest.xfail(f"{make_broker.kind}: deliveries come back one by one ({counted} writes)")
     assert counted[-1] <= MAX_WRITES, f"writes per follower: {counted}"
 
 
