@@ -27,6 +27,7 @@ from igratech_ws.brokers.base import (
     Publication,
     PublicationHandler,
     StateHandler,
+    StreamPosition,
 )
 from igratech_ws.brokers.options import BrokerOptions
 from igratech_ws.logs import RateLimitedLog
@@ -147,6 +148,18 @@ class BrokerCore:
         self._on_publication = None
         self._on_control = None
         self._on_state = None
+
+    def subscribe_now(self, channel: str) -> bool:
+        """See `Broker.subscribe_now`: declined unless a broker answers without I/O."""
+        return False
+
+    def unsubscribe_now(self, channel: str) -> bool:
+        """See `Broker.unsubscribe_now`: declined unless a broker answers without I/O."""
+        return False
+
+    def state_now(self, channel: str) -> tuple[list[Publication], StreamPosition] | None:
+        """See `Broker.state_now`: declined unless a broker answers without I/O."""
+        return None
 
     def deliver(self, publication: Publication) -> None:
         """Hand `publication` to the publication handler, guarded."""

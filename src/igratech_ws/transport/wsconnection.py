@@ -54,6 +54,7 @@ import re
 import socket
 import time
 from base64 import b64decode, b64encode
+from collections import deque
 from hashlib import sha1
 from typing import Any, cast
 
@@ -195,7 +196,7 @@ class WebSocketConnection(asyncio.Protocol):
     __slots__ = (
         "_close_timer",
         "_config",
-        "_handshake_timer",
+        "_head",
         "_inbound",
         "_live",
         "_proxy_bytes",
@@ -217,7 +218,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         #: The upgrade request received so far (its blank line not yet seen).
         self._request = b""
-        self._handshake_timer: asyncio.TimerHandle | None = None
+        #: The 101 response while it waits to go out with the first frames (`_upgrade`).
+        self._head: bytes | None = None
         self._inbound: wsframes.Inbound | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -287,6 +289,10 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._state == _CLOSED:
             return
+        head = self._head
+        if head is not None:  # the 101, written together with the first frames
+            self._head = None
+            data = head + data
         transport.write(data)
         if transport.get_write_buffer_size() > self._config.max_write_buffer_bytes:
             # A slow consumer: it would hold memory without bound, and a close frame would only
@@ -343,9 +349,7 @@ class WebSocketConnection(asyncio.Protocol):
             self._proxy_bytes = b""
         high = max(1, self._config.max_write_buffer_bytes // 4)
         transport.set_write_buffer_limits(high=high, low=high // 2)
-        self._handshake_timer = asyncio.get_running_loop().call_later(
-            HANDSHAKE_TIMEOUT, self._handshake_timeout
-        )
+        _deadlines().add(self, self.last_seen + HANDSHAKE_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -394,10 +398,10 @@ class WebSocketConnection(asyncio.Protocol):
             self._drained()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._handshake_timer, self._close_timer, self._stall_timer):
+        for timer in (self._close_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._handshake_timer = self._close_timer = self._stall_timer = None
+        self._close_timer = self._stall_timer = None
         self._inbound = None
         self._leave_open(None)
         self._state = _CLOSED
@@ -490,16 +494,20 @@ class WebSocketConnection(asyncio.Protocol):
         except BadRequest as exc:
             self._refuse_raw(400, "bad_request", str(exc))
             return
-        transport = self._transport
-        assert transport is not None
-        transport.write(_SWITCHING + b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        # The 101 goes out with the first frames the application queues as it opens (its
+        # `connected`, say): one write. Every write after this point puts it first.
+        self._head = _SWITCHING + b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         self._upgraded()
+        if self._head is not None:
+            self._flush()
+            if self._head is not None:
+                self.write_wire(b"")
         if rest:
             self._receive(rest)
 
     def _handshake_timeout(self) -> None:
-        """The client did not complete its upgrade request in time: drop it, without an answer."""
-        self._handshake_timer = None
+        """The client did not complete its upgrade request in time: drop it, without an answer.
+        (Called at the deadline whatever the state: it does nothing once the upgrade is done.)"""
         if self._state == _HANDSHAKE:
             self._state = _CLOSED
             if self._transport is not None:
@@ -518,17 +526,11 @@ class WebSocketConnection(asyncio.Protocol):
         self.last_seen = now
         self._state = _OPEN
         self._live = True
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
         self._guarded(self._opened)
 
     def _answer_and_close(self, response: WSUpgradeResponse) -> None:
         """Write a refusal (`response`, already counted) and close the socket after it."""
         self._state = _CLOSED
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
         transport = self._transport
         if transport is not None:
             response.headers["Connection"] = "close"
@@ -656,6 +658,78 @@ class WebSocketConnection(asyncio.Protocol):
             self._ended(code)
         except Exception:
             log.exception("connection end handler failed", extra={"client": self.client})
+
+
+class HandshakeDeadlines:
+    """The handshake deadlines (`HANDSHAKE_TIMEOUT`) of one event loop's connections, behind one
+    timer.
+
+    The timeout is the same for every connection, so the deadlines come in the order the
+    connections do: a FIFO holds them in deadline order and one timer, armed for the first,
+    serves them all (a timer per connection, armed and cancelled, cost more than the rest of the
+    upgrade's bookkeeping). An entry stays until its deadline even when its connection upgraded
+    or closed meanwhile (`_handshake_timeout` then does nothing): the FIFO holds the connections
+    of the last `HANDSHAKE_TIMEOUT` seconds, no more.
+    """
+
+    __slots__ = ("_entries", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._entries: deque[tuple[float, WebSocketConnection]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, connection: WebSocketConnection, deadline: float) -> None:
+        """Call `connection._handshake_timeout()` at `deadline` (`time.monotonic()` seconds)."""
+        entries = self._entries
+        if entries and deadline < entries[-1][0]:
+            # The timeout was lowered since (a test does): keep the FIFO in deadline order.
+            entries.append((deadline, connection))
+            self._entries = deque(sorted(entries, key=_deadline_of))
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        else:
+            entries.append((deadline, connection))
+        if self._timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        delay = self._entries[0][0] - time.monotonic()
+        self._timer = self._loop.call_later(max(0.0, delay), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        # A timer may fire a little early (the loop's clock has millisecond steps).
+        now = time.monotonic() + _CLOCK_STEP
+        entries = self._entries
+        while entries and entries[0][0] <= now:
+            entries.popleft()[1]._handshake_timeout()
+        if entries:
+            self._arm()
+
+
+_CLOCK_STEP = 0.001
+
+
+def _deadline_of(entry: tuple[float, WebSocketConnection]) -> float:
+    return entry[0]
+
+
+#: The running loop's deadlines (one loop at a time in practice; another loop gets its own).
+_LOOP_DEADLINES: tuple[asyncio.AbstractEventLoop, HandshakeDeadlines] | None = None
+
+
+def _deadlines() -> HandshakeDeadlines:
+    global _LOOP_DEADLINES
+    loop = asyncio.get_running_loop()
+    current = _LOOP_DEADLINES
+    if current is None or current[0] is not loop:
+        current = _LOOP_DEADLINES = (loop, HandshakeDeadlines(loop))
+    return current[1]
 
 
 #: `resolve` of a TCP peer alone (no PROXY header, no X-Forwarded-For), by peer: it depends on
