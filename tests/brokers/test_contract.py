@@ -52,7 +52,9 @@ async def test_offsets_start_at_one_and_are_consecutive_per_channel(
 async def test_publication_carries_what_was_published(make_broker: BrokerFactory) -> None:
     node = await make_broker()
     before = time.time()
-    publication = (await node.broker.publish(GAME, "incident", b'{"a":"\xc3\xa9","b":[1,2]}')).publication
+    publication = (
+        await node.broker.publish(GAME, "incident", b'{"a":"\xc3\xa9","b":[1,2]}')
+    ).publication
     assert publication.channel == GAME
     assert publication.event == "incident"
     assert publication.data == b'{"a":"\xc3\xa9","b":[1,2]}'
@@ -170,9 +172,7 @@ async def test_history_is_bounded_by_ttl(make_broker: BrokerFactory) -> None:
 async def test_concurrent_publishes_on_one_node_are_gap_free(make_broker: BrokerFactory) -> None:
     node = await make_broker(limits=HistoryLimits(size=500, ttl=30.0))
     await node.broker.subscribe(GAME)
-    results = await asyncio.gather(
-        *(node.broker.publish(GAME, "bet", data(i)) for i in range(200))
-    )
+    results = await asyncio.gather(*(node.broker.publish(GAME, "bet", data(i)) for i in range(200)))
     published = [r.publication for r in results]
     # Pipelined or batched, publications through one broker get offsets in call order.
     assert [p.offset for p in published] == list(range(1, 201))
