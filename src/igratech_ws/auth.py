@@ -411,17 +411,21 @@ def _split_token(token: str) -> _Segments:
     parts = token.split(".")
     if len(parts) != 3:
         raise AuthError("malformed token: not enough segments")
+    head, body, tail = parts
+    header = _HEADERS.get(head)
     try:
-        header = _header(parts[0])
-        payload = _b64url(parts[1])
-        signature = _b64url(parts[2])
+        if header is None:
+            header = _header(head)
+        payload = _b64url(body)
+        signature = _b64url(tail)
     except (binascii.Error, ValueError, msgspec.DecodeError):  # UnicodeError is a ValueError
         raise AuthError("malformed token: invalid base64 or JSON") from None
     if not isinstance(header, dict):
         raise AuthError("malformed token: the header is not a JSON object")
     if "crit" in header or header.get("b64") is False:
         raise AuthError("token uses unsupported header parameters")
-    signing_input = (parts[0] + "." + parts[1]).encode("ascii", errors="replace")
+    # ASCII: the segments decoded as base64 are (a non-ASCII one raised above).
+    signing_input = token[: len(head) + len(body) + 1].encode("ascii", "replace")
     return _Segments(header, payload, signature, signing_input)
 
 

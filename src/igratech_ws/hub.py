@@ -68,8 +68,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Protocol
+
+import msgspec
 
 from igratech_ws.brokers.base import Broker, BrokerError, Publication, StreamPosition
 from igratech_ws.core.channels import STATE_EVENTS
@@ -172,8 +173,7 @@ class _Join:
         self.epoch = ""
 
 
-@dataclass(frozen=True, slots=True)
-class JoinResult:
+class JoinResult(msgspec.Struct, frozen=True):
     """The position a connection starts a channel from, and what to send it first.
 
     `missed` is the beginning of a recovery (at most one publication: the rest is replayed in

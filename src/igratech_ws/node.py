@@ -332,7 +332,7 @@ class Node:
         # The first queued request is the one being carried out; the others wait.
         settings_allowed = queue is None or len(queue) <= MAX_QUEUED_SETTINGS
         action = connection.session.handle_frame(
-            frame, server_time=utc_now(), settings_allowed=settings_allowed
+            frame, server_time=utc_now, settings_allowed=settings_allowed
         )
         if action is None:
             return

@@ -50,10 +50,8 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
-import re
 import socket
 import time
-from base64 import b64decode, b64encode
 from collections import deque
 from hashlib import sha1
 from typing import Any, cast
@@ -108,8 +106,11 @@ _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
 #: Header fields an upgrade request may have (picows's bound).
 MAX_HEADER_FIELDS = 128
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: The bytes of an RFC 9110 token (a header field's name), and those a field value may not hold
+#: (controls other than HTAB): each checked by deleting them (`bytes.translate`), cheaper per
+#: field than a regular expression's match.
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_BAD_VALUE_BYTES = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
 
 
@@ -134,18 +135,16 @@ def parse_request(head: bytes) -> WSUpgradeRequest:
     if len(lines) - 1 > MAX_HEADER_FIELDS:
         raise BadRequest(f"HTTP request contains more than {MAX_HEADER_FIELDS} headers")
     headers: CIMultiDict[str] = CIMultiDict()
-    token = _TOKEN.fullmatch
-    bad_value = _BAD_FIELD_VALUE.search
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
             raise BadRequest(f"Obsolete folded HTTP header is not supported: {line[:80]!r}")
         name, colon, value = line.partition(b":")
         if not colon:
             raise BadRequest(f"Malformed header in HTTP request: {line[:80]!r}")
-        if token(name) is None:
+        if not name or name.translate(None, _TOKEN_BYTES):
             raise BadRequest(f"Invalid HTTP header name: {name[:80]!r}")
         value = value.strip(b" \t")
-        if bad_value(value) is not None:
+        if len(value.translate(None, _BAD_VALUE_BYTES)) != len(value):
             raise BadRequest(f"Invalid HTTP header value for {name[:80]!r}")
         headers.add(name.decode("ascii"), value.decode("ascii", "surrogateescape"))
     if "Transfer-Encoding" in headers:
@@ -179,11 +178,12 @@ def accept_key(headers: CIMultiDict[str]) -> bytes:
     key = headers.get("sec-websocket-key")
     try:
         key_bytes = key.encode("ascii") if key else b""
-        if not key_bytes or len(b64decode(key_bytes, validate=True)) != 16:
+        # binascii's strict mode is what `b64decode(validate=True)` calls.
+        if not key_bytes or len(binascii.a2b_base64(key_bytes, strict_mode=True)) != 16:
             raise BadRequest(f"Handshake error, invalid key: {key!r:.40}")
     except (UnicodeEncodeError, binascii.Error):
         raise BadRequest(f"Handshake error, invalid key: {key!r:.40}") from None
-    return b64encode(sha1(key_bytes + _WS_GUID).digest())
+    return binascii.b2a_base64(sha1(key_bytes + _WS_GUID).digest(), newline=False)
 
 
 class WebSocketConnection(asyncio.Protocol):
