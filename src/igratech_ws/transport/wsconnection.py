@@ -65,7 +65,6 @@ from igratech_ws.core.client_address import (
     ClientAddress,
     ProxyHeaderMissing,
     ProxyProtocolError,
-    TrustedProxies,
     parse_proxy_header,
     resolve,
     starts_with_proxy_header,
@@ -472,13 +471,15 @@ class WebSocketConnection(asyncio.Protocol):
             self._refuse_raw(400, "bad_request", str(exc))
             return
         try:
-            trusted = self._config.trusted_proxy_list
             forwarded_for = request.headers.getall("X-Forwarded-For", None)
             if forwarded_for is None and self.proxy_source is None:
-                found = _peer_only(self.peer, trusted)
+                found = _peer_only(self.peer, self._config)
             else:
                 found = resolve(
-                    self.peer, trusted, forwarded_for=forwarded_for, proxy_source=self.proxy_source
+                    self.peer,
+                    self._config.trusted_proxy_list,
+                    forwarded_for=forwarded_for,
+                    proxy_source=self.proxy_source,
                 )
             self.client, self.address = found.address, found.limit_key
             refusal = self._decide(request)
@@ -734,18 +735,20 @@ def _deadlines() -> HandshakeDeadlines:
 
 #: `resolve` of a TCP peer alone (no PROXY header, no X-Forwarded-For), by peer: it depends on
 #: nothing else but the trusted networks, and parsing the address costs more than the rest of it.
-_PEER_ONLY: dict[str, tuple[TrustedProxies, ClientAddress]] = {}
+_PEER_ONLY: dict[str, tuple[str, ClientAddress]] = {}
 _MAX_PEERS_CACHED = 4096
 
 
-def _peer_only(peer: str, trusted: TrustedProxies) -> ClientAddress:
+def _peer_only(peer: str, config: Config) -> ClientAddress:
+    # Keyed by the setting as written (`trusted_proxies`): parsing it is not needed on a hit.
+    trusted_proxies = config.trusted_proxies
     entry = _PEER_ONLY.get(peer)
-    if entry is not None and entry[0] is trusted:
+    if entry is not None and entry[0] == trusted_proxies:
         return entry[1]
-    found = resolve(peer, trusted)
+    found = resolve(peer, config.trusted_proxy_list)
     if len(_PEER_ONLY) >= _MAX_PEERS_CACHED:
         _PEER_ONLY.clear()
-    _PEER_ONLY[peer] = (trusted, found)
+    _PEER_ONLY[peer] = (trusted_proxies, found)
     return found
 
 
