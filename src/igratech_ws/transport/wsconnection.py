@@ -266,6 +266,10 @@ class WebSocketConnection(asyncio.Protocol):
     def _flush(self) -> None:
         """Write what the application queued, now (before a close frame)."""
 
+    def _queued(self) -> bool:
+        """Whether the application holds frames it will write soon (its flush is scheduled)."""
+        return False
+
     def _ended(self, code: int | None) -> None:
         """The connection is over for the application: `code` was sent, received or is None."""
 
@@ -496,13 +500,12 @@ class WebSocketConnection(asyncio.Protocol):
             self._refuse_raw(400, "bad_request", str(exc))
             return
         # The 101 goes out with the first frames the application queues as it opens (its
-        # `connected`, say): one write. Every write after this point puts it first.
+        # `connected`, say), in one write, when it flushes them (soon: `_queued`); alone now if
+        # it queued none. Every write after this point puts it first.
         self._head = _SWITCHING + b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         self._upgraded()
-        if self._head is not None:
-            self._flush()
-            if self._head is not None:
-                self.write_wire(b"")
+        if self._head is not None and not self._queued():
+            self.write_wire(b"")
         if rest:
             self._receive(rest)
 
