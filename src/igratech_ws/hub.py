@@ -68,8 +68,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Protocol
+
+import msgspec
 
 from igratech_ws.brokers.base import Broker, BrokerError, Publication, StreamPosition
 from igratech_ws.core.channels import STATE_EVENTS
@@ -172,8 +173,7 @@ class _Join:
         self.epoch = ""
 
 
-@dataclass(frozen=True, slots=True)
-class JoinResult:
+class JoinResult(msgspec.Struct, frozen=True):
     """The position a connection starts a channel from, and what to send it first.
 
     `missed` is the beginning of a recovery (at most one publication: the rest is replayed in
@@ -271,6 +271,10 @@ def _slots(states: list[Publication]) -> set[tuple[str, int, str]]:
     return {(p.event, p.offset, p.epoch) for p in states}
 
 
+def _offset_of(publication: Publication) -> int:
+    return publication.offset
+
+
 def _held_size(publication: Publication) -> int:
     return len(publication.data) + PUBLICATION_OVERHEAD
 
@@ -306,7 +310,9 @@ class Hub:
         self._last: dict[str, tuple[int, str]] = {}
         self._syncing: dict[str, list[Publication]] = {}
         self._syncing_bytes: dict[str, int] = {}
-        self._broker_subs: dict[str, asyncio.Task[None]] = {}
+        #: Channels with a broker subscription: the task making it, or None when the broker
+        #: made it at once (`Broker.subscribe_now`).
+        self._broker_subs: dict[str, asyncio.Task[None] | None] = {}
         #: Per connection with a replay: the joins waiting for the one replay task, in order.
         self._replays: dict[Subscriber, deque[tuple[str, _Join]]] = {}
         self._writable_waiters: dict[Subscriber, asyncio.Future[None]] = {}
@@ -692,6 +698,56 @@ class Hub:
         """A new allowance for one request's history: a quarter of the budget in bytes."""
         return HistoryAllowance(self.page_bytes)
 
+    def join_now(self, subscriber: Subscriber, channel: str) -> JoinResult | None:
+        """`join` of `channel` without recovery or history, done before returning when nothing
+        needs the broker's I/O: its subscription is active (or the broker makes it at once,
+        `Broker.subscribe_now`) and the start is this node's last delivered position, or what
+        the broker reads at once (`Broker.state_now`). None when it cannot: no join was started
+        (a subscription may have been), and the caller awaits `join` instead.
+
+        The result and the caller's duties are `join`'s (`finish_join` right after the answer).
+        """
+        subscriptions = self._broker_subs
+        if channel in subscriptions:
+            task = subscriptions[channel]
+            if task is not None and not (
+                task.done() and not task.cancelled() and task.exception() is None
+            ):
+                return None  # being made, or failed: `join` waits for it or tries again
+        elif self.broker.subscribe_now(channel):
+            subscriptions[channel] = None
+            self._states[channel] = _StateRecord()
+        else:
+            return None
+        last = self._last.get(channel)
+        record = self._states.get(channel)
+        if (
+            last is not None
+            and channel not in self._syncing
+            and record is not None
+            and record.seeded
+            and record.complete_at(last)
+        ):
+            states: list[Publication] = list(record.latest.values())  # as in `join`
+        else:
+            read = self.broker.state_now(channel)
+            if read is None:
+                return None
+            states, top = read
+            if record is not None:  # seeded as `_read_states` does
+                live = self._last.get(channel)
+                record.seed(states, live[1] if live is not None else None)
+            last = (top.offset, top.epoch)
+        self._joining.setdefault(channel, {})[subscriber] = _Join()
+        offset, epoch = last
+        snapshot: tuple[Publication, ...] = ()
+        if offset > 0 and states:  # as `_snapshot` without history
+            picked = self._current_state(states, offset, epoch)
+            picked.sort(key=_offset_of)
+            snapshot = tuple(picked)
+        state = ChannelState(channel=channel, offset=offset, epoch=epoch)
+        return JoinResult(state, [], offset, snapshot)
+
     async def join(
         self,
         subscriber: Subscriber,
@@ -732,9 +788,7 @@ class Hub:
                 states, top = await self._state_at_top(channel)
                 last = (top.offset, top.epoch)
             state = ChannelState(channel=channel, offset=last[0], epoch=last[1])
-            snapshot = await self._snapshot(
-                channel, states, last[0], last[1], history, allowance
-            )
+            snapshot = await self._snapshot(channel, states, last[0], last[1], history, allowance)
             return JoinResult(state, [], last[0], snapshot)
         offset, epoch = recover
         # One publication decides: the rest is replayed in pages once the answer is out.
@@ -816,20 +870,26 @@ class Hub:
         with the last `history` stream events, in offset order."""
         if cursor <= 0:
             return ()  # no stream yet (or its first life not seen): nothing to show
-        oldest = time.time() - self.state_ttl
-        picked = [
-            p
-            for p in states
-            if p.epoch == epoch and 0 < p.offset <= cursor and p.published_at > oldest
-        ]
+        picked = self._current_state(states, cursor, epoch)
         if history > 0:
             picked.extend(
                 await self._recent_stream(
                     channel, cursor, epoch, history, allowance or self.history_allowance()
                 )
             )
-        picked.sort(key=lambda p: p.offset)
+        picked.sort(key=_offset_of)
         return tuple(picked)
+
+    def _current_state(
+        self, states: list[Publication], cursor: int, epoch: str
+    ) -> list[Publication]:
+        """Of `states`, those of `epoch` at or below `cursor` and younger than the state ttl."""
+        oldest = time.time() - self.state_ttl
+        return [
+            p
+            for p in states
+            if p.epoch == epoch and 0 < p.offset <= cursor and p.published_at > oldest
+        ]
 
     async def _recent_stream(
         self, channel: str, cursor: int, epoch: str, count: int, allowance: HistoryAllowance
@@ -940,7 +1000,10 @@ class Hub:
             self.on_writable(subscriber)  # a replay waiting for the socket: let it end
 
     async def _ensure_broker_subscription(self, channel: str) -> None:
-        task = self._broker_subs.get(channel)
+        subscriptions = self._broker_subs
+        task = subscriptions.get(channel)
+        if task is None and channel in subscriptions:
+            return  # made at once (`Broker.subscribe_now`)
         if task is not None and task.done() and not task.cancelled() and task.exception() is None:
             return  # already subscribed: the common case, without a shield future per join
         if task is None:
@@ -955,6 +1018,7 @@ class Hub:
             raise
 
     def _release_broker_subscription(self, channel: str) -> None:
+        made_at_once = self._broker_subs.get(channel, ...) is None
         task = self._broker_subs.pop(channel, None)
         # The node no longer sees this channel, so it cannot know what followers would miss.
         self._last.pop(channel, None)
@@ -963,12 +1027,15 @@ class Hub:
         self._syncing_bytes.pop(channel, None)
         if task is not None:
             self._spawn(self._unsubscribe_after(task, channel))
+        elif made_at_once and not self.broker.unsubscribe_now(channel):
+            self._spawn(self._unsubscribe_after(None, channel))
 
-    async def _unsubscribe_after(self, task: asyncio.Task[None], channel: str) -> None:
-        try:
-            await task
-        except (BrokerError, asyncio.CancelledError):
-            return
+    async def _unsubscribe_after(self, task: asyncio.Task[None] | None, channel: str) -> None:
+        if task is not None:
+            try:
+                await task
+            except (BrokerError, asyncio.CancelledError):
+                return
         if channel in self._broker_subs:
             return  # someone joined again meanwhile
         try:
@@ -1191,7 +1258,10 @@ class Hub:
                 self._replay_later(subscriber, channel, join)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coroutine)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -1201,8 +1271,9 @@ class Hub:
             self._behind_timer = None
         for task in list(self._tasks):
             task.cancel()
-        for task in list(self._broker_subs.values()):
-            task.cancel()
+        for subscribing in list(self._broker_subs.values()):
+            if subscribing is not None:
+                subscribing.cancel()
         self._tasks.clear()
         self._broker_subs.clear()
         self._replays.clear()

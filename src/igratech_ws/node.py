@@ -267,17 +267,19 @@ class Node:
                         )
                     )
                 )
-        if not plan.add:
-            self._greet(connection, [], answer)
+        joined = self._join_now(connection, plan)
+        if len(joined) == len(plan.add):
+            # Joined at once (no broker I/O was needed): greeted now, before anything else.
+            self._greet(connection, joined, answer)
             return
         self._greeting[connection] = ([], 0)
-        self._spawn(self._join_then_greet(connection, plan, answer))
+        self._spawn(self._join_then_greet(connection, plan, answer, joined))
 
     async def _join_then_greet(
-        self, connection: Connection, plan: SettingsPlan, answer: bool
+        self, connection: Connection, plan: SettingsPlan, answer: bool, joined: list[JoinResult]
     ) -> None:
         try:
-            results = await self._join_all(connection, plan)
+            results = await self._join_all(connection, plan, joined)
             if results is not None:
                 self._greet(connection, results, answer)
         finally:
@@ -329,7 +331,7 @@ class Node:
         # The first queued request is the one being carried out; the others wait.
         settings_allowed = queue is None or len(queue) <= MAX_QUEUED_SETTINGS
         action = connection.session.handle_frame(
-            frame, server_time=utc_now(), settings_allowed=settings_allowed
+            frame, server_time=utc_now, settings_allowed=settings_allowed
         )
         if action is None:
             return
@@ -404,33 +406,49 @@ class Node:
     # --- settings ----------------------------------------------------------------------------
 
     def _queue_settings(self, connection: Connection, plan: SettingsPlan, answer: bool) -> None:
-        """Carry out `plan` after those already queued (the caller checked the queue's bound)."""
+        """Carry out `plan` after those already queued (the caller checked the queue's bound):
+        at once when none is and its channels can be joined at once, else in a task."""
         queue = connection.settings_queue
-        if queue is None:
-            connection.settings_queue = deque([(plan, answer)])
-            self._spawn(self._run_settings(connection))
-        else:
+        if queue is not None:
             queue.append((plan, answer))
+            return
+        joined = self._start_settings(connection, plan)
+        if len(joined) == len(plan.add):
+            self._answer_settings(connection, joined, answer)
+            return
+        connection.settings_queue = deque([(plan, answer)])
+        self._spawn(self._run_settings(connection, joined))
 
-    async def _run_settings(self, connection: Connection) -> None:
+    def _start_settings(self, connection: Connection, plan: SettingsPlan) -> list[JoinResult]:
+        """Drop the channels `plan` removes; join at once those that can be (`_join_now`)."""
+        for channel in plan.remove:
+            self.hub.leave(connection, channel)
+        return self._join_now(connection, plan)
+
+    async def _run_settings(self, connection: Connection, joined: list[JoinResult]) -> None:
+        """Carry out the queued plans in order; the first one is started (`joined`)."""
         queue = connection.settings_queue
+        started: list[JoinResult] | None = joined
         try:
             while queue and connection.is_open:
                 plan, answer = queue[0]
-                await self._apply_settings(connection, plan, answer)
+                if started is None:
+                    started = self._start_settings(connection, plan)
+                results: list[JoinResult] | None = started
+                if len(started) < len(plan.add):
+                    results = await self._join_all(connection, plan, started)
+                started = None
+                if results is not None:
+                    self._answer_settings(connection, results, answer)
                 queue.popleft()
         finally:
             connection.settings_queue = None
 
-    async def _apply_settings(
-        self, connection: Connection, plan: SettingsPlan, answer: bool
+    def _answer_settings(
+        self, connection: Connection, results: list[JoinResult], answer: bool
     ) -> None:
-        for channel in plan.remove:
-            self.hub.leave(connection, channel)
-        results = await self._join_all(connection, plan)
-        if results is None:
-            return
-        # From here to the end nothing awaits: the answer and what follows it go out together.
+        """The settings answer (when asked) and what follows the joins, together: nothing comes
+        in between."""
         if answer:
             self.hub.send(
                 connection, connection.session.settings_answer(self._states(connection, results))
@@ -438,28 +456,49 @@ class Node:
         for result in results:
             self.hub.finish_join(connection, result)
 
+    def _join_now(self, connection: Connection, plan: SettingsPlan) -> list[JoinResult]:
+        """The joins of `plan` done at once (`Hub.join_now`), in order, up to the first that
+        cannot be: `_join_all` does the rest. None of a plan with history (one allowance is
+        shared by its channels), none from the first channel to recover on."""
+        joined: list[JoinResult] = []
+        if plan.history:
+            return joined
+        recover = plan.recover
+        join_now = self.hub.join_now
+        for channel in plan.add:
+            if channel in recover:
+                break
+            result = join_now(connection, channel)
+            if result is None:
+                break
+            joined.append(result)
+        return joined
+
     async def _join_all(
-        self, connection: Connection, plan: SettingsPlan
+        self, connection: Connection, plan: SettingsPlan, joined: list[JoinResult]
     ) -> list[JoinResult] | None:
-        """Join every channel `plan` adds, or none: None (and the connection closed with 1013
-        when the broker could not answer) when the connection is gone."""
+        """Join every channel `plan` adds after those `joined` already (its first ones), or
+        none: None (and the connection closed with 1013 when the broker could not answer) when
+        the connection is gone."""
         # One allowance for the whole request: its history is bounded however many channels.
         allowance = self.hub.history_allowance() if plan.history else None
+        rest = plan.add[len(joined) :]
         try:
-            if len(plan.add) == 1:  # the usual case (a user channel, one game): no gather tasks
-                channel = plan.add[0]
+            if len(rest) == 1:  # the usual case (a user channel, one game): no gather tasks
+                channel = rest[0]
                 recover = plan.recover.get(channel)
                 results = [
-                    await self.hub.join(connection, channel, recover, plan.history, allowance)
+                    *joined,
+                    await self.hub.join(connection, channel, recover, plan.history, allowance),
                 ]
             else:
-                results = list(
+                results = joined + list(
                     await asyncio.gather(
                         *(
                             self.hub.join(
                                 connection, ch, plan.recover.get(ch), plan.history, allowance
                             )
-                            for ch in plan.add
+                            for ch in rest
                         )
                     )
                 )
@@ -584,7 +623,7 @@ class Node:
                 connection.close_with(CloseCode.IDLE_TIMEOUT)
 
     def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

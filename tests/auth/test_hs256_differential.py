@@ -233,3 +233,25 @@ def test_the_principal_carries_the_verified_expiry(algorithm: str) -> None:
     principal = verifier.verify(_sign({"sub": "u-1", "exp": expires}, algorithm))
     assert principal == Principal("u-1", expires)
     assert verifier.verify(_sign({"sub": "u-1", "exp": 10**30}, algorithm)).expires_at == 1e30
+
+
+@pytest.mark.parametrize("length", [0, 1, 32, 63, 64, 65, 200])
+def test_the_hs256_mac_is_rfc_2104_hmac_for_any_key_length(length: int) -> None:
+    """The cached keyed state (`auth._hs256`, a copy per message) gives HMAC-SHA256 for keys
+    shorter, as long as, and longer than SHA-256's block, message after message."""
+    import hashlib
+    import hmac
+
+    from igratech_ws.auth import _hs256
+
+    secret = ("k" * length).encode()
+    for message in (b"", b"a.b", b"x" * 1000):
+        assert _hs256(secret, message) == hmac.new(secret, message, hashlib.sha256).digest()
+        assert (
+            _hs256(secret.decode(), message) == hmac.new(secret, message, hashlib.sha256).digest()
+        )
+    key = "k" * max(length, 32)  # PyJWT warns about shorter ones
+    token = jwt.encode({"sub": "u-1"}, key, "HS256")
+    assert TokenVerifier(secret=key).verify(token) == Principal("u-1", None)
+    with pytest.raises(AuthError, match="Signature verification failed"):
+        TokenVerifier(secret=key + "x").verify(token)

@@ -20,6 +20,7 @@ from igratech_ws.brokers.base import (
     UserLogin,
     UserLogout,
 )
+from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.recovery import decide_recovery
 from tests.support.brokers import WAIT_S, BrokerFactory
 
@@ -51,7 +52,9 @@ async def test_offsets_start_at_one_and_are_consecutive_per_channel(
 async def test_publication_carries_what_was_published(make_broker: BrokerFactory) -> None:
     node = await make_broker()
     before = time.time()
-    publication = (await node.broker.publish(GAME, "incident", b'{"a":"\xc3\xa9","b":[1,2]}')).publication
+    publication = (
+        await node.broker.publish(GAME, "incident", b'{"a":"\xc3\xa9","b":[1,2]}')
+    ).publication
     assert publication.channel == GAME
     assert publication.event == "incident"
     assert publication.data == b'{"a":"\xc3\xa9","b":[1,2]}'
@@ -169,9 +172,7 @@ async def test_history_is_bounded_by_ttl(make_broker: BrokerFactory) -> None:
 async def test_concurrent_publishes_on_one_node_are_gap_free(make_broker: BrokerFactory) -> None:
     node = await make_broker(limits=HistoryLimits(size=500, ttl=30.0))
     await node.broker.subscribe(GAME)
-    results = await asyncio.gather(
-        *(node.broker.publish(GAME, "bet", data(i)) for i in range(200))
-    )
+    results = await asyncio.gather(*(node.broker.publish(GAME, "bet", data(i)) for i in range(200)))
     published = [r.publication for r in results]
     # Pipelined or batched, publications through one broker get offsets in call order.
     assert [p.offset for p in published] == list(range(1, 201))
@@ -340,3 +341,33 @@ async def test_data_that_is_not_utf8_is_refused(make_broker: BrokerFactory) -> N
     with pytest.raises(ValueError, match="UTF-8"):
         await node.broker.publish(GAME, "incident", b'{"a":"\xff"}')
     assert await node.broker.position(GAME) == StreamPosition(0, EMPTY_EPOCH)
+
+
+async def test_the_now_shortcuts_do_what_their_awaited_methods_do_or_decline(
+    make_broker: BrokerFactory,
+) -> None:
+    """`subscribe_now`, `unsubscribe_now` and `state_now` are optional: each either does at once
+    what its awaited counterpart does, or declines and changes nothing."""
+    node = await make_broker()
+    broker = node.broker
+    await broker.publish(GAME, "stats", data(1))
+    await broker.publish(GAME, "incident", data(2))
+    read = broker.state_now(GAME)
+    if read is not None:
+        states, top = read
+        assert states == await broker.latest_state(GAME)
+        assert top == await broker.position(GAME)
+        assert broker.state_now("game:never-used") == ([], StreamPosition(0, EMPTY_EPOCH))
+    await broker.subscribe(MARKER)
+    at_once = broker.subscribe_now(GAME)
+    if type(broker) is MemoryBroker:
+        assert at_once and read is not None, "the memory broker answers at once"
+    if at_once:
+        await broker.publish(GAME, "incident", data(3))
+        received = await node.wait_for_publications(GAME, 1)
+        assert [p.offset for p in received] == [3]
+        assert broker.unsubscribe_now(GAME), "a broker that subscribes at once unsubscribes so"
+    await broker.publish(GAME, "incident", data(4))
+    await broker.publish(MARKER, "stats", data(0))
+    await node.wait_for_publications(MARKER, 1)
+    assert [p.offset for p in node.received(GAME)] == ([3] if at_once else [])

@@ -173,6 +173,21 @@ def test_ping_without_data(anon: Session) -> None:
     assert answer == {"event": "pong", "data": {"serverTime": NOW}}
 
 
+def test_the_clock_is_asked_only_for_a_pong(anon: Session) -> None:
+    asked: list[int] = []
+
+    def clock() -> str:
+        asked.append(1)
+        return NOW
+
+    anon.handle_frame(frame("settings", {"games": ["g-1"]}), server_time=clock)
+    anon.handle_frame(b"not json", server_time=clock)
+    assert asked == []
+    answer = reply_of(anon.handle_frame(b'{"event":"ping"}', server_time=clock))
+    assert answer == {"event": "pong", "data": {"serverTime": NOW}}
+    assert asked == [1]
+
+
 def test_ping_accepts_str_frames(anon: Session) -> None:
     answer = reply_of(anon.handle_frame('{"event":"ping","data":{"ts":7}}', server_time=NOW))
     assert answer["data"]["ts"] == 7

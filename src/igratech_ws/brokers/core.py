@@ -32,6 +32,7 @@ from igratech_ws.brokers.base import (
     PublishItem,
     PublishResult,
     StateHandler,
+    StreamPosition,
     check_data,
     check_idempotency_key,
 )
@@ -185,6 +186,18 @@ class BrokerCore:
         self._on_publication = None
         self._on_control = None
         self._on_state = None
+
+    def subscribe_now(self, channel: str) -> bool:
+        """See `Broker.subscribe_now`: declined unless a broker answers without I/O."""
+        return False
+
+    def unsubscribe_now(self, channel: str) -> bool:
+        """See `Broker.unsubscribe_now`: declined unless a broker answers without I/O."""
+        return False
+
+    def state_now(self, channel: str) -> tuple[list[Publication], StreamPosition] | None:
+        """See `Broker.state_now`: declined unless a broker answers without I/O."""
+        return None
 
     def deliver(self, publication: Publication) -> None:
         """Hand `publication` to the publication handler, guarded."""

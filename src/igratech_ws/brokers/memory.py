@@ -127,6 +127,15 @@ class MemoryBroker(BrokerCore):
         )
         self._sweeper: asyncio.Task[None] | None = None
         self._state_events = self.options.state_events
+        # The `*_now` shortcuts do what this class's awaited methods do; a subclass that changes
+        # those (a test's slow or recording broker) gets the awaited ones, through declining.
+        cls = type(self)
+        self._subscribe_now = (
+            cls.subscribe is MemoryBroker.subscribe and cls.unsubscribe is MemoryBroker.unsubscribe
+        )
+        self._state_now = (
+            cls.position is MemoryBroker.position and cls.latest_state is MemoryBroker.latest_state
+        )
 
     @property
     def channel_count(self) -> int:
@@ -265,6 +274,30 @@ class MemoryBroker(BrokerCore):
 
     async def unsubscribe(self, channel: str) -> None:
         self._subscribed.discard(channel)
+
+    def subscribe_now(self, channel: str) -> bool:
+        if not self._subscribe_now:
+            return False
+        self._subscribed.add(channel)
+        return True
+
+    def unsubscribe_now(self, channel: str) -> bool:
+        if not self._subscribe_now:
+            return False
+        self._subscribed.discard(channel)
+        return True
+
+    def state_now(self, channel: str) -> tuple[list[Publication], StreamPosition] | None:
+        if not self._state_now:
+            return None
+        stream = self._streams.get(channel)
+        if stream is None:
+            return [], _EMPTY
+        states: list[Publication] = []
+        if stream.states:
+            self._expire(stream, time.time())
+            states = sorted(stream.states.values(), key=lambda p: p.offset)
+        return states, StreamPosition(stream.top, stream.epoch)
 
     async def history(self, channel: str, since_offset: int, limit: int) -> HistoryPage:
         stream = self._streams.get(channel)

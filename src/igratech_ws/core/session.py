@@ -10,7 +10,10 @@ on. States only move forward: OPEN -> CLOSING -> CLOSED; frames after OPEN are i
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
 
 from igratech_ws.core import channels
 from igratech_ws.core.codec import ProtocolError, decode_client_frame, event_frame
@@ -38,8 +41,7 @@ class Reply:
     frame: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class SettingsPlan:
+class SettingsPlan(msgspec.Struct, frozen=True):
     """Subscriptions to change, in this order: drop `remove`, then add `add` (recovering those in
     `recover` from the given (offset, epoch)), then send `settings_answer(...)`, then each added
     channel's current state and its last `history` stream events (marked `snapshot`) unless it
@@ -47,7 +49,7 @@ class SettingsPlan:
 
     add: tuple[str, ...]
     remove: tuple[str, ...]
-    recover: dict[str, tuple[int, str]] = field(default_factory=dict)
+    recover: dict[str, tuple[int, str]] = msgspec.field(default_factory=dict)
     history: int = 0
 
 
@@ -114,9 +116,16 @@ class Session:
     # --- input -----------------------------------------------------------------------------------
 
     def handle_frame(
-        self, frame: bytes | str, *, server_time: str, settings_allowed: bool = True
+        self,
+        frame: bytes | str,
+        *,
+        server_time: str | Callable[[], str],
+        settings_allowed: bool = True,
     ) -> Action | None:
         """Decide what to do with one client text frame. Never raises.
+
+        `server_time` is the `Timestamp` a `pong` carries, or the clock that tells it (asked only
+        for a ping).
 
         `settings_allowed` False (the caller's queue of settings is full) answers a `settings`
         request with ``rate_limited`` without changing anything, so it can be sent again.
@@ -127,7 +136,8 @@ class Session:
             event, payload = decode_client_frame(frame)
             if event == "ping":
                 assert isinstance(payload, Ping)
-                return Reply(event_frame("pong", Pong(serverTime=server_time, ts=payload.ts)))
+                now = server_time if isinstance(server_time, str) else server_time()
+                return Reply(event_frame("pong", Pong(serverTime=now, ts=payload.ts)))
             assert isinstance(payload, SettingsRequest)
             if not settings_allowed:
                 raise ProtocolError(

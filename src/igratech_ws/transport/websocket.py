@@ -167,6 +167,9 @@ class ClientConnection(WebSocketConnection):
     def _flush(self) -> None:
         self._node.hub.flush_one(self)
 
+    def _queued(self) -> bool:
+        return bool(self.pending)  # the hub's flush is scheduled (Hub.send_wire)
+
     def _ended(self, code: int | None) -> None:
         self.pending = None
         self.session.begin_close()

@@ -50,10 +50,9 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
-import re
 import socket
 import time
-from base64 import b64decode, b64encode
+from collections import deque
 from hashlib import sha1
 from typing import Any, cast
 
@@ -66,7 +65,6 @@ from igratech_ws.core.client_address import (
     ClientAddress,
     ProxyHeaderMissing,
     ProxyProtocolError,
-    TrustedProxies,
     parse_proxy_header,
     resolve,
     starts_with_proxy_header,
@@ -107,8 +105,11 @@ _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
 #: Header fields an upgrade request may have (picows's bound).
 MAX_HEADER_FIELDS = 128
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: The bytes of an RFC 9110 token (a header field's name), and those a field value may not hold
+#: (controls other than HTAB): each checked by deleting them (`bytes.translate`), cheaper per
+#: field than a regular expression's match.
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_BAD_VALUE_BYTES = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
 
 
@@ -133,18 +134,16 @@ def parse_request(head: bytes) -> WSUpgradeRequest:
     if len(lines) - 1 > MAX_HEADER_FIELDS:
         raise BadRequest(f"HTTP request contains more than {MAX_HEADER_FIELDS} headers")
     headers: CIMultiDict[str] = CIMultiDict()
-    token = _TOKEN.fullmatch
-    bad_value = _BAD_FIELD_VALUE.search
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
             raise BadRequest(f"Obsolete folded HTTP header is not supported: {line[:80]!r}")
         name, colon, value = line.partition(b":")
         if not colon:
             raise BadRequest(f"Malformed header in HTTP request: {line[:80]!r}")
-        if token(name) is None:
+        if not name or name.translate(None, _TOKEN_BYTES):
             raise BadRequest(f"Invalid HTTP header name: {name[:80]!r}")
         value = value.strip(b" \t")
-        if bad_value(value) is not None:
+        if len(value.translate(None, _BAD_VALUE_BYTES)) != len(value):
             raise BadRequest(f"Invalid HTTP header value for {name[:80]!r}")
         headers.add(name.decode("ascii"), value.decode("ascii", "surrogateescape"))
     if "Transfer-Encoding" in headers:
@@ -178,11 +177,12 @@ def accept_key(headers: CIMultiDict[str]) -> bytes:
     key = headers.get("sec-websocket-key")
     try:
         key_bytes = key.encode("ascii") if key else b""
-        if not key_bytes or len(b64decode(key_bytes, validate=True)) != 16:
+        # binascii's strict mode is what `b64decode(validate=True)` calls.
+        if not key_bytes or len(binascii.a2b_base64(key_bytes, strict_mode=True)) != 16:
             raise BadRequest(f"Handshake error, invalid key: {key!r:.40}")
     except (UnicodeEncodeError, binascii.Error):
         raise BadRequest(f"Handshake error, invalid key: {key!r:.40}") from None
-    return b64encode(sha1(key_bytes + _WS_GUID).digest())
+    return binascii.b2a_base64(sha1(key_bytes + _WS_GUID).digest(), newline=False)
 
 
 class WebSocketConnection(asyncio.Protocol):
@@ -195,7 +195,7 @@ class WebSocketConnection(asyncio.Protocol):
     __slots__ = (
         "_close_timer",
         "_config",
-        "_handshake_timer",
+        "_head",
         "_inbound",
         "_live",
         "_proxy_bytes",
@@ -217,7 +217,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         #: The upgrade request received so far (its blank line not yet seen).
         self._request = b""
-        self._handshake_timer: asyncio.TimerHandle | None = None
+        #: The 101 response while it waits to go out with the first frames (`_upgrade`).
+        self._head: bytes | None = None
         self._inbound: wsframes.Inbound | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -265,6 +266,10 @@ class WebSocketConnection(asyncio.Protocol):
     def _flush(self) -> None:
         """Write what the application queued, now (before a close frame)."""
 
+    def _queued(self) -> bool:
+        """Whether the application holds frames it will write soon (its flush is scheduled)."""
+        return False
+
     def _ended(self, code: int | None) -> None:
         """The connection is over for the application: `code` was sent, received or is None."""
 
@@ -287,6 +292,10 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._state == _CLOSED:
             return
+        head = self._head
+        if head is not None:  # the 101, written together with the first frames
+            self._head = None
+            data = head + data
         transport.write(data)
         if transport.get_write_buffer_size() > self._config.max_write_buffer_bytes:
             # A slow consumer: it would hold memory without bound, and a close frame would only
@@ -343,9 +352,7 @@ class WebSocketConnection(asyncio.Protocol):
             self._proxy_bytes = b""
         high = max(1, self._config.max_write_buffer_bytes // 4)
         transport.set_write_buffer_limits(high=high, low=high // 2)
-        self._handshake_timer = asyncio.get_running_loop().call_later(
-            HANDSHAKE_TIMEOUT, self._handshake_timeout
-        )
+        _deadlines().add(self, self.last_seen + HANDSHAKE_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -394,10 +401,10 @@ class WebSocketConnection(asyncio.Protocol):
             self._drained()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._handshake_timer, self._close_timer, self._stall_timer):
+        for timer in (self._close_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._handshake_timer = self._close_timer = self._stall_timer = None
+        self._close_timer = self._stall_timer = None
         self._inbound = None
         self._leave_open(None)
         self._state = _CLOSED
@@ -468,13 +475,15 @@ class WebSocketConnection(asyncio.Protocol):
             self._refuse_raw(400, "bad_request", str(exc))
             return
         try:
-            trusted = self._config.trusted_proxy_list
             forwarded_for = request.headers.getall("X-Forwarded-For", None)
             if forwarded_for is None and self.proxy_source is None:
-                found = _peer_only(self.peer, trusted)
+                found = _peer_only(self.peer, self._config)
             else:
                 found = resolve(
-                    self.peer, trusted, forwarded_for=forwarded_for, proxy_source=self.proxy_source
+                    self.peer,
+                    self._config.trusted_proxy_list,
+                    forwarded_for=forwarded_for,
+                    proxy_source=self.proxy_source,
                 )
             self.client, self.address = found.address, found.limit_key
             refusal = self._decide(request)
@@ -490,16 +499,19 @@ class WebSocketConnection(asyncio.Protocol):
         except BadRequest as exc:
             self._refuse_raw(400, "bad_request", str(exc))
             return
-        transport = self._transport
-        assert transport is not None
-        transport.write(_SWITCHING + b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        # The 101 goes out with the first frames the application queues as it opens (its
+        # `connected`, say), in one write, when it flushes them (soon: `_queued`); alone now if
+        # it queued none. Every write after this point puts it first.
+        self._head = _SWITCHING + b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         self._upgraded()
+        if self._head is not None and not self._queued():
+            self.write_wire(b"")
         if rest:
             self._receive(rest)
 
     def _handshake_timeout(self) -> None:
-        """The client did not complete its upgrade request in time: drop it, without an answer."""
-        self._handshake_timer = None
+        """The client did not complete its upgrade request in time: drop it, without an answer.
+        (Called at the deadline whatever the state: it does nothing once the upgrade is done.)"""
         if self._state == _HANDSHAKE:
             self._state = _CLOSED
             if self._transport is not None:
@@ -518,17 +530,11 @@ class WebSocketConnection(asyncio.Protocol):
         self.last_seen = now
         self._state = _OPEN
         self._live = True
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
         self._guarded(self._opened)
 
     def _answer_and_close(self, response: WSUpgradeResponse) -> None:
         """Write a refusal (`response`, already counted) and close the socket after it."""
         self._state = _CLOSED
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
         transport = self._transport
         if transport is not None:
             response.headers["Connection"] = "close"
@@ -658,20 +664,94 @@ class WebSocketConnection(asyncio.Protocol):
             log.exception("connection end handler failed", extra={"client": self.client})
 
 
+class HandshakeDeadlines:
+    """The handshake deadlines (`HANDSHAKE_TIMEOUT`) of one event loop's connections, behind one
+    timer.
+
+    The timeout is the same for every connection, so the deadlines come in the order the
+    connections do: a FIFO holds them in deadline order and one timer, armed for the first,
+    serves them all (a timer per connection, armed and cancelled, cost more than the rest of the
+    upgrade's bookkeeping). An entry stays until its deadline even when its connection upgraded
+    or closed meanwhile (`_handshake_timeout` then does nothing): the FIFO holds the connections
+    of the last `HANDSHAKE_TIMEOUT` seconds, no more.
+    """
+
+    __slots__ = ("_entries", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._entries: deque[tuple[float, WebSocketConnection]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, connection: WebSocketConnection, deadline: float) -> None:
+        """Call `connection._handshake_timeout()` at `deadline` (`time.monotonic()` seconds)."""
+        entries = self._entries
+        if entries and deadline < entries[-1][0]:
+            # The timeout was lowered since (a test does): keep the FIFO in deadline order.
+            entries.append((deadline, connection))
+            self._entries = deque(sorted(entries, key=_deadline_of))
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        else:
+            entries.append((deadline, connection))
+        if self._timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        delay = self._entries[0][0] - time.monotonic()
+        self._timer = self._loop.call_later(max(0.0, delay), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        # A timer may fire a little early (the loop's clock has millisecond steps).
+        now = time.monotonic() + _CLOCK_STEP
+        entries = self._entries
+        while entries and entries[0][0] <= now:
+            entries.popleft()[1]._handshake_timeout()
+        if entries:
+            self._arm()
+
+
+_CLOCK_STEP = 0.001
+
+
+def _deadline_of(entry: tuple[float, WebSocketConnection]) -> float:
+    return entry[0]
+
+
+#: The running loop's deadlines (one loop at a time in practice; another loop gets its own).
+_LOOP_DEADLINES: tuple[asyncio.AbstractEventLoop, HandshakeDeadlines] | None = None
+
+
+def _deadlines() -> HandshakeDeadlines:
+    global _LOOP_DEADLINES
+    loop = asyncio.get_running_loop()
+    current = _LOOP_DEADLINES
+    if current is None or current[0] is not loop:
+        current = _LOOP_DEADLINES = (loop, HandshakeDeadlines(loop))
+    return current[1]
+
+
 #: `resolve` of a TCP peer alone (no PROXY header, no X-Forwarded-For), by peer: it depends on
 #: nothing else but the trusted networks, and parsing the address costs more than the rest of it.
-_PEER_ONLY: dict[str, tuple[TrustedProxies, ClientAddress]] = {}
+_PEER_ONLY: dict[str, tuple[str, ClientAddress]] = {}
 _MAX_PEERS_CACHED = 4096
 
 
-def _peer_only(peer: str, trusted: TrustedProxies) -> ClientAddress:
+def _peer_only(peer: str, config: Config) -> ClientAddress:
+    # Keyed by the setting as written (`trusted_proxies`): parsing it is not needed on a hit.
+    trusted_proxies = config.trusted_proxies
     entry = _PEER_ONLY.get(peer)
-    if entry is not None and entry[0] is trusted:
+    if entry is not None and entry[0] == trusted_proxies:
         return entry[1]
-    found = resolve(peer, trusted)
+    found = resolve(peer, config.trusted_proxy_list)
     if len(_PEER_ONLY) >= _MAX_PEERS_CACHED:
         _PEER_ONLY.clear()
-    _PEER_ONLY[peer] = (trusted, found)
+    _PEER_ONLY[peer] = (trusted_proxies, found)
     return found
 
 
