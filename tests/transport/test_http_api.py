@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,99 +17,31 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication, PublishResult
+from igratech_ws.brokers.base import PublishResult
 from igratech_ws.brokers.memory import MemoryBroker
-from igratech_ws.core.publishing import ValidatedPublication
 from igratech_ws.transport import http_fastpath
-from igratech_ws.transport.http_api import GatewayNode, build_api_app
+from igratech_ws.transport.http_api import build_api_app
 from igratech_ws.transport.http_fastpath import PublishFastSite
-
-API_KEY = "test-key-\u00e9-123"  # non-ASCII on purpose: compare_digest must not choke on it
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-ASYNCAPI = "asyncapi: 3.0.0\ninfo:\n  title: Igratech WS\n  version: '1.0'\n"
-TS = "2026-11-23T19:45:00Z"
-
-
-class FakeNode:
-    """Implements `GatewayNode` over a started MemoryBroker; can be made to fail or unready.
-
-    The broker keeps the idempotency window (D2); `published_keys` records the keys passed.
-    Its publish never waits (as the memory broker's), so the fast path runs it at once, outside
-    a task (test_http_fastpath.py tests both ways).
-    """
-
-    publishes_at_once = True
-
-    def __init__(self, broker: MemoryBroker) -> None:
-        self.node_id = "node-test"
-        self.broker = broker
-        self.is_ready = True
-        self.broker_down = False
-        self.explode = False
-        self.logouts: list[tuple[str, str]] = []
-        self.published_keys: list[str | None] = []
-
-    async def publish(
-        self, publication: ValidatedPublication, *, idempotency_key: str | None = None
-    ) -> PublishResult:
-        if self.broker_down:
-            raise BrokerError("connection refused")
-        self.published_keys.append(idempotency_key)
-        return await self.broker.publish(
-            publication.channel,
-            publication.event,
-            publication.data_json,
-            idempotency_key=idempotency_key,
-        )
-
-    async def publish_many(
-        self, items: Sequence[tuple[ValidatedPublication, str | None]]
-    ) -> list[PublishResult]:
-        if self.broker_down:
-            raise BrokerError("connection refused")
-        self.published_keys.extend(key for _, key in items)
-        return await self.broker.publish_many(
-            [(p.channel, p.event, p.data_json, key) for p, key in items]
-        )
-
-    async def logout_user(
-        self, user_id: str, reason: Literal["forced", "token_expired"] = "forced"
-    ) -> int:
-        self.logouts.append((user_id, reason))
-        return 2
-
-    def info(self) -> dict[str, Any]:
-        if self.explode:
-            raise RuntimeError("boom: internal detail that must not leak")
-        return {
-            "node": self.node_id,
-            "connections": 3,
-            "users": 1,
-            "channels": self.broker.channel_count,
-            "broker": "connected" if self.is_ready else "disconnected",
-        }
-
-    @property
-    def ready(self) -> bool:
-        return self.is_ready
-
-
-def _typed(node: FakeNode) -> GatewayNode:
-    return node  # mypy checks here that FakeNode satisfies the Protocol
-
-
-def _no_publication(_: Publication) -> None:
-    return None
-
-
-def _no_control(_: ControlKinds) -> None:
-    return None
+from tests.support.http_api import (
+    API_KEY,
+    ASYNCAPI,
+    AUTH,
+    TS,
+    FakeNode,
+    as_gateway_node,
+    incident,
+    no_control,
+    no_publication,
+    raw_publish,
+    read_answers,
+    top,
+)
 
 
 @pytest.fixture
 async def broker() -> AsyncIterator[MemoryBroker]:
     memory = MemoryBroker(node_id="node-test")
-    await memory.start(_no_publication, _no_control)
+    await memory.start(no_publication, no_control)
     yield memory
     await memory.close()
 
@@ -131,7 +63,7 @@ async def serve(node: FakeNode, request: pytest.FixtureRequest) -> AsyncIterator
     async def start(**options: Any) -> tuple[str, aiohttp.ClientSession]:
         options.setdefault("api_key", API_KEY)
         options.setdefault("asyncapi_yaml", ASYNCAPI)
-        app = build_api_app(_typed(node), **options)
+        app = build_api_app(as_gateway_node(node), **options)
         runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
@@ -156,20 +88,6 @@ async def serve(node: FakeNode, request: pytest.FixtureRequest) -> AsyncIterator
 @pytest.fixture
 async def api(serve: Serve) -> tuple[str, aiohttp.ClientSession]:
     return await serve()
-
-
-def incident(game: str = "g-1", **changes: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "gameId": game,
-        "incidentId": "i-1",
-        "type": "goal",
-        "occurredAt": TS,
-        "minute": 12,
-        "side": "home",
-        "score": {"home": 1, "away": 0},
-    }
-    data.update(changes)
-    return {"event": "incident", "gameId": game, "data": data}
 
 
 def bet(game: str = "g-1", stake: Any = "10.00") -> dict[str, Any]:
@@ -231,10 +149,6 @@ def assert_error(body: Any, code: str, field: str | None = None) -> None:
     assert isinstance(body["error"]["message"], str)
     assert body["error"]["message"]
     assert "Traceback" not in body["error"]["message"]
-
-
-async def top(broker: MemoryBroker, channel: str) -> int:
-    return (await broker.position(channel)).offset
 
 
 async def settled_top(broker: MemoryBroker, channel: str, quiet: float = 0.5) -> int:
@@ -791,44 +705,13 @@ async def test_logout_bad_json_and_content_type(
 @pytest.fixture
 async def fast(node: FakeNode) -> AsyncIterator[tuple[str, int]]:
     """The API on `PublishFastSite` with a short keep-alive timeout, for raw-socket tests."""
-    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    app = build_api_app(as_gateway_node(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
     runner = web.AppRunner(app)
     await runner.setup()
     site = PublishFastSite(runner, "127.0.0.1", 0, keepalive_timeout=0.5)
     await site.start()
     yield "127.0.0.1", site.port
     await runner.cleanup()
-
-
-def raw_publish(body: dict[str, Any], *, path: str = "/api/v1/publish", extra: str = "") -> bytes:
-    data = json.dumps(body).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
-    )
-    return head.encode() + data
-
-
-async def read_answers(
-    reader: asyncio.StreamReader, count: int
-) -> list[tuple[int, dict[str, str], Any]]:
-    """`count` HTTP/1.1 answers (status, lowercase headers, JSON body), each framed by its
-    Content-Length."""
-    answers = []
-    for _ in range(count):
-        async with asyncio.timeout(5):
-            head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        async with asyncio.timeout(5):
-            body = await reader.readexactly(int(headers["content-length"]))
-        answers.append((status, headers, json.loads(body)))
-    return answers
 
 
 async def test_pipelined_publishes_are_answered_in_order(
@@ -1001,7 +884,7 @@ async def test_errors_on_the_fast_path_have_the_api_s_shape(
 async def test_a_publish_in_flight_finishes_when_the_site_stops(
     node: FakeNode, broker: MemoryBroker
 ) -> None:
-    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    app = build_api_app(as_gateway_node(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
     runner = web.AppRunner(app, shutdown_timeout=5)
     await runner.setup()
     site = PublishFastSite(runner, "127.0.0.1", 0)
@@ -1107,7 +990,7 @@ async def test_a_client_that_never_reads_its_answers_stops_being_served(
     request it took is answered once the client reads."""
     import socket
 
-    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    app = build_api_app(as_gateway_node(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
     runner = web.AppRunner(app)
     await runner.setup()
     site = PublishFastSite(runner, "127.0.0.1", 0)  # the default keep-alive: not idle here
@@ -1169,7 +1052,7 @@ async def test_a_hand_off_after_a_half_close_tells_aiohttp(
     publishes are answered, then aiohttp gets the connection, the request and the EOF, and
     answers. (When the hand-off comes before the EOF, the EOF is aiohttp's to handle: it closes.)
     """
-    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    app = build_api_app(as_gateway_node(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
     runner = web.AppRunner(app)
     await runner.setup()
     site = PublishFastSite(runner, "127.0.0.1", 0)
@@ -1253,7 +1136,7 @@ DIFFERENTIAL_REQUESTS: list[tuple[str, bytes]] = [
 async def test_the_fast_path_answers_like_aiohttp(node: FakeNode, request_bytes: bytes) -> None:
     """The same raw request to aiohttp's site and to the fast path's: the same status, extra
     headers and body (offsets aside: the first publishes, the second publishes again)."""
-    app = build_api_app(_typed(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
+    app = build_api_app(as_gateway_node(node), api_key=API_KEY, asyncapi_yaml=ASYNCAPI)
     runner = web.AppRunner(app)
     await runner.setup()
     plain = web.TCPSite(runner, "127.0.0.1", 0)

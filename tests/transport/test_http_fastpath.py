@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from igratech_ws.brokers.base import BrokerError, ControlKinds, Publication, PublishResult
+from igratech_ws.brokers.base import BrokerError, PublishResult
 from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.transport import http_fastpath
 from igratech_ws.transport.http_api import build_api_app
@@ -26,29 +26,23 @@ from igratech_ws.transport.http_fastpath import (
     MAX_SERVED_AT_ONCE,
     PublishFastSite,
 )
-from tests.transport.test_http_api import (
+from tests.support.http_api import (
     API_KEY,
     ASYNCAPI,
     FakeNode,
     incident,
+    no_control,
+    no_publication,
     raw_publish,
     read_answers,
     top,
 )
 
 
-def _no_publication(_: Publication) -> None:
-    return None
-
-
-def _no_control(_: ControlKinds) -> None:
-    return None
-
-
 @pytest.fixture
 async def broker() -> AsyncIterator[MemoryBroker]:
     memory = MemoryBroker(node_id="node-test")
-    await memory.start(_no_publication, _no_control)
+    await memory.start(no_publication, no_control)
     yield memory
     await memory.close()
 
