@@ -55,9 +55,10 @@ async def _publish(api_port: int, n: int, first: int, concurrency: int) -> int:
 
 
 async def measure(
-    n: int, warmup: int, concurrency: int, out: Path, profile: bool
+    n: int, warmup: int, concurrency: int, out: Path, profile: bool, ports: Ports | None = None
 ) -> dict[str, Any]:
-    ports = Ports(23700)
+    """One callgrind run (~15 s); the row `bench.run` saves and `bench.report` quotes."""
+    ports = ports or Ports(23700)
     port, api_port = ports.take(), ports.take()
     proc = _start("publish", OURS, port, api_port, out)
     try:

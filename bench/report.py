@@ -368,6 +368,25 @@ def _handshake_cost_section(rows: list[Row]) -> list[str]:
     return [*lines, text, ""]
 
 
+def _syscalls(per_request: float | None) -> str:
+    return "" if per_request is None else f" and {per_request:.1f} system calls"
+
+
+def _publish_cost_lines(rows: list[Row]) -> list[str]:
+    """Section 5's sentence on bench/publish_cost.py's count (none without its row)."""
+    cost = _one(rows, "publish_cost")
+    if not cost:
+        return []
+    return [
+        "**The single publish counted in instructions** (`bench/publish_cost.py`: igratech-ws "
+        "under callgrind, 2,000 single-event publishes from 32 keep-alive clients after 500 to "
+        f"warm up): {cost['instructions_per_request']:,.0f} user-space instructions"
+        f"{_syscalls(cost.get('syscalls_per_request'))} per request. A busy machine moves "
+        "the CPU column above; this count moves by a few percent at most.",
+        "",
+    ]
+
+
 def _publish_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     """Issue 13: single-publish server CPU, batch throughput, outbox commit-to-client p50."""
     out: list[tuple[str, str, str]] = []
@@ -641,6 +660,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
             ["server", "events per request", "events/s", "CPU µs/event", "server CPU",
              "failed requests"], body,
         )
+    lines += _publish_cost_lines(rows)
     outbox = [r for r in _pick(rows, "outbox_latency") if "p50_ms" in r]
     if outbox:
         lines += [

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import attacks, brokers, conflation, handshake_cost, publish, scenarios
+from bench import attacks, brokers, conflation, handshake_cost, publish, publish_cost, scenarios
 from bench.servers import (
     ALL_KINDS,
     KINDS,
@@ -152,6 +152,30 @@ async def _handshake_cost(
         _log(f"     handshake cost {cost.variant}: {cost.per_handshake:,.0f} instructions")
 
 
+async def _publish_cost(ctx: scenarios.Context, rows: list[dict[str, Any]], log_dir: Path) -> None:
+    """The single publish counted in instructions under callgrind (bench/publish_cost.py): the
+    figure a busy machine does not move; ~15 s."""
+    why = handshake_cost.available()
+    if why is None and ctx.time_left() < 120:
+        why = "the time budget was spent"
+    if why is not None:
+        ctx.notes.append(f"skipped the publish cost: {why}")
+        return
+    _log("run  publish cost (callgrind: igratech-ws, single publishes)")
+    out = log_dir / "publish_cost"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        row = await asyncio.wait_for(
+            publish_cost.measure(2000, 500, 32, out, profile=False, ports=ctx.ports), 120
+        )
+    except Exception as exc:
+        ctx.notes.append(f"publish cost failed: {type(exc).__name__}: {exc}"[:400])
+        _log(f"FAIL publish cost: {type(exc).__name__}: {exc}")
+        return
+    rows.append(row)
+    _log(f"     publish cost: {row['instructions_per_request']:,.0f} instructions per request")
+
+
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     server_cpu, client_cpu = _cpus()
     log_dir = RESULTS / "logs"
@@ -238,6 +262,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     f"publish {kind.name} batch={batch}",
                     functools.partial(scenarios.publish_api, ctx, kind, batch),
                 )
+        if OURS in kinds:
+            await _publish_cost(ctx, rows, log_dir)
         if OURS in kinds:
             await _guard(
                 ctx, rows, "publish outbox latency", functools.partial(publish.outbox_latency, ctx)

@@ -88,14 +88,15 @@ class Ports:
     """Fresh ports for each server run, so that no run meets another's TIME_WAIT sockets."""
 
     def __init__(self, start: int = 19100) -> None:
+        self.start = start
         self.next = start
 
     def take(self) -> int:
         while True:
             port = self.next
             self.next += 1
-            if self.next > 29000:
-                self.next = 19100
+            if self.next > self.start + 9900:  # wrap within this run's own range
+                self.next = self.start
             with socket.socket() as probe:
                 try:
                     probe.bind(("127.0.0.1", port))

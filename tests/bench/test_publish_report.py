@@ -1,0 +1,34 @@
+"""Section 5 of the bench report quotes bench/publish_cost.py's instruction count from its row,
+and the harness's port allocator stays in the range it was given."""
+
+from __future__ import annotations
+
+from bench.servers import Ports
+
+from bench import report
+
+
+def test_the_publish_cost_is_quoted_from_its_row() -> None:
+    row = {
+        "scenario": "publish_cost",
+        "requests": 2000,
+        "instructions": 152_000_000,
+        "instructions_per_request": 76_083.2,
+        "syscalls_per_request": 5.34,
+    }
+    (sentence, blank) = report._publish_cost_lines([row])
+    assert "76,083 user-space instructions and 5.3 system calls per request" in sentence
+    assert blank == ""
+    row["syscalls_per_request"] = None  # callgrind without system call counts
+    assert "76,083 user-space instructions per request" in report._publish_cost_lines([row])[0]
+    assert report._publish_cost_lines([]) == []
+
+
+def test_ports_wrap_within_their_own_range() -> None:
+    """A run given its own base (a second bench beside another) never falls back into the
+    default range, where the other run's servers are."""
+    ports = Ports(47000)
+    taken = [ports.take() for _ in range(5)]
+    assert all(47000 <= port < 47000 + 9901 for port in taken), taken
+    ports.next = 47000 + 9900
+    assert 47000 <= ports.take() <= 47000 + 9900 and ports.next == 47000
