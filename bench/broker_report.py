@@ -161,9 +161,9 @@ def section(rows: list[Row]) -> list[str]:
         "per connection. On a broker, what arrives in one socket read of the broker connection "
         "goes out in one hub pass (Redis: the listener hands every message of a read on before "
         "the next await; NATS: nats-py queues a read's messages before the subscription's task "
-        "runs), and a batch publish makes one round trip (Redis: pipelined; NATS 2.12+: one atomic "
-        "batch), so a burst comes back together. On NATS before 2.12 a burst is appended one "
-        "publication per round trip and comes back spread out: see the NATS row.",
+        "runs), and a batch publish reaches the broker in one go (Redis: one script call per "
+        "server; NATS: a chain per channel, several appends in flight, each checked to follow the "
+        "one before, on 2.9 as on 2.15), so a burst comes back together.",
         "",
     ]
     lines += capacity_lines(rows, heading="### Capacity model")
