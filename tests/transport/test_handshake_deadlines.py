@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from typing import Any, cast
 
 from igratech_ws.transport.wsconnection import HandshakeDeadlines, WebSocketConnection
@@ -18,8 +20,14 @@ class _Upgrading:
         self.fired.append((self.name, time.monotonic()))
 
 
+#: The fakes alive (the deadlines hold connections weakly; a real one lives in its transport).
+_HELD: list[_Upgrading] = []
+
+
 def _connection(fired: list[tuple[str, float]], name: str) -> WebSocketConnection:
-    return cast(WebSocketConnection, cast(Any, _Upgrading(fired, name)))
+    fake = _Upgrading(fired, name)
+    _HELD.append(fake)
+    return cast(WebSocketConnection, cast(Any, fake))
 
 
 async def test_deadlines_fire_in_order_each_on_time_and_are_then_forgotten() -> None:
@@ -48,3 +56,26 @@ async def test_a_deadline_added_after_the_others_fired_arms_the_timer_again() ->
     deadlines.add(_connection(fired, "second"), time.monotonic() + 0.01)
     await asyncio.sleep(0.05)
     assert [name for name, _ in fired] == ["first", "second"]
+
+
+async def test_a_closed_connection_is_not_kept_alive_by_its_deadline() -> None:
+    """A flood of connections that open and close at once: each leaves a small entry until its
+    deadline, never the connection itself."""
+    deadlines = HandshakeDeadlines(asyncio.get_running_loop())
+    fired: list[tuple[str, float]] = []
+    gone = _Upgrading(fired, "gone")
+    alive = _connection(fired, "alive")
+    watch = weakref.ref(gone)
+    deadlines.add(cast(WebSocketConnection, cast(Any, gone)), time.monotonic() + 0.02)
+    deadlines.add(alive, time.monotonic() + 0.02)
+    del gone
+    gc.collect()
+    assert watch() is None
+    await asyncio.sleep(0.1)
+    assert [name for name, _ in fired] == ["alive"] and len(deadlines) == 0
+
+
+async def test_a_real_connection_can_be_held_weakly() -> None:
+    from igratech_ws.config import Config
+
+    assert weakref.ref(WebSocketConnection(Config()))() is not None

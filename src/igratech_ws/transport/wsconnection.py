@@ -52,6 +52,7 @@ import binascii
 import logging
 import socket
 import time
+import weakref
 from collections import deque
 from hashlib import sha1
 from typing import Any, cast
@@ -193,6 +194,7 @@ class WebSocketConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "__weakref__",  # HandshakeDeadlines holds connections weakly
         "_close_timer",
         "_config",
         "_head",
@@ -672,15 +674,16 @@ class HandshakeDeadlines:
     connections do: a FIFO holds them in deadline order and one timer, armed for the first,
     serves them all (a timer per connection, armed and cancelled, cost more than the rest of the
     upgrade's bookkeeping). An entry stays until its deadline even when its connection upgraded
-    or closed meanwhile (`_handshake_timeout` then does nothing): the FIFO holds the connections
-    of the last `HANDSHAKE_TIMEOUT` seconds, no more.
+    or closed meanwhile (`_handshake_timeout` then does nothing). It holds its connection weakly:
+    a flood of connections that open and close at once leaves a small entry each for
+    `HANDSHAKE_TIMEOUT` seconds, not the connections themselves.
     """
 
     __slots__ = ("_entries", "_loop", "_timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._entries: deque[tuple[float, WebSocketConnection]] = deque()
+        self._entries: deque[tuple[float, weakref.ref[WebSocketConnection]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
@@ -689,15 +692,16 @@ class HandshakeDeadlines:
     def add(self, connection: WebSocketConnection, deadline: float) -> None:
         """Call `connection._handshake_timeout()` at `deadline` (`time.monotonic()` seconds)."""
         entries = self._entries
+        entry = (deadline, weakref.ref(connection))
         if entries and deadline < entries[-1][0]:
             # The timeout was lowered since (a test does): keep the FIFO in deadline order.
-            entries.append((deadline, connection))
+            entries.append(entry)
             self._entries = deque(sorted(entries, key=_deadline_of))
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
         else:
-            entries.append((deadline, connection))
+            entries.append(entry)
         if self._timer is None:
             self._arm()
 
@@ -711,7 +715,9 @@ class HandshakeDeadlines:
         now = time.monotonic() + _CLOCK_STEP
         entries = self._entries
         while entries and entries[0][0] <= now:
-            entries.popleft()[1]._handshake_timeout()
+            connection = entries.popleft()[1]()
+            if connection is not None:  # else it closed and is gone
+                connection._handshake_timeout()
         if entries:
             self._arm()
 
@@ -719,7 +725,7 @@ class HandshakeDeadlines:
 _CLOCK_STEP = 0.001
 
 
-def _deadline_of(entry: tuple[float, WebSocketConnection]) -> float:
+def _deadline_of(entry: tuple[float, weakref.ref[WebSocketConnection]]) -> float:
     return entry[0]
 
 
