@@ -20,6 +20,12 @@ connection started from, exactly once, in offset order, after the answer (`conne
   carries), so publications arriving meanwhile share those calls, and the writes take at most
   about half the loop. Lightly loaded, nothing waits; overloaded, latency stays near twice the
   cost of one flush instead of growing without bound.
+- A flush to many connections (`LINGER_CONNECTIONS`) that did not wait first lingers once
+  (`flush_linger`, 5 ms): a broker hands a burst over in several socket reads (NATS pushes a
+  chain of appends over a few milliseconds: 2 ms caught a burst of 100 in some rounds of
+  `make bench` only, 5 ms in all), and the publications still on their way then share
+  the same writes, as a burst on the memory broker does. Small fan-outs never linger; a flush
+  that already waited under load does not linger again.
 - A connection joining a channel is first *buffering*: live publications are held for it
   (bounded in count and bytes) while the broker reports the position, or whether history can
   recover it. When the channel is already live on this node, the node's last delivered position
@@ -84,6 +90,9 @@ log = logging.getLogger("igratech_ws.hub")
 
 #: A flush cheaper than this (seconds) lets the next one run on the next loop tick.
 FLUSH_COST_FREE = 0.002
+#: Connections with queued frames from which a flush lingers (`Hub.flush_linger`) before writing:
+#: below, one flush costs less than the linger (a write is a few µs).
+LINGER_CONNECTIONS = 500
 
 #: How many times a resync asks the broker for history before the followers must reconnect.
 RESYNC_ATTEMPTS = 8
@@ -296,6 +305,7 @@ class Hub:
         join_buffer_bytes: int | None = None,
         max_buffer_bytes: int = 1_048_576,
         max_flush_delay: float = 0.05,
+        flush_linger: float = 0.005,
     ) -> None:
         self.broker = broker
         self.recovery_limit = recovery_limit
@@ -323,6 +333,9 @@ class Hub:
         self._flush_cost = 0.0
         self._flush_end = 0.0
         self.max_flush_delay = max_flush_delay
+        self.flush_linger = flush_linger
+        #: The scheduled flush waited under load, or already lingered: it writes when it runs.
+        self._flush_waited = False
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Counters read by metrics: frames queued to connections, publications received.
         self.frames_out = 0
@@ -423,8 +436,10 @@ class Hub:
         if cost >= FLUSH_COST_FREE:
             wait = self._flush_end + cost - time.perf_counter()
         if wait <= 0:
+            self._flush_waited = False
             loop.call_soon(self.flush)
         else:
+            self._flush_waited = True
             loop.call_later(min(wait, self.max_flush_delay), self.flush)
 
     def _overflow(self, subscriber: Subscriber) -> None:
@@ -440,7 +455,17 @@ class Hub:
         loop.call_soon(subscriber.close_with, CloseCode.TRY_AGAIN_LATER)
 
     def flush(self) -> None:
-        """Write every connection's queued frames, one write per connection."""
+        """Write every connection's queued frames, one write per connection (after lingering
+        once when many have some and the flush did not wait: see the module doc)."""
+        if (
+            not self._flush_waited
+            and self.flush_linger > 0
+            and len(self._dirty) >= LINGER_CONNECTIONS
+        ):
+            self._flush_waited = True
+            assert self._loop is not None  # set by `_schedule_flush`
+            self._loop.call_later(self.flush_linger, self.flush)
+            return
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         started = time.perf_counter()

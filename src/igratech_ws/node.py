@@ -103,6 +103,7 @@ class Node:
             recovery_limit=config.recovery_limit,
             max_buffer_bytes=config.max_write_buffer_bytes,
             max_flush_delay=config.max_flush_delay,
+            flush_linger=config.flush_linger,
         )
         self._connections: set[Connection] = set()
         self._users: dict[str, set[Connection]] = {}

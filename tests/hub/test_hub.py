@@ -23,7 +23,7 @@ from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.core.codec import event_frame
 from igratech_ws.core.recovery import EMPTY_EPOCH
-from igratech_ws.hub import Hub
+from igratech_ws.hub import LINGER_CONNECTIONS, Hub
 from tests.support.fakes import (
     CH,
     EmptyEpochBroker,
@@ -106,6 +106,38 @@ async def test_one_write_per_subscriber_per_tick(hub: Hub, broker: RecordingBrok
     assert a.offsets() == [2, 3, 4, 5, 6]
     assert a.offsets("game:g-2") == [1, 2]
     assert b.offsets() == [2, 3, 4, 5, 6]
+
+
+async def test_a_burst_that_arrives_in_two_reads_shares_one_write_per_follower() -> None:
+    """A broker hands a burst over in pieces (NATS: a chain of appends pushed over a millisecond
+    or so). To many followers, the flush lingers once, and the pieces share one write each; to
+    few, nothing waits; without a linger each piece is its own write."""
+    for linger, followers, writes in (
+        (0.05, LINGER_CONNECTIONS, 1),
+        (0.0, LINGER_CONNECTIONS, 2),
+        (0.05, LINGER_CONNECTIONS - 1, 2),
+    ):
+        broker = RecordingBroker()
+        hub = await make_hub(broker, flush_linger=linger)
+        channel = f"game:linger-{linger}-{followers}"
+        subscribers = [FakeSubscriber(f"s-{n}") for n in range(followers)]
+        for subscriber in subscribers:
+            await join(hub, subscriber, channel)
+        publish(broker, 1, channel)
+        await asyncio.sleep(0.1)  # past the linger
+        await settle()
+        assert subscribers[0].offsets(channel) == [1]
+        for subscriber in subscribers:
+            subscriber.writes.clear()
+        publish(broker, 3, channel)
+        await settle()  # the first piece is read, the flush is due...
+        publish(broker, 2, channel)  # ...and the rest comes in the next read
+        await asyncio.sleep(0.1)  # past the linger
+        await settle()
+        assert {len(s.writes) for s in subscribers} == {writes}, (linger, followers)
+        assert subscribers[0].offsets(channel) == [2, 3, 4, 5, 6]
+        await hub.close()
+        await broker.close()
 
 
 async def test_send_is_ordered_with_publications(hub: Hub, broker: RecordingBroker) -> None:

@@ -149,6 +149,7 @@ async def make_hub(broker: RecordingBroker, **kwargs: Any) -> Hub:
     # No flush waits for the real clock (a flush over 2 ms would defer the next): `settle` then
     # drives everything, whatever the machine's load.
     kwargs.setdefault("max_flush_delay", 0.0)
+    kwargs.setdefault("flush_linger", 0.0)
     hub = Hub(broker, **kwargs)
     await broker.start(hub.on_publication, _ignore)
     return hub
