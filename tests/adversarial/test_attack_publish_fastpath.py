@@ -18,6 +18,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,9 +32,10 @@ from igratech_ws.core.publishing import (
     parse_publish_body,
     validate_publish,
 )
-from tests.support.gateway import API_KEY, base_config, incident
+from tests.support.gateway import API_KEY, base_config, incident, publish
 from tests.support.http_api import read_answers
 from tests.support.raw_ws import WAIT_S, in_thread
+from tests.support.servers import Proxy, private_server
 
 
 @pytest.fixture
@@ -431,3 +433,187 @@ async def test_a_key_repeated_within_a_batch_publishes_once(app: App) -> None:
     again = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
     assert first[0][0] == 200 and again[0][0] == 200, (first, again)
     assert await top(app, "game:g-dup") == 3
+
+
+# --- 5. batch publish on a Redis that fails mid-batch ---------------------------------------------
+
+
+@pytest.fixture
+async def redis_app(tmp_path: Path) -> AsyncIterator[tuple[App, Proxy]]:
+    """A gateway on a private redis-server behind a proxy that a test can cut or freeze."""
+    with private_server("redis", tmp_path) as server:
+        await server.start()
+        proxy = Proxy(server.port)
+        await proxy.start()
+        try:
+            config = base_config(
+                broker=proxy.url(server.url), broker_timeout=0.5, broker_backoff_max=0.2
+            )
+            async with running_app(config) as running:
+                yield running, proxy
+        finally:
+            await proxy.stop()
+
+
+def keyed_batch(round_: int, count: int, games: int = 4) -> bytes:
+    items = [
+        {**incident(f"g-b{i % games}", i), "idempotencyKey": f"k-{round_}-{i}"}
+        for i in range(count)
+    ]
+    return body_of({"items": items})
+
+
+async def publish_until_answered(app: App, batch: bytes) -> list[int]:
+    """Send `batch` until it is answered 200 (a 503 is resent as is, like a careful backend)."""
+    got: list[int] = []
+    async with asyncio.timeout(WAIT_S):
+        while not got or got[-1] != 200:
+            answers = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
+            got.append(answers[0][0])
+            if got[-1] != 200:
+                await asyncio.sleep(0.1)
+    return got
+
+
+async def check_exactly_once(app: App, count: int, games: int = 4) -> None:
+    for game in range(games):
+        page = await app.node.broker.history(f"game:g-b{game}", 0, 10_000)
+        ids = [json.loads(p.data)["incidentId"] for p in page.publications]
+        want = [f"inc-{i}" for i in range(count) if i % games == game]
+        assert ids == want, (game, ids[:10], want[:10])  # each once, in the batch's order
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.003, 0.01])
+async def test_a_redis_cut_mid_batch_answers_503_and_a_resend_publishes_once(
+    redis_app: tuple[App, Proxy], delay: float
+) -> None:
+    app, proxy = redis_app
+    count = 400
+    batch = keyed_batch(1, count)
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.api_port)
+    try:
+        writer.write(request(batch, path="/api/v1/publish/batch"))
+        await asyncio.sleep(delay)
+        await proxy.cut()
+        first = (await read_answers(reader, 1))[0]
+    finally:
+        writer.close()
+    assert first[0] in (200, 503), first  # never a 500, never a hang
+    await proxy.restore()
+    statuses_seen = await publish_until_answered(app, batch)
+    assert all(s in (200, 503) for s in statuses_seen), statuses_seen
+    await check_exactly_once(app, count)
+
+
+async def test_a_frozen_redis_answers_503_within_the_deadline(
+    redis_app: tuple[App, Proxy],
+) -> None:
+    app, proxy = redis_app
+    count = 100
+    batch = keyed_batch(2, count)
+    proxy.freeze()
+    started = time.monotonic()
+    answers = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
+    assert answers[0][0] == 503, answers
+    assert time.monotonic() - started < 5
+    await proxy.restore()
+    await publish_until_answered(app, batch)
+    await check_exactly_once(app, count)
+
+
+class ReplyDropper(Proxy):
+    """A `Proxy` that, while `mute`, forwards requests to Redis but drops its replies: the
+    batch is published, and the gateway never hears so."""
+
+    mute = False
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        for pipe in (self._pipe(reader, up_writer), self._replies(up_reader, writer)):
+            task = asyncio.create_task(pipe)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(65536):
+                if not self.mute:
+                    writer.write(chunk)
+                    await writer.drain()
+        writer.close()
+
+
+async def test_a_batch_published_but_unanswered_is_published_once_on_resend(
+    tmp_path: Path,
+) -> None:
+    with private_server("redis", tmp_path) as server:
+        await server.start()
+        proxy = ReplyDropper(server.port)
+        await proxy.start()
+        try:
+            config = base_config(
+                broker=proxy.url(server.url), broker_timeout=0.5, broker_backoff_max=0.2
+            )
+            async with running_app(config) as app:
+                count = 200
+                batch = keyed_batch(3, count)
+                proxy.mute = True
+                answers = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
+                assert answers[0][0] == 503, answers
+                proxy.mute = False
+                await proxy.cut()  # the muted connections are out of step: start over
+                await proxy.restore()
+                await publish_until_answered(app, batch)
+                await check_exactly_once(app, count)
+        finally:
+            await proxy.stop()
+
+
+class ReplyDelayer(ReplyDropper):
+    """While `mute`, Redis's replies are held back, then delivered late (a slow network)."""
+
+    async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(65536):
+                while self.mute:  # noqa: ASYNC110 (a test proxy, polled by design)
+                    await asyncio.sleep(0.01)
+                writer.write(chunk)
+                await writer.drain()
+        writer.close()
+
+
+async def test_replies_that_arrive_after_the_deadline_are_not_taken_for_the_next_ones(
+    tmp_path: Path,
+) -> None:
+    with private_server("redis", tmp_path) as server:
+        await server.start()
+        proxy = ReplyDelayer(server.port)
+        await proxy.start()
+        try:
+            config = base_config(
+                broker=proxy.url(server.url), broker_timeout=0.5, broker_backoff_max=0.2
+            )
+            async with running_app(config) as app:
+                count = 200
+                batch = keyed_batch(4, count)
+                proxy.mute = True
+                answers = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
+                assert answers[0][0] == 503, answers
+                proxy.mute = False  # the late replies arrive now
+                got = await publish_until_answered(app, batch)
+                assert all(s in (200, 503) for s in got), got
+                await check_exactly_once(app, count)
+                # A single publish after that gets its own offset, not a stale reply's.
+                status, answer = await asyncio.wait_for(
+                    publish(app, incident("g-b0", 9999)), WAIT_S
+                )
+                assert status == 200, answer
+                top_now = await top(app, "game:g-b0")
+                assert answer["offset"] == top_now == count // 4 + 1, (answer, top_now)
+        finally:
+            await proxy.stop()
