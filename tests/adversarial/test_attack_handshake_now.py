@@ -225,3 +225,32 @@ async def test_a_connect_close_flood_does_not_grow_the_server(app: App) -> None:
         await in_thread(flood, 300)
     after = await settle()
     assert after <= before + 5, (before, after)
+
+
+async def test_two_logins_of_one_user_at_once_leave_exactly_one(app: App) -> None:
+    """Both upgrade requests (each with settings behind it) sent back to back, before either
+    answer is read: the later session wins, the other gets `logout` and a close."""
+    user = "u-both"
+
+    def race() -> tuple[list[str], list[str]]:
+        socks = [socket.create_connection(("127.0.0.1", app.port), timeout=WAIT_S) for _ in "ab"]
+        try:
+            for sock in socks:
+                sock.sendall(
+                    upgrade_request(f"?token={token(user)}") + settings_frame(games=["g-both"])
+                )
+            seen = []
+            for sock in socks:
+                assert read_head(sock).startswith(b"HTTP/1.1 101")
+                frames, _ = read_frames(sock, b'"logout"', 0.5)
+                seen.append(events(frames))
+            return seen[0], seen[1]
+        finally:
+            for sock in socks:
+                sock.close()
+
+    for _round in range(4):
+        first, second = await in_thread(race)
+        logged_out = ["logout" in first, "logout" in second]
+        assert logged_out == [True, False], (first, second)
+        await all_gone(app)
