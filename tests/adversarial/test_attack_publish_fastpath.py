@@ -617,3 +617,42 @@ async def test_replies_that_arrive_after_the_deadline_are_not_taken_for_the_next
                 assert answer["offset"] == top_now == count // 4 + 1, (answer, top_now)
         finally:
             await proxy.stop()
+
+
+def _repeated_member_cases() -> list[bytes]:
+    inc = incident("g-1", 1)
+    data = json.dumps(inc["data"])
+    bal = json.dumps(BALANCE["data"])
+    whole = json.dumps(inc)[:-1]
+    return [
+        (whole + ',"event":"incident"}').encode(),
+        (whole + ',"event":"bet"}').encode(),
+        ('{"gameId":"g-1","data":' + data + ',"event":"incident"}').encode(),
+        ('{"event":"incident","gameId":"g-1","data":' + bal + ',"data":' + data + "}").encode(),
+        ('{"event":"incident","gameId":null,"data":' + data + ',"gameId":"g-1"}').encode(),
+        (
+            '{"event":"balance","userId":"u-1","data":' + bal + ',"userId":null,"gameId":"g-1"}'
+        ).encode(),
+        ('{"event":"balance","userId":"u 1","data":' + bal + ',"userId":"u-1"}').encode(),
+        (whole + ',"gameId":"g-1 "}').encode(),
+        (whole + ',"gameId":"g-2"}').encode(),
+    ]
+
+
+@pytest.mark.parametrize("body", _repeated_member_cases())
+def test_repeated_members_never_make_the_two_readings_disagree(body: bytes) -> None:
+    """What the one pass accepts, the two passes accept with the same channel and event; the
+    batch reading too. (A None from the one pass falls back to the two passes.)"""
+    one = decode_valid_publish(body)
+    batch = decode_valid_batch(b'{"items":[' + body + b"]}", 1000)
+    if one is None:
+        assert batch is None
+        return
+    assert batch is not None and batch[0][0] == one[0]
+    reference = validate_publish(parse_publish_body(body))
+    assert (one[0].event, one[0].channel, one[0].data_json) == (
+        reference.event,
+        reference.channel,
+        reference.data_json,
+    )
+    assert channels.channel_kind(one[0].channel) is not None
