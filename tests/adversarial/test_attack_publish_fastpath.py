@@ -197,9 +197,9 @@ async def test_a_chunked_publish_is_served_by_aiohttp_once(app: App) -> None:
 
 
 async def test_a_half_closed_client_gets_every_answer(app: App) -> None:
-    """A client pipelines 100 publishes and half-closes: every complete request it sent is
+    """A client pipelines 300 publishes and half-closes: every complete request it sent is
     answered before the server closes (the module's promise), not only the first slice."""
-    count = 100
+    count = 300
     data = b"".join(request(body_of(incident("g-half", i))) for i in range(count))
 
     def talk() -> bytes:
@@ -509,7 +509,7 @@ async def test_a_frozen_redis_answers_503_within_the_deadline(
     redis_app: tuple[App, Proxy],
 ) -> None:
     app, proxy = redis_app
-    count = 100
+    count = 300
     batch = keyed_batch(2, count)
     proxy.freeze()
     started = time.monotonic()
@@ -656,3 +656,46 @@ def test_repeated_members_never_make_the_two_readings_disagree(body: bytes) -> N
         reference.data_json,
     )
     assert channels.channel_kind(one[0].channel) is not None
+
+
+async def test_a_half_closed_burst_ending_in_a_handed_off_request(app: App) -> None:
+    """300 publishes (many slices), then a request aiohttp serves, then a half-close: every
+    one is answered (the publishes here, the last by aiohttp)."""
+    count = 300
+    data = b"".join(request(body_of(incident("g-tail", i))) for i in range(count))
+    data += b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def talk() -> bytes:
+        with socket.create_connection(("127.0.0.1", app.api_port), timeout=3) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            got = b""
+            # Until the server closes, or the last answer (aiohttp's) is in: aiohttp then keeps
+            # the connection to its keep-alive timeout, as it does any.
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                while len(statuses(got)) <= count and (chunk := sock.recv(65536)):
+                    got += chunk
+            return got
+
+    raw = await in_thread(talk)
+    assert statuses(raw)[:count] == [200] * count, statuses(raw)
+    assert len(statuses(raw)) == count + 1, statuses(raw)[count:]
+    assert await top(app, "game:g-tail") == count
+
+
+async def test_a_half_closed_burst_on_redis_gets_every_answer(
+    redis_app: tuple[App, Proxy],
+) -> None:
+    app, _proxy = redis_app
+    count = 50
+    data = b"".join(request(body_of(incident("g-rhalf", i))) for i in range(count))
+
+    def talk() -> bytes:
+        with socket.create_connection(("127.0.0.1", app.api_port), timeout=WAIT_S) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            return read_all(sock)
+
+    raw = await in_thread(talk)
+    assert statuses(raw) == [200] * count
+    assert await top(app, "game:g-rhalf") == count
