@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from igratech_ws.app import App, running_app
+from igratech_ws.brokers.memory import MemoryBroker
 from igratech_ws.transport import wsconnection
 from tests.support.gateway import base_config, incident, publish, token
 from tests.support.raw_ws import WAIT_S, frame, in_thread, read_frames, texts
@@ -166,6 +167,11 @@ async def test_a_client_that_closes_right_after_the_upgrade_leaves_nothing(app: 
 
     await in_thread(hit, 200)
     await all_gone(app)
+    # No user, channel or broker subscription left behind by the gone clients.
+    info = app.node.info()
+    assert (info["users"], info["channels"]) == (0, 0), info
+    assert isinstance(app.node.broker, MemoryBroker)
+    assert app.node.broker.subscription_count == 0
     status, answer = await publish(app, incident("g-gone", 1))
     assert status == 200, answer
 
@@ -254,3 +260,4 @@ async def test_two_logins_of_one_user_at_once_leave_exactly_one(app: App) -> Non
         logged_out = ["logout" in first, "logout" in second]
         assert logged_out == [True, False], (first, second)
         await all_gone(app)
+        assert app.node.info()["users"] == 0
