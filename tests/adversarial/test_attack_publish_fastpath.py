@@ -32,6 +32,7 @@ from igratech_ws.core.publishing import (
     parse_publish_body,
     validate_publish,
 )
+from igratech_ws.transport.http_fastpath import PublishFastSite
 from tests.support.gateway import API_KEY, base_config, incident, publish
 from tests.support.http_api import read_answers
 from tests.support.raw_ws import WAIT_S, in_thread
@@ -699,3 +700,25 @@ async def test_a_half_closed_burst_on_redis_gets_every_answer(
     raw = await in_thread(talk)
     assert statuses(raw) == [200] * count
     assert await top(app, "game:g-rhalf") == count
+
+
+async def test_api_connections_cut_mid_request_leave_nothing(app: App) -> None:
+    """Connections closed (or reset) mid-head, mid-body, or after a pipelined burst unread:
+    the fast path keeps none of them."""
+    one = request(body_of(incident("g-cut", 1)))
+
+    def hit(count: int) -> None:
+        for i in range(count):
+            with socket.create_connection(("127.0.0.1", app.api_port), timeout=WAIT_S) as sock:
+                sock.sendall([one[:40], one[:-5], one * 40][i % 3])
+                if i % 2:  # a reset, not a FIN
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+
+    await in_thread(hit, 150)
+    sites = [s for s in app.api_runner.sites if isinstance(s, PublishFastSite)]
+    assert sites
+    for _ in range(int(WAIT_S / 0.02)):
+        if not any(s._shared.connections for s in sites):
+            break
+        await asyncio.sleep(0.02)
+    assert not any(s._shared.connections for s in sites)
