@@ -190,12 +190,14 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # The client sends no more (a half-close): answer every complete request it sent, then
         # close. Returning True keeps the transport open for those answers.
+        # `_serve` (or `_finish`) closes once the last one is answered: a burst longer than
+        # `MAX_SERVED_AT_ONCE`, or held by paused writes, is answered over later loop turns.
         self.eof = True
         if self.task is None and not self.closing:
             self._serve()
         if self.closing:  # handed to aiohttp, or closed: not ours to keep open
             return None
-        return True if self.task is not None else None
+        return True
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -212,9 +214,11 @@ class _Connection(asyncio.Protocol):
         or `MAX_SERVED_AT_ONCE` were answered (the rest on the loop's next turn)."""
         routes = self.shared.routes
         served = 0
+        more = False
         while self.buffer and not self.closing and self.task is None and not self.write_paused:
             if served == MAX_SERVED_AT_ONCE:
                 self.loop.call_soon(self._serve)
+                more = True
                 break
             head = self.head or self._parse_head()
             if head is None:
@@ -251,6 +255,12 @@ class _Connection(asyncio.Protocol):
             self.read_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
+        if self.eof and not (more or self.closing or self.write_paused) and self.task is None:
+            # A half-closed client's every complete request answered (a partial one never
+            # completes): see `eof_received`.
+            self.closing = True
+            assert self.transport is not None
+            self.transport.close()
 
     def _parse_head(self) -> _Head | None:
         """The next request's head if it is one served here; hands off (and returns None) if
