@@ -132,11 +132,22 @@ def configure(level: str = "info", *, stream: Any = None) -> None:
     picows_log = logging.getLogger("picows")
     picows_log.setLevel(max(logging.WARNING, root.level))
     # Filters on a logger do not apply to its children's records; picows logs as children.
-    handler.addFilter(_PicowsRateLimit())
+    handler.addFilter(_ClientCausedRateLimit())
 
 
-class _PicowsRateLimit(RateLimitFilter):
-    """Rate-limits only records from picows (a client's bad frames are logged there)."""
+class _ClientCausedRateLimit(logging.Filter):
+    """Rate-limits, each on its own, the loggers a client can make write at will: picows (a
+    client's bad frames) and aiohttp's server (an ERROR with a traceback for each malformed
+    request on the API port); everything else passes."""
+
+    PREFIXES = ("picows", "aiohttp.server")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._limits = {prefix: RateLimitFilter() for prefix in self.PREFIXES}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("picows") or super().filter(record)
+        for prefix, limit in self._limits.items():
+            if record.name.startswith(prefix):
+                return limit.filter(record)
+        return True

@@ -35,9 +35,12 @@ def test_picows_records_are_rate_limited_and_ours_are_not() -> None:
     try:
         for _ in range(100):
             logging.getLogger("picows.ws.1").error("WS parser error")
+            logging.getLogger("aiohttp.server").error("Error handling request")
             logging.getLogger("igratech_ws.node").warning("ours")
         lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        # Each client-caused source has its own allowance: one flood does not hide the other.
         assert sum(line["logger"] == "picows.ws.1" for line in lines) == 20
+        assert sum(line["logger"] == "aiohttp.server" for line in lines) == 20
         assert sum(line["logger"] == "igratech_ws.node" for line in lines) == 100
     finally:
         root.handlers[:], level, picows_level = saved
