@@ -32,3 +32,23 @@ def test_ports_wrap_within_their_own_range() -> None:
     assert all(47000 <= port < 47000 + 9901 for port in taken), taken
     ports.next = 47000 + 9900
     assert 47000 <= ports.take() <= 47000 + 9900 and ports.next == 47000
+
+
+def test_a_broker_burst_over_the_target_shows_its_rounds() -> None:
+    from bench import broker_report
+
+    def burst(broker: str, version: str, rounds: list[float]) -> dict[str, object]:
+        return {
+            "scenario": "broker_burst", "broker": broker, "version": version,
+            "rounds_us_per_msg": rounds, "us_per_msg": sorted(rounds)[1], "broker_us_per_pub": 0.0,
+        }
+
+    memory = burst("memory", "", [0.2, 0.2, 0.2])
+    fine = burst("redis", "7.0.15", [0.22, 0.22, 0.22])
+    slow = burst("nats-new", "2.15.1", [0.24, 0.34, 0.30])
+    text = "\n".join(broker_report.section([memory, fine, slow]))
+    times = "\u00d7"  # as the report writes it
+    assert f"NATS 2.15.1 1.20{times}, 1.70{times}, 1.50{times}" in text
+    listed = text.split("each against memory's median: ")[1].split(". ")[0]
+    assert listed.startswith("NATS 2.15.1") and "Redis" not in listed
+    assert "Burst rounds over" not in "\n".join(broker_report.section([memory, fine]))
