@@ -528,18 +528,6 @@ class ReplyDropper(Proxy):
 
     mute = False
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        for pipe in (self._pipe(reader, up_writer), self._replies(up_reader, writer)):
-            task = asyncio.create_task(pipe)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
     async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while chunk := await reader.read(65536):

@@ -164,10 +164,14 @@ class Proxy:
             writer.close()
             return
         self._writers.update((writer, up_writer))
-        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+        for pipe in (self._pipe(reader, up_writer), self._replies(up_reader, writer)):
             task = asyncio.create_task(pipe)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Redis's replies on their way to the client (a subclass may hold or drop them)."""
+        await self._pipe(reader, writer)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):

@@ -30,20 +30,10 @@ from tests.support.http_api import (
     FakeNode,
     as_gateway_node,
     incident,
-    no_control,
-    no_publication,
     raw_publish,
     read_answers,
     top,
 )
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[MemoryBroker]:
-    memory = MemoryBroker(node_id="node-test")
-    await memory.start(no_publication, no_control)
-    yield memory
-    await memory.close()
 
 
 @pytest.fixture

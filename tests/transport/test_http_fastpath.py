@@ -31,20 +31,10 @@ from tests.support.http_api import (
     ASYNCAPI,
     FakeNode,
     incident,
-    no_control,
-    no_publication,
     raw_publish,
     read_answers,
     top,
 )
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[MemoryBroker]:
-    memory = MemoryBroker(node_id="node-test")
-    await memory.start(no_publication, no_control)
-    yield memory
-    await memory.close()
 
 
 @pytest.fixture(params=[True, False], ids=["at-once", "in-a-task"])
