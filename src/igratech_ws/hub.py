@@ -723,6 +723,30 @@ class Hub:
         """A new allowance for one request's history: a quarter of the budget in bytes."""
         return HistoryAllowance(self.page_bytes)
 
+    def _delivered_states(
+        self, channel: str
+    ) -> tuple[tuple[int, str], list[Publication]] | None:
+        """The channel's last delivered position and latest states when this node can start a
+        join there without asking the broker, else None.
+
+        It can when it has delivered the channel up to that position, in order (not resyncing),
+        and everything newer reaches the join buffer: an exact start, which is what keeps a storm
+        of clients joining one game off the broker; and when the state record is complete up to
+        that position (none of it newer: a newer entry from the broker's slots hides the one at
+        or below it).
+        """
+        last = self._last.get(channel)
+        record = self._states.get(channel)
+        if (
+            last is not None
+            and channel not in self._syncing
+            and record is not None
+            and record.seeded
+            and record.complete_at(last)
+        ):
+            return last, list(record.latest.values())
+        return None
+
     def join_now(self, subscriber: Subscriber, channel: str) -> JoinResult | None:
         """`join` of `channel` without recovery or history, done before returning when nothing
         needs the broker's I/O: its subscription is active (or the broker makes it at once,
@@ -744,16 +768,10 @@ class Hub:
             self._states[channel] = _StateRecord()
         else:
             return None
-        last = self._last.get(channel)
         record = self._states.get(channel)
-        if (
-            last is not None
-            and channel not in self._syncing
-            and record is not None
-            and record.seeded
-            and record.complete_at(last)
-        ):
-            states: list[Publication] = list(record.latest.values())  # as in `join`
+        known = self._delivered_states(channel)
+        if known is not None:
+            last, states = known
         else:
             read = self.broker.state_now(channel)
             if read is None:
@@ -794,21 +812,9 @@ class Hub:
         self._joining.setdefault(channel, {})[subscriber] = _Join()
         await self._ensure_broker_subscription(channel)
         if recover is None:
-            last = self._last.get(channel)
-            record = self._states.get(channel)
-            if (
-                last is not None
-                and channel not in self._syncing
-                and record is not None
-                and record.seeded
-                and record.complete_at(last)
-            ):
-                # This node has delivered the channel up to `last`, in order, and everything
-                # newer reaches the join buffer: an exact start without asking the broker, which
-                # is what keeps a storm of clients joining one game off the broker; the state
-                # record is complete up to `last` too (none of it newer: a newer entry from the
-                # broker's slots hides the one at or below `last`).
-                states: list[Publication] = list(record.latest.values())
+            known = self._delivered_states(channel)
+            if known is not None:
+                last, states = known
             else:
                 states, top = await self._state_at_top(channel)
                 last = (top.offset, top.epoch)
