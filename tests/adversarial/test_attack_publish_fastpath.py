@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -439,12 +439,18 @@ async def test_a_key_repeated_within_a_batch_publishes_once(app: App) -> None:
 # --- 5. batch publish on a Redis that fails mid-batch ---------------------------------------------
 
 
-@pytest.fixture
-async def redis_app(tmp_path: Path) -> AsyncIterator[tuple[App, Proxy]]:
-    """A gateway on a private redis-server behind a proxy that a test can cut or freeze."""
+ProxyT = TypeVar("ProxyT", bound=Proxy)
+
+
+@contextlib.asynccontextmanager
+async def gateway_behind(
+    proxy_class: type[ProxyT], tmp_path: Path
+) -> AsyncIterator[tuple[App, ProxyT]]:
+    """A gateway on a private redis-server behind a `proxy_class` that a test can cut, freeze,
+    mute..."""
     with private_server("redis", tmp_path) as server:
         await server.start()
-        proxy = Proxy(server.port)
+        proxy = proxy_class(server.port)
         await proxy.start()
         try:
             config = base_config(
@@ -454,6 +460,13 @@ async def redis_app(tmp_path: Path) -> AsyncIterator[tuple[App, Proxy]]:
                 yield running, proxy
         finally:
             await proxy.stop()
+
+
+@pytest.fixture
+async def redis_app(tmp_path: Path) -> AsyncIterator[tuple[App, Proxy]]:
+    """A gateway on a private redis-server behind a proxy that a test can cut or freeze."""
+    async with gateway_behind(Proxy, tmp_path) as running:
+        yield running
 
 
 def keyed_batch(round_: int, count: int, games: int = 4) -> bytes:
@@ -540,27 +553,17 @@ class ReplyDropper(Proxy):
 async def test_a_batch_published_but_unanswered_is_published_once_on_resend(
     tmp_path: Path,
 ) -> None:
-    with private_server("redis", tmp_path) as server:
-        await server.start()
-        proxy = ReplyDropper(server.port)
-        await proxy.start()
-        try:
-            config = base_config(
-                broker=proxy.url(server.url), broker_timeout=0.5, broker_backoff_max=0.2
-            )
-            async with running_app(config) as app:
-                count = 200
-                batch = keyed_batch(3, count)
-                proxy.mute = True
-                answers = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
-                assert answers[0][0] == 503, answers
-                proxy.mute = False
-                await proxy.cut()  # the muted connections are out of step: start over
-                await proxy.restore()
-                await publish_until_answered(app, batch)
-                await check_exactly_once(app, count)
-        finally:
-            await proxy.stop()
+    async with gateway_behind(ReplyDropper, tmp_path) as (app, proxy):
+        count = 200
+        batch = keyed_batch(3, count)
+        proxy.mute = True
+        answers = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
+        assert answers[0][0] == 503, answers
+        proxy.mute = False
+        await proxy.cut()  # the muted connections are out of step: start over
+        await proxy.restore()
+        await publish_until_answered(app, batch)
+        await check_exactly_once(app, count)
 
 
 class ReplyDelayer(ReplyDropper):
@@ -579,33 +582,23 @@ class ReplyDelayer(ReplyDropper):
 async def test_replies_that_arrive_after_the_deadline_are_not_taken_for_the_next_ones(
     tmp_path: Path,
 ) -> None:
-    with private_server("redis", tmp_path) as server:
-        await server.start()
-        proxy = ReplyDelayer(server.port)
-        await proxy.start()
-        try:
-            config = base_config(
-                broker=proxy.url(server.url), broker_timeout=0.5, broker_backoff_max=0.2
-            )
-            async with running_app(config) as app:
-                count = 200
-                batch = keyed_batch(4, count)
-                proxy.mute = True
-                answers = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
-                assert answers[0][0] == 503, answers
-                proxy.mute = False  # the late replies arrive now
-                got = await publish_until_answered(app, batch)
-                assert all(s in (200, 503) for s in got), got
-                await check_exactly_once(app, count)
-                # A single publish after that gets its own offset, not a stale reply's.
-                status, answer = await asyncio.wait_for(
-                    publish(app, incident("g-b0", 9999)), WAIT_S
-                )
-                assert status == 200, answer
-                top_now = await top(app, "game:g-b0")
-                assert answer["offset"] == top_now == count // 4 + 1, (answer, top_now)
-        finally:
-            await proxy.stop()
+    async with gateway_behind(ReplyDelayer, tmp_path) as (app, proxy):
+        count = 200
+        batch = keyed_batch(4, count)
+        proxy.mute = True
+        answers = await exchange(app, request(batch, path="/api/v1/publish/batch"), 1)
+        assert answers[0][0] == 503, answers
+        proxy.mute = False  # the late replies arrive now
+        got = await publish_until_answered(app, batch)
+        assert all(s in (200, 503) for s in got), got
+        await check_exactly_once(app, count)
+        # A single publish after that gets its own offset, not a stale reply's.
+        status, answer = await asyncio.wait_for(
+            publish(app, incident("g-b0", 9999)), WAIT_S
+        )
+        assert status == 200, answer
+        top_now = await top(app, "game:g-b0")
+        assert answer["offset"] == top_now == count // 4 + 1, (answer, top_now)
 
 
 def _repeated_member_cases() -> list[bytes]:
