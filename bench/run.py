@@ -82,10 +82,11 @@ async def _guard(
     ctx: scenarios.Context,
     rows: list[dict[str, Any]],
     label: str,
-    make: Callable[[], Awaitable[dict[str, Any]]],
+    make: Callable[[], Awaitable[dict[str, Any] | list[dict[str, Any]]]],
     need: float = 20.0,
 ) -> None:
-    """Run one measurement unless the time budget is spent; a failure becomes a row, not a crash."""
+    """Run one measurement (a row, or several measured together) unless the time budget is
+    spent; a failure becomes a note, not a crash."""
     if ctx.time_left() < need:
         ctx.notes.append(f"skipped {label}: the time budget was spent")
         _log(f"skip {label} (budget)")
@@ -93,14 +94,20 @@ async def _guard(
     _log(f"run  {label}")
     started = time.monotonic()
     try:
-        row = await asyncio.wait_for(make(), max(need, ctx.time_left()))
+        made = await asyncio.wait_for(make(), max(need, ctx.time_left()))
     except Exception as exc:
         ctx.notes.append(f"{label} failed: {type(exc).__name__}: {exc}"[:400])
         _log(f"FAIL {label}: {type(exc).__name__}: {exc}")
         return
-    row["wall_s"] = time.monotonic() - started
-    rows.append(row)
-    brief = {
+    for row in made if isinstance(made, list) else [made]:
+        row["wall_s"] = time.monotonic() - started
+        rows.append(row)
+        _log(f"     {label}: {json.dumps(_brief(row), default=str)}")
+
+
+def _brief(row: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a row worth a line in the progress log."""
+    return {
         k: row[k]
         for k in (
             "msgs_per_s",
@@ -117,7 +124,6 @@ async def _guard(
         )
         if k in row
     }
-    _log(f"     {label}: {json.dumps(brief, default=str)}")
 
 
 async def _handshake_cost(
@@ -302,8 +308,11 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if "brokers" in chosen:
         # Issue 11: igratech-ws on memory, Redis (one and three shards) and NATS (bench/brokers.py),
         # with private broker servers; about 5 minutes.
-        async def guard(label: str, make: Callable[[], Awaitable[dict[str, Any]]],
-                        need: float = 20.0) -> None:
+        async def guard(
+            label: str,
+            make: Callable[[], Awaitable[dict[str, Any] | list[dict[str, Any]]]],
+            need: float = 20.0,
+        ) -> None:
             await _guard(ctx, rows, label, make, need)
 
         await brokers.run(ctx, rows, guard)

@@ -339,6 +339,9 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Counters read by metrics: frames queued to connections, publications received.
         self.frames_out = 0
+        #: Writes to client sockets from the hub: ``frames_out / writes`` is how many frames a
+        #: write carries (the coalescing the module doc describes), per node.
+        self.writes = 0
         self.publications_in = 0
         self.resyncs = 0
         self.slow_consumers = 0
@@ -500,6 +503,7 @@ class Hub:
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
         if subscriber.is_open:
+            self.writes += 1
             subscriber.write_wire(data)
 
     def _hold(self, subscriber: Subscriber, pending: Outbox) -> None:

@@ -37,6 +37,7 @@ LATENCY_BUCKETS = (
 
 class _Hub(Protocol):
     frames_out: int
+    writes: int
     publications_in: int
     resyncs: int
 
@@ -106,6 +107,12 @@ class NodeCollector(Collector):
             "connections_accepted", "Connections accepted since start.", node.connections_total
         )
         yield counter("frames_out", "Frames queued to client connections.", hub.frames_out)
+        yield counter(
+            "socket_writes",
+            "Writes of queued frames to client sockets (each carries every frame queued for its "
+            "connection since the last; frames_out / socket_writes is the coalescing).",
+            hub.writes,
+        )
         yield counter(
             "publications_in", "Publications received from the broker.", hub.publications_in
         )

@@ -34,21 +34,25 @@ def test_ports_wrap_within_their_own_range() -> None:
     assert 47000 <= ports.take() <= 47000 + 9900 and ports.next == 47000
 
 
-def test_a_broker_burst_over_the_target_shows_its_rounds() -> None:
+def test_the_broker_bursts_show_their_rounds_and_writes() -> None:
     from bench import broker_report
 
-    def burst(broker: str, version: str, rounds: list[float]) -> dict[str, object]:
+    def burst(broker: str, version: str, rounds: list[float], writes: list[float]) -> dict[str, object]:
         return {
-            "scenario": "broker_burst", "broker": broker, "version": version,
+            "scenario": "broker_burst", "broker": broker, "version": version, "rounds": 3,
             "rounds_us_per_msg": rounds, "us_per_msg": sorted(rounds)[1], "broker_us_per_pub": 0.0,
+            "rounds_writes_per_follower": writes,
         }
 
-    memory = burst("memory", "", [0.2, 0.2, 0.2])
-    fine = burst("redis", "7.0.15", [0.22, 0.22, 0.22])
-    slow = burst("nats-new", "2.15.1", [0.24, 0.34, 0.30])
-    text = "\n".join(broker_report.section([memory, fine, slow]))
+    memory = burst("memory", "", [0.2, 0.2, 0.2], [1.0, 1.0, 1.0])
+    fine = burst("redis", "7.0.15", [0.22, 0.22, 0.22], [1.0, 1.0, 1.0])
+    split = burst("nats-new", "2.15.1", [0.24, 0.34, 0.30], [1.0, 2.0, 1.0])
+    text = "\n".join(broker_report.section([memory, fine, split]))
     times = "\u00d7"  # as the report writes it
     assert f"NATS 2.15.1 1.20{times}, 1.70{times}, 1.50{times}" in text
-    listed = text.split("each against memory's median: ")[1].split(". ")[0]
-    assert listed.startswith("NATS 2.15.1") and "Redis" not in listed
-    assert "Burst rounds over" not in "\n".join(broker_report.section([memory, fine]))
+    assert f"Redis 1.10{times}, 1.10{times}, 1.10{times}" in text
+    assert "for 3 rounds" in text
+    assert "NATS 2.15.1 1 of 3" in text and "Redis 0 of 3" in text
+    assert "costs each follower one more write" in text
+    whole = "\n".join(broker_report.section([memory, fine]))
+    assert "Every burst reached each follower in one write" in whole

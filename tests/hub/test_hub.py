@@ -97,12 +97,14 @@ async def test_one_write_per_subscriber_per_tick(hub: Hub, broker: RecordingBrok
     await settle()
     a.writes.clear()
     b.writes.clear()
+    writes_before = hub.writes
     publish(broker, 5)
     publish(broker, 2, "game:g-2")
     assert a.writes == [] and b.writes == []  # nothing written synchronously
     await settle()
     assert len(a.writes) == 1
     assert len(b.writes) == 1
+    assert hub.writes - writes_before == 2  # the metric counts what the sockets got
     assert a.offsets() == [2, 3, 4, 5, 6]
     assert a.offsets("game:g-2") == [1, 2]
     assert b.offsets() == [2, 3, 4, 5, 6]
@@ -129,12 +131,14 @@ async def test_a_burst_that_arrives_in_two_reads_shares_one_write_per_follower()
         assert subscribers[0].offsets(channel) == [1]
         for subscriber in subscribers:
             subscriber.writes.clear()
+        writes_before = hub.writes
         publish(broker, 3, channel)
         await settle()  # the first piece is read, the flush is due...
         publish(broker, 2, channel)  # ...and the rest comes in the next read
         await asyncio.sleep(0.1)  # past the linger
         await settle()
         assert {len(s.writes) for s in subscribers} == {writes}, (linger, followers)
+        assert hub.writes - writes_before == writes * followers
         assert subscribers[0].offsets(channel) == [2, 3, 4, 5, 6]
         await hub.close()
         await broker.close()

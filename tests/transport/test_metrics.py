@@ -162,6 +162,7 @@ async def test_two_nodes_in_one_process_have_their_own_metrics() -> None:
 class _Hub:
     def __init__(self) -> None:
         self.frames_out = 12
+        self.writes = 4
         self.publications_in = 5
         self.resyncs = 2
         self.channel_count = 3
@@ -214,6 +215,7 @@ def test_collector_reads_every_counter() -> None:
     assert value(samples, "igratech_ws_rate_limited_messages_total") == 6
     assert value(samples, "igratech_ws_handshakes_refused_total", reason="origin_not_allowed") == 2
     assert value(samples, "igratech_ws_frames_out_total") == 12
+    assert value(samples, "igratech_ws_socket_writes_total") == 4
     assert value(samples, "igratech_ws_draining") == 1
     assert value(samples, "igratech_ws_broker_state", state="disconnected") == 1
     assert value(samples, "igratech_ws_broker_state", state="connected") == 0
