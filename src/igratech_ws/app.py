@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -150,6 +151,21 @@ async def running_app(
         await node.close()
 
 
+def freeze_startup_heap() -> int:
+    """Take what the process has made so far (modules, classes, the wired node) out of the
+    cyclic garbage collector's walks (`gc.freeze`), after collecting what is already garbage.
+
+    It lives as long as the process, yet every full collection would walk all of it again:
+    about 65,000 objects, 25-35 ms on this project's 2-core VM, a pause every client of the
+    node feels. Call it once, from the process's owner, when the node is ready (`serve_forever`
+    does; tests that run nodes inside their own process do not). Returns how many objects are
+    frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve_forever(
     config: Config,
     *,
@@ -163,6 +179,8 @@ async def serve_forever(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with running_app(config, extra_routes=extra_routes) as app:
+        frozen = freeze_startup_heap()
+        log.debug("startup heap frozen", extra={"objects": frozen})
         if on_ready is not None:
             on_ready(app)
         await stop.wait()

@@ -131,6 +131,9 @@ def configure(level: str = "info", *, stream: Any = None) -> None:
     # picows logs every refused handshake at info; keep those at warning and above.
     picows_log = logging.getLogger("picows")
     picows_log.setLevel(max(logging.WARNING, root.level))
+    # markdown-it (the /docs page, rendered at start) logs every parsing step at debug: thousands
+    # of lines that would bury the node's own at ``--log-level debug``.
+    logging.getLogger("markdown_it").setLevel(max(logging.INFO, root.level))
     # Filters on a logger do not apply to its children's records; picows logs as children.
     handler.addFilter(_ClientCausedRateLimit())
 
