@@ -281,6 +281,13 @@ class Appender:
         """Queue one publication behind the channel's earlier ones; its result once appended.
 
         Raises StreamMissing, BrokerError, or nats-py's errors (the broker maps them)."""
+        return await self.enqueue(channel, event, data, idempotency_key)
+
+    def enqueue(
+        self, channel: str, event: str, data: bytes, idempotency_key: str | None
+    ) -> asyncio.Future[PublishResult]:
+        """`publish` without the wait: the future of its result (or of its error). The caller
+        awaits it or cancels it (given up: the appender leaves a cancelled future alone)."""
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
         queue = self._queues.get(channel)
         if queue is None:
@@ -288,7 +295,7 @@ class Appender:
         queue.append(_Pending(event, data, idempotency_key, future))
         if channel not in self._tasks:
             self._tasks[channel] = asyncio.ensure_future(self._drain(channel, queue))
-        return await future
+        return future
 
     async def _drain(self, channel: str, queue: deque[_Pending]) -> None:
         try:
