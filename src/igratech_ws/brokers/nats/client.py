@@ -26,7 +26,6 @@ __all__ = ["Client", "header_block", "parse_header_lines"]
 _CRLF = b"\r\n"
 # What str.isspace() calls whitespace among ASCII characters (a header name with any is skipped).
 _SPACE = re.compile(rb"[\t\n\x0b\x0c\r\x1c-\x1f ]")
-_PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
 _COLON_SPACE = repeat(": ")
 _ONCE = repeat(1)
 
@@ -96,17 +95,9 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
     them: names stripped and ASCII (others skipped), a name with whitespace inside skipped,
     values stripped and decoded as UTF-8 (malformed bytes replaced), the last of a name winning.
 
-    A block as the server sends ours (printable ASCII lines ``Name: Value`` with no space to
-    strip, ending with an empty line) is split in one go; any other goes line by line."""
-    # Printable ASCII but for CR LF pairs (the deleted printable bytes leave exactly the pairs),
-    # no value with a space to strip (every line ends before a CRLF; a leading one would follow
-    # the line's first ": "), so that only a name with ":" or " " could differ: checked below.
-    if (
-        raw.endswith(b"\r\n\r\n")
-        and len(raw.translate(None, _PRINTABLE_ASCII)) == 2 * raw.count(_CRLF)
-        and b" \r\n" not in raw
-        and b":  " not in raw
-    ):
+    A block as the server sends ours (ASCII lines ``Name: Value``, ending with an empty line)
+    is split in one go and checked; any other goes line by line."""
+    if raw.isascii() and raw.endswith(b"\r\n\r\n"):
         try:
             out = dict(
                 map(str.split, raw[:-4].decode("ascii").split("\r\n"), _COLON_SPACE, _ONCE)
@@ -114,13 +105,32 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
         except ValueError:  # a line without ": " (skipped by nats-py, or split elsewhere)
             pass
         else:
-            # A name holding ":" was split at a later ": " than the first ":"; one holding " "
-            # would be stripped or skipped. A line's name stays among the keys even when a later
-            # line overwrote its value, so every line is checked.
-            names = "".join(out)
-            if " " not in names and ":" not in names:
-                return out
+            # Every line left its name among the keys (a later line may have overwritten only
+            # its value). A clean name (no ":", no whitespace) is the one nats-py reads from
+            # that line, so each key got its value from the same line; that value is nats-py's
+            # if it has nothing to strip (str.strip strips what bytes.strip does, and more).
+            if _clean_names(out):
+                values = tuple(out.values())
+                if tuple(map(str.strip, values)) == values:
+                    return out
     return _parse_any(raw)
+
+
+# Header names found clean (see `parse_header_lines`): the server's and ours are a few dozen.
+# Bounded, so that messages with ever new names do not grow it.
+_CLEAN_NAMES: set[str] = set()
+_MAX_CLEAN_NAMES = 256
+_SPACE_OR_COLON = re.compile(r"[\t\n\x0b\x0c\r\x1c-\x1f :]")
+
+
+def _clean_names(headers: dict[str, str]) -> bool:
+    if _CLEAN_NAMES.issuperset(headers):
+        return True
+    if _SPACE_OR_COLON.search("".join(headers)):
+        return False
+    if len(_CLEAN_NAMES) < _MAX_CLEAN_NAMES:
+        _CLEAN_NAMES.update(headers)
+    return True
 
 
 class Client(NatsClient):
