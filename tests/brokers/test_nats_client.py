@@ -1,4 +1,5 @@
-"""`brokers.nats.client`: the faster header encoder and parser do exactly what nats-py's do."""
+"""`brokers.nats.client`: the faster header encoder and parser do exactly what nats-py's do
+(and the headers of a publication, written and read, are its own)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client as NatsPyClient
 
+from igratech_ws.brokers.base import Publication
+from igratech_ws.brokers.nats.append import headers_of
 from igratech_ws.brokers.nats.client import Client, header_block, parse_header_lines
+from igratech_ws.brokers.nats.history import publication_from
 
 # Bytes that matter to a header parser: separators, whitespace of every kind, non-ASCII.
 _PIECES = [b"\r\n", b":", b": ", b" ", b"\t", b"\x0b", b"\x1c", b"\x1f", b"\xc3\xa9", b"\xff",
@@ -106,3 +110,14 @@ def test_our_kind_of_headers_take_the_fast_path(headers: dict[str, str]) -> None
 def test_headers_nats_py_would_change_are_left_to_it(headers: dict[str, str]) -> None:
     assert header_block(headers) is None
     assert _sent(Client(), "igws.ch.g", headers) == _sent(NatsPyClient(), "igws.ch.g", headers)
+
+
+def test_times_written_and_read_back_are_each_publications_own() -> None:
+    # headers_of and publication_from remember the last time (a chain shares one).
+    times = [1.5, 1.5, -0.0, 0.0, 0.0, 1796232760.2254188, 2.0]
+    for published_at in times:
+        publication = Publication("game:a", 1, "e", "bet", b"{}", published_at, "n")
+        headers = headers_of(publication)
+        assert headers["Igws-Time"] == repr(published_at)
+        read = publication_from("game:a", headers, b"{}")
+        assert repr(read.published_at) == repr(published_at)
