@@ -17,13 +17,46 @@ from igratech_ws.brokers.nats.client import Client, header_block, parse_header_l
 from igratech_ws.brokers.nats.history import publication_from
 
 # Bytes that matter to a header parser: separators, whitespace of every kind, non-ASCII.
-_PIECES = [b"\r\n", b":", b": ", b" ", b"\t", b"\x0b", b"\x1c", b"\x1f", b"\xc3\xa9", b"\xff",
-           b"Igws-Offset", b"Nats-Sequence", b"12", b"a", b"-", b""]
+_PIECES = [
+    b"\r\n",
+    b":",
+    b": ",
+    b" ",
+    b"\t",
+    b"\x0b",
+    b"\x1c",
+    b"\x1f",
+    b"\xc3\xa9",
+    b"\xff",
+    b"Igws-Offset",
+    b"Nats-Sequence",
+    b"12",
+    b"a",
+    b"-",
+    b"",
+]
 blocks = st.lists(st.sampled_from(_PIECES) | st.binary(max_size=6), max_size=30).map(b"".join)
 # Blocks shaped like the server's (lines, then an empty line): some of clean lines only (the
 # parser's fast path, with its near misses: a ":" or a space in the wrong place), some of any.
-_LINE_PIECES = [b": ", b":", b"  ", b" ", b"\t", b"\r", b"\n", b"\x1c", b"\x00", b"\xc3\xa9",
-                b"Igws-Offset", b"Nats-Msg-Id", b"ab12", b"g:1/k", b"a", b"-", b""]
+_LINE_PIECES = [
+    b": ",
+    b":",
+    b"  ",
+    b" ",
+    b"\t",
+    b"\r",
+    b"\n",
+    b"\x1c",
+    b"\x00",
+    b"\xc3\xa9",
+    b"Igws-Offset",
+    b"Nats-Msg-Id",
+    b"ab12",
+    b"g:1/k",
+    b"a",
+    b"-",
+    b"",
+]
 _CLEAN_PIECES = [b":", b"a b", b"ab12", b"g:1/k", b"1.5", b"-", b"x: y", b"Igws-Offset"]
 
 
@@ -94,8 +127,13 @@ def test_publishes_any_headers_as_nats_py_does(headers: dict[str, str]) -> None:
 _SAFE_VALUES = st.text(alphabet=string.ascii_letters + string.digits + ".:/-_ %", max_size=20)
 
 
-@given(st.dictionaries(st.sampled_from(["Igws-Offset", "Igws-Epoch", "Nats-Msg-Id"]),
-                       _SAFE_VALUES.map(str.strip), min_size=1))
+@given(
+    st.dictionaries(
+        st.sampled_from(["Igws-Offset", "Igws-Epoch", "Nats-Msg-Id"]),
+        _SAFE_VALUES.map(str.strip),
+        min_size=1,
+    )
+)
 def test_our_kind_of_headers_take_the_fast_path(headers: dict[str, str]) -> None:
     block = header_block(headers)
     assert block is not None
@@ -104,8 +142,17 @@ def test_our_kind_of_headers_take_the_fast_path(headers: dict[str, str]) -> None
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"A": " x"}, {"A": "x "}, {"A": "x\r\ny"}, {"A": "\t"}, {" A": "x"}, {"": "x"},
-     {"A:B": "x"}, {"A": 1}],
+    [
+        {},
+        {"A": " x"},
+        {"A": "x "},
+        {"A": "x\r\ny"},
+        {"A": "\t"},
+        {" A": "x"},
+        {"": "x"},
+        {"A:B": "x"},
+        {"A": 1},
+    ],
 )
 def test_headers_nats_py_would_change_are_left_to_it(headers: dict[str, str]) -> None:
     assert header_block(headers) is None

@@ -99,9 +99,7 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
     is split in one go and checked; any other goes line by line."""
     if raw.isascii() and raw.endswith(b"\r\n\r\n"):
         try:
-            out = dict(
-                map(str.split, raw[:-4].decode("ascii").split("\r\n"), _COLON_SPACE, _ONCE)
-            )
+            out = dict(map(str.split, raw[:-4].decode("ascii").split("\r\n"), _COLON_SPACE, _ONCE))
         except ValueError:  # a line without ": " (skipped by nats-py, or split elsewhere)
             pass
         else:
