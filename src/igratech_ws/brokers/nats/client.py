@@ -54,9 +54,10 @@ def header_block(headers: dict[str, str]) -> bytes | None:
     That is: every name an RFC 7230 token (nats-py's own test), every value a printable str
     without a leading or trailing space (so nats-py's strip and CR/LF replacement change nothing),
     at least one header. Otherwise None, and the caller must let nats-py build the block, which
-    cleans or refuses it its own way. Our headers always qualify: constant names; values that are
-    digits, float reprs, hex epochs and ids, event names, the node id, ``<channel token>/<key>``
-    message ids (a key is printable ASCII without spaces)."""
+    cleans or refuses it its own way. Ours qualify: constant names; values that are digits, float
+    reprs, hex epochs and ids, ``<channel token>/<key>`` message ids (a key is printable ASCII
+    without spaces), event names and the node id (an odd one, say with a trailing space, goes
+    through nats-py's code as before)."""
     if not headers or not _names_ok(headers):
         return None
     try:
