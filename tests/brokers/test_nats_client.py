@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import string
+import uuid
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client as NatsPyClient
+from nats.aio.msg import Msg
 
 from igratech_ws.brokers.base import Publication
 from igratech_ws.brokers.nats.append import headers_of
@@ -168,3 +170,44 @@ def test_times_written_and_read_back_are_each_publications_own() -> None:
         assert headers["Igws-Time"] == repr(published_at)
         read = publication_from("game:a", headers, b"{}")
         assert repr(read.published_at) == repr(published_at)
+
+
+async def test_an_inline_subscription_gets_each_message_in_order(nats_url: str) -> None:
+    errors: list[Exception] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(exc)
+
+    client = Client()
+    await client.connect(nats_url, error_cb=error_cb)
+    try:
+        got: list[tuple[bytes, dict[str, str] | None]] = []
+
+        def handler(msg: Msg) -> None:
+            if msg.data == b"boom":
+                raise RuntimeError("boom")
+            got.append((msg.data, msg.headers))
+
+        subject = f"inline.{uuid.uuid4().hex}"
+        sub = await client.subscribe_inline(subject, handler)
+        await client.flush()
+        for i in range(5):
+            await client.publish(subject, b"%d" % i, headers={"Igws-Offset": str(i)})
+        await client.publish(subject, b"boom")
+        await client.publish(subject, b"after")
+        await client.flush()
+        for _ in range(100):
+            if len(got) == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [(b"%d" % i, {"Igws-Offset": str(i)}) for i in range(5)] + [(b"after", None)]
+        assert [str(e) for e in errors] == ["boom"]  # to the error callback, as a callback's
+        assert sub.delivered == 7 and client.stats["in_msgs"] >= 7
+
+        await sub.unsubscribe()
+        await client.publish(subject, b"gone")
+        await client.flush()
+        await asyncio.sleep(0.05)
+        assert len(got) == 6
+    finally:
+        await client.close()

@@ -55,7 +55,6 @@ from dataclasses import dataclass
 
 import msgspec
 import nats.errors
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
@@ -63,6 +62,7 @@ from nats.js import JetStreamContext
 from igratech_ws.brokers.base import BrokerError, Publication, PublishResult
 from igratech_ws.brokers.core import new_epoch
 from igratech_ws.brokers.nats.append import first_of, headers_of
+from igratech_ws.brokers.nats.client import Client
 from igratech_ws.brokers.nats.history import StreamMissing, read_last
 from igratech_ws.brokers.nats.subjects import (
     H_EXPECTED_LAST_MSG_ID,
@@ -159,7 +159,7 @@ def _settle(pending: _Pending, result: PublishResult) -> None:
 class Acks:
     """The node's acknowledgement inbox: `expect()` a token, publish with `reply_to(token)`."""
 
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox()
         self._waiting: dict[str, asyncio.Future[_Ack]] = {}
@@ -167,7 +167,7 @@ class Acks:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_ack)
+        self._sub = await self._nc.subscribe_inline(self._prefix + ".*", self._on_ack)
 
     def expect(self) -> tuple[str, asyncio.Future[_Ack]]:
         """A reply subject and the future of the acknowledgement that will come to it."""
@@ -181,7 +181,7 @@ class Acks:
         """Stop waiting for the acknowledgement sent to `reply` (given up on)."""
         self._waiting.pop(reply.rpartition(".")[2], None)
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _on_ack(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject.rpartition(".")[2], None)
         if future is None or future.done():
             return  # given up on (timed out)
@@ -213,7 +213,7 @@ class Appender:
 
     def __init__(
         self,
-        nc: NatsClient,
+        nc: Client,
         js: JetStreamContext,
         prefix: str,
         *,

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
@@ -110,7 +109,7 @@ class NatsBroker(BrokerCore):
         self._max_chain = int(query.get("chain", MAX_CHAIN))
         if self._max_chain < 1:
             raise ValueError("NATS URL option chain must be 1 or more")
-        self._nc: NatsClient | None = None
+        self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         # One entry per channel the hub follows; the hub bounds that set.
         self._subscriptions: dict[str, Subscription] = {}
@@ -427,7 +426,7 @@ class NatsBroker(BrokerCore):
             raise BrokerError("NATS broker is not started")
         nc = self._nc
 
-        async def deliver(msg: Msg) -> None:
+        def deliver(msg: Msg) -> None:
             headers = msg.headers
             if headers is None or H_EVENT not in headers:
                 return  # an epoch marker of an older version
@@ -439,8 +438,8 @@ class NatsBroker(BrokerCore):
             self.deliver(publication)
 
         with _as_broker_error("subscribe"):
-            self._subscriptions[channel] = await nc.subscribe(
-                live_subject(self.prefix, channel), cb=deliver
+            self._subscriptions[channel] = await nc.subscribe_inline(
+                live_subject(self.prefix, channel), deliver
             )
             if nc.is_connected:
                 # Returns once the server has the subscription, so no later publication is missed.

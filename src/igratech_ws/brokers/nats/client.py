@@ -8,17 +8,24 @@ the memory broker's. `Client` does both with a few C-level string operations ove
 block, for the blocks our own code sends and receives, and hands anything else to nats-py's own
 code, so the result is always nats-py's: the same bytes on the wire (`header_block`), the same
 dict (`parse_header_lines`). `tests/brokers/test_nats_client.py` compares both with nats-py's on
-random input. Everything else is nats-py's.
+random input. And `subscribe_inline` hands each message of a subscription to a plain function
+from the read loop, without nats-py's queue and task per subscription (the node's deliveries and
+acknowledgements: a queue put, a get and a task step less per message). Everything else is
+nats-py's.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import partial
 from itertools import repeat
 from typing import Any
 
 from nats.aio.client import _HEADER_KEY_RE
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.protocol import command as prot_command
 
 __all__ = ["Client", "header_block", "parse_header_lines"]
@@ -132,9 +139,16 @@ def _clean_names(headers: dict[str, str]) -> bool:
     return True
 
 
+async def _inline(handler: Callable[[Msg], None], msg: Msg) -> None:
+    """The callback of a `Client.subscribe_inline` subscription, as ``partial(_inline,
+    handler)`` (a form nats-py takes for a callback), which marks it for `_process_msg`. nats-py's
+    task for the subscription would call it for a queued message; none is queued."""
+    handler(msg)
+
+
 class Client(NatsClient):
-    """nats-py's client with `parse_header_lines` and `header_block` (see the module
-    docstring)."""
+    """nats-py's client with `parse_header_lines`, `header_block` (see the module docstring)
+    and `subscribe_inline`."""
 
     # nats-py calls it on itself, for every message with headers.
     _parse_header_lines = staticmethod(parse_header_lines)
@@ -158,3 +172,35 @@ class Client(NatsClient):
         await self._send_command(prot_command.hpub_cmd(subject, reply, block, payload))
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    async def subscribe_inline(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
+        """Subscribe `handler`, called by the connection's read loop for each message as it is
+        read, where nats-py's `subscribe(cb=...)` queues each message for a task of the
+        subscription that then awaits the callback: a queue put, a get and a task step per
+        message saved. Caller's duties: `handler` is a plain function that returns quickly
+        (the connection reads nothing meanwhile) and does not block; what it raises goes to
+        the error callback, as a callback's does. No limits of pending messages apply (none
+        are pending). Unsubscribe and drain as with `subscribe`."""
+        return await self.subscribe(subject, cb=partial(_inline, handler))
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        sub = self._subs.get(sid)
+        cb = sub._cb if sub is not None else None
+        if sub is None or type(cb) is not partial or cb.func is not _inline or sub._max_msgs > 0:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        handler: Callable[[Msg], None] = cb.args[0]
+        # nats-py's `_process_msg` for a core subscription, up to where it would queue the
+        # message; then what its subscription task does with it, without the queue.
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        sub._received += 1
+        msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
+        if not msg:
+            return
+        try:
+            handler(msg)
+        except Exception as exc:
+            await self._error_cb(exc)
