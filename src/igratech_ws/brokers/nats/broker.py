@@ -324,7 +324,7 @@ class NatsBroker(BrokerCore):
         futures = [appender.enqueue(c, e, d, k) for c, e, d, k in items]
         outcomes: list[PublishResult | BaseException] = []
         vanished = BrokerError(f"NATS stream {self.stream} vanished again")
-        retried: list[int] = []
+        retried: set[int] = set()
         try:
             async with asyncio.timeout(self._timeout * 3):
                 outcomes = await asyncio.gather(*futures, return_exceptions=True)
@@ -339,7 +339,7 @@ class NatsBroker(BrokerCore):
                     else:
                         for i in missing:
                             futures[i] = appender.enqueue(*items[i])
-                        retried = missing
+                        retried = set(missing)
                         again = await asyncio.gather(
                             *(futures[i] for i in missing), return_exceptions=True
                         )
