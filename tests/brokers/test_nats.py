@@ -27,6 +27,7 @@ from igratech_ws.brokers.base import (
     ControlKinds,
     HistoryLimits,
     Publication,
+    PublishResult,
     UserLogin,
     UserLogout,
 )
@@ -40,6 +41,7 @@ from igratech_ws.brokers.nats import (
     publish_event,
     stream_name,
 )
+from igratech_ws.brokers.nats.history import StreamMissing
 from igratech_ws.core.recovery import decide_recovery
 from tests.support.servers import private_server
 
@@ -192,6 +194,77 @@ async def test_epoch_changes_when_the_stream_is_deleted(make_broker: BrokerFacto
         old.offset, old.epoch, page.top.epoch, page.top.offset, page.publications
     )
     assert not outcome.recovered
+
+
+async def test_a_batch_recreates_a_deleted_stream_once_and_keeps_list_order(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker()
+    await broker.publish("game:a", "bet", b"{}")
+    await broker.delete_stream()
+    items = [(f"game:{'ab'[i % 2]}", "bet", b'{"i":%d}' % i, None) for i in range(6)]
+    results = await broker.publish_many(items)
+    positions = [(r.publication.channel, r.publication.offset) for r in results]
+    assert positions == [(f"game:{'ab'[i % 2]}", 1 + i // 2) for i in range(6)]
+    assert [r.publication.data for r in results] == [data for _, _, data, _ in items]
+
+
+class _StalledAppender:
+    """An appender whose publications settle only as a test says (`publish_many`'s tests)."""
+
+    def __init__(self, missing_from: int | None = None) -> None:
+        self.futures: list[asyncio.Future[PublishResult]] = []
+        self.missing_from = missing_from  # publications from this one on find no stream
+
+    def enqueue(
+        self, channel: str, event: str, data: bytes, key: str | None
+    ) -> asyncio.Future[PublishResult]:
+        future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
+        if self.missing_from is not None and len(self.futures) >= self.missing_from:
+            future.set_exception(StreamMissing())
+        self.futures.append(future)
+        return future
+
+
+def _offline_broker(appender: _StalledAppender, timeout: float) -> NatsBroker:
+    broker = NatsBroker(f"nats://127.0.0.1:1?timeout={timeout}", BrokerOptions(node_id="n"))
+    broker._js = object()  # type: ignore[assignment]
+    broker._nc = type("Connected", (), {"is_connected": True})()  # type: ignore[assignment]
+    broker._appender = appender  # type: ignore[assignment]
+    return broker
+
+
+def _result(offset: int) -> PublishResult:
+    return PublishResult(Publication("game:a", offset, "e", "bet", b"{}", 0.0, "n"))
+
+
+async def test_a_batch_past_its_deadline_fails_and_gives_up_the_rest() -> None:
+    appender = _StalledAppender()
+    broker = _offline_broker(appender, timeout=0.05)
+    items = [("game:a", "bet", b"{}", None)] * 3
+    task = asyncio.ensure_future(broker.publish_many(items))
+    await asyncio.sleep(0)
+    appender.futures[0].set_result(_result(1))
+    with pytest.raises(BrokerError, match="TimeoutError"):
+        await task
+    assert [f.cancelled() for f in appender.futures] == [False, True, True]
+
+
+async def test_a_batch_item_whose_stream_vanishes_again_fails_after_one_recreation() -> None:
+    appender = _StalledAppender(missing_from=1)
+    broker = _offline_broker(appender, timeout=5)
+    created: list[bool] = []
+
+    async def ensure_stream() -> None:
+        created.append(True)
+
+    broker._ensure_stream = ensure_stream  # type: ignore[method-assign]
+    task = asyncio.ensure_future(broker.publish_many([("game:a", "bet", b"{}", None)] * 2))
+    await asyncio.sleep(0)
+    appender.futures[0].set_result(_result(1))
+    with pytest.raises(BrokerError, match="vanished again"):
+        await task
+    assert created == [True] and len(appender.futures) == 3
 
 
 async def test_concurrent_publishers_on_two_nodes_get_consecutive_offsets(

@@ -70,12 +70,23 @@ ERR_WRONG_LAST_SEQUENCE = 10071
 MAX_APPEND_ATTEMPTS = 64
 
 
+# The last time written, and its text: the publications of one chain or batch share one time
+# (the same float object), and a float's repr costs more than the rest of the headers.
+_last_time: tuple[float, str] = (0.0, repr(0.0))
+
+
 def headers_of(publication: Publication) -> dict[str, str]:
+    global _last_time
+    published_at = publication.published_at
+    last, text = _last_time
+    if published_at is not last:  # identity: 0.0 == -0.0, yet their reprs differ
+        text = repr(published_at)
+        _last_time = (published_at, text)
     return {
         H_OFFSET: str(publication.offset),
         H_EPOCH: publication.epoch,
         H_EVENT: publication.event,
-        H_TIME: repr(publication.published_at),
+        H_TIME: text,
         H_ORIGIN: publication.origin,
     }
 

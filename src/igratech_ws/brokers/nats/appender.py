@@ -55,7 +55,6 @@ from dataclasses import dataclass
 
 import msgspec
 import nats.errors
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
@@ -63,6 +62,7 @@ from nats.js import JetStreamContext
 from igratech_ws.brokers.base import BrokerError, Publication, PublishResult
 from igratech_ws.brokers.core import new_epoch
 from igratech_ws.brokers.nats.append import first_of, headers_of
+from igratech_ws.brokers.nats.client import Client
 from igratech_ws.brokers.nats.history import StreamMissing, read_last
 from igratech_ws.brokers.nats.subjects import (
     H_EXPECTED_LAST_MSG_ID,
@@ -159,7 +159,7 @@ def _settle(pending: _Pending, result: PublishResult) -> None:
 class Acks:
     """The node's acknowledgement inbox: `expect()` a token, publish with `reply_to(token)`."""
 
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox()
         self._waiting: dict[str, asyncio.Future[_Ack]] = {}
@@ -167,7 +167,7 @@ class Acks:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_ack)
+        self._sub = await self._nc.subscribe_inline(self._prefix + ".*", self._on_ack)
 
     def expect(self) -> tuple[str, asyncio.Future[_Ack]]:
         """A reply subject and the future of the acknowledgement that will come to it."""
@@ -181,7 +181,7 @@ class Acks:
         """Stop waiting for the acknowledgement sent to `reply` (given up on)."""
         self._waiting.pop(reply.rpartition(".")[2], None)
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _on_ack(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject.rpartition(".")[2], None)
         if future is None or future.done():
             return  # given up on (timed out)
@@ -213,7 +213,7 @@ class Appender:
 
     def __init__(
         self,
-        nc: NatsClient,
+        nc: Client,
         js: JetStreamContext,
         prefix: str,
         *,
@@ -281,6 +281,13 @@ class Appender:
         """Queue one publication behind the channel's earlier ones; its result once appended.
 
         Raises StreamMissing, BrokerError, or nats-py's errors (the broker maps them)."""
+        return await self.enqueue(channel, event, data, idempotency_key)
+
+    def enqueue(
+        self, channel: str, event: str, data: bytes, idempotency_key: str | None
+    ) -> asyncio.Future[PublishResult]:
+        """`publish` without the wait: the future of its result (or of its error). The caller
+        awaits it or cancels it (given up: the appender leaves a cancelled future alone)."""
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
         queue = self._queues.get(channel)
         if queue is None:
@@ -288,7 +295,7 @@ class Appender:
         queue.append(_Pending(event, data, idempotency_key, future))
         if channel not in self._tasks:
             self._tasks[channel] = asyncio.ensure_future(self._drain(channel, queue))
-        return await future
+        return future
 
     async def _drain(self, channel: str, queue: deque[_Pending]) -> None:
         try:

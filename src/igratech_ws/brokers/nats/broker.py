@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
@@ -33,6 +32,7 @@ from igratech_ws.brokers.base import (
     HistoryPage,
     Publication,
     PublicationHandler,
+    PublishItem,
     PublishResult,
     StateHandler,
     StreamPosition,
@@ -109,7 +109,7 @@ class NatsBroker(BrokerCore):
         self._max_chain = int(query.get("chain", MAX_CHAIN))
         if self._max_chain < 1:
             raise ValueError("NATS URL option chain must be 1 or more")
-        self._nc: NatsClient | None = None
+        self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         # One entry per channel the hub follows; the hub bounds that set.
         self._subscriptions: dict[str, Subscription] = {}
@@ -307,6 +307,69 @@ class NatsBroker(BrokerCore):
 
         return await self._with_stream("publish", append_it)
 
+    async def publish_many(self, items: Sequence[PublishItem]) -> list[PublishResult]:
+        """See `Broker.publish_many`: as `publish` of each item at once (the appender chains
+        each channel's items), with one deadline and one wait for the whole batch where
+        `publish` has one per item: the items start together, so each item's own deadline
+        would be the same instant; and a stream found missing is created once, then the items
+        that found it missing are published again (once, in list order)."""
+        if len(items) < 2:
+            return await super().publish_many(items)
+        for _, _, data, key in items:
+            check_idempotency_key(key)
+            check_data(data)
+        self._require_js()
+        appender = self._appender
+        assert appender is not None
+        futures = [appender.enqueue(c, e, d, k) for c, e, d, k in items]
+        outcomes: list[PublishResult | BaseException] = []
+        vanished = BrokerError(f"NATS stream {self.stream} vanished again")
+        retried: set[int] = set()
+        try:
+            async with asyncio.timeout(self._timeout * 3):
+                outcomes = await asyncio.gather(*futures, return_exceptions=True)
+                missing = [i for i, o in enumerate(outcomes) if isinstance(o, StreamMissing)]
+                if missing:
+                    log.warning("NATS stream %s is missing: creating it", self.stream)
+                    try:
+                        await self._ensure_stream()
+                    except Exception as exc:  # each of them fails with it, as in `publish`
+                        for i in missing:
+                            outcomes[i] = exc
+                    else:
+                        for i in missing:
+                            futures[i] = appender.enqueue(*items[i])
+                        retried = set(missing)
+                        again = await asyncio.gather(
+                            *(futures[i] for i in missing), return_exceptions=True
+                        )
+                        for i, outcome in zip(missing, again, strict=True):
+                            missed = isinstance(outcome, StreamMissing)
+                            outcomes[i] = vanished if missed else outcome
+        except TimeoutError as exc:
+            # Past the deadline: what was settled keeps its outcome, the rest timed out.
+            outcomes = []
+            for i, future in enumerate(futures):
+                if not future.done() or future.cancelled():
+                    outcomes.append(exc)
+                    continue
+                error = future.exception()
+                if isinstance(error, StreamMissing):
+                    error = vanished if i in retried else exc
+                outcomes.append(future.result() if error is None else error)
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()  # given up (cancelled with us): the appender skips it
+        results: list[PublishResult] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                # The first failure once every item has settled, as `publish` would raise it.
+                with _as_broker_error("publish"):
+                    raise outcome
+            results.append(outcome)
+        return results
+
     async def _last(self, channel: str) -> Stored | None:
         js = self._require_js()
         subject = append_subject(self.prefix, channel)
@@ -363,7 +426,7 @@ class NatsBroker(BrokerCore):
             raise BrokerError("NATS broker is not started")
         nc = self._nc
 
-        async def deliver(msg: Msg) -> None:
+        def deliver(msg: Msg) -> None:
             headers = msg.headers
             if headers is None or H_EVENT not in headers:
                 return  # an epoch marker of an older version
@@ -375,8 +438,8 @@ class NatsBroker(BrokerCore):
             self.deliver(publication)
 
         with _as_broker_error("subscribe"):
-            self._subscriptions[channel] = await nc.subscribe(
-                live_subject(self.prefix, channel), cb=deliver
+            self._subscriptions[channel] = await nc.subscribe_inline(
+                live_subject(self.prefix, channel), deliver
             )
             if nc.is_connected:
                 # Returns once the server has the subscription, so no later publication is missed.

@@ -70,17 +70,31 @@ class Stored(msgspec.Struct, frozen=True):
         return publication_from(channel, self.headers, self.data)
 
 
+# The last time read, and its value: the publications of one chain or batch share one time,
+# and parsing a float costs more than the rest of the headers.
+_last_time: tuple[str, float] = ("0.0", 0.0)
+
+
 def publication_from(channel: str, headers: dict[str, str] | None, data: bytes) -> Publication:
     """Decode a stored publication. Raises KeyError/ValueError if the headers are not ours."""
+    global _last_time
     if headers is None:
         raise KeyError(H_OFFSET)
+    offset = int(headers[H_OFFSET])
+    epoch = headers[H_EPOCH]
+    event = headers[H_EVENT]
+    text = headers[H_TIME]
+    last, published_at = _last_time
+    if text != last:
+        published_at = float(text)
+        _last_time = (text, published_at)
     return Publication(
         channel=channel,
-        offset=int(headers[H_OFFSET]),
-        epoch=headers[H_EPOCH],
-        event=headers[H_EVENT],
+        offset=offset,
+        epoch=epoch,
+        event=event,
         data=data,
-        published_at=float(headers[H_TIME]),
+        published_at=published_at,
         origin=headers.get(H_ORIGIN, ""),
     )
 
