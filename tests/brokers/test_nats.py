@@ -12,9 +12,11 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -88,9 +90,18 @@ def test_token_is_readable_for_plain_names() -> None:
 
 
 def test_url_options_are_ours_and_stripped() -> None:
-    server, options = parse_url("nats://u:pw@127.0.0.1:4222?prefix=a.b&storage=memory")
-    assert server == "nats://u:pw@127.0.0.1:4222"
+    servers, options = parse_url("nats://u:pw@127.0.0.1:4222?prefix=a.b&storage=memory")
+    assert servers == ["nats://u:pw@127.0.0.1:4222"]
     assert options == {"prefix": "a.b", "storage": "memory"}
+    # A cluster: every server listed, the credentials on each.
+    servers, _ = parse_url("nats://u:pw@h1:4222,h2:4223,[::1]:4224?prefix=a")
+    assert servers == ["nats://u:pw@h1:4222", "nats://u:pw@h2:4223", "nats://u:pw@[::1]:4224"]
+    assert NatsBroker("nats://h1:4222,h2?prefix=a", BrokerOptions(node_id="n")).address == (
+        "h1:4222,h2:4222"
+    )
+    for bad in ("nats://h1:4222,,h2:4222", "nats://h1:x"):
+        with pytest.raises(ValueError):
+            parse_url(bad)
     with pytest.raises(ValueError, match="unknown NATS URL option"):
         parse_url("nats://127.0.0.1:4222?prefx=a")
     with pytest.raises(ValueError, match="prefix"):
@@ -226,9 +237,16 @@ class _StalledAppender:
         return future
 
 
+class _NoStream:
+    """A JetStream context that says the stream is not there (so the broker creates it)."""
+
+    async def stream_info(self, name: str) -> None:
+        raise nats.js.errors.NotFoundError(code=404, err_code=10059, description="not found")
+
+
 def _offline_broker(appender: _StalledAppender, timeout: float) -> NatsBroker:
     broker = NatsBroker(f"nats://127.0.0.1:1?timeout={timeout}", BrokerOptions(node_id="n"))
-    broker._js = object()  # type: ignore[assignment]
+    broker._js = _NoStream()  # type: ignore[assignment]
     broker._nc = type("Connected", (), {"is_connected": True})()  # type: ignore[assignment]
     broker._appender = appender  # type: ignore[assignment]
     return broker
@@ -440,3 +458,48 @@ async def test_a_file_stream_survives_a_server_restart_under_the_same_epoch(
             assert seen.publications[-1] == after
         finally:
             await broker.close()
+
+
+class _LeaderlessStream:
+    """A JetStream context whose stream is there (it answers for it) but whose appends and
+    reads get no answer: no leader for the moment."""
+
+    async def stream_info(self, name: str) -> object:
+        return object()
+
+
+async def test_a_stream_without_a_leader_is_not_recreated_and_the_call_fails() -> None:
+    broker = _offline_broker(_StalledAppender(), timeout=1)
+    broker._js = _LeaderlessStream()  # type: ignore[assignment]
+    created: list[bool] = []
+
+    async def ensure_stream() -> None:
+        created.append(True)
+
+    async def no_answer() -> None:
+        raise StreamMissing  # what a 503 turns into
+
+    broker._ensure_stream = ensure_stream  # type: ignore[method-assign]
+    with pytest.raises(BrokerError, match="no leader"):
+        await broker._with_stream("history", no_answer)
+    assert created == []
+
+
+def test_reconnects_go_to_the_server_with_the_fewest_failed_attempts() -> None:
+    from nats.aio.client import Server
+
+    from igratech_ws.brokers.core import Backoff
+    from igratech_ws.brokers.nats.broker import choose_server
+
+    a, b, c = (Server(uri=urlsplit(f"nats://h{n}:4222")) for n in range(3))  # type: ignore[arg-type]
+    backoff = Backoff(0.01, 1.0)
+    # The one that just went down is tried first (listed first, no failure yet)...
+    assert choose_server([a, b, c], backoff)[0] is a
+    a.reconnects = 1
+    # ...and passed over once it failed, while another is left; none is tried forever.
+    assert choose_server([a, b, c], backoff)[0] is b
+    b.reconnects = 1
+    assert choose_server([a, b, c], backoff)[0] is c
+    c.reconnects = 1
+    assert choose_server([a, b, c], backoff)[0] is a
+    assert 0 < choose_server([a, b, c], backoff)[1] <= 1.0

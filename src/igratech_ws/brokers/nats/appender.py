@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
@@ -84,6 +85,9 @@ MAX_BATCH = 256
 #: Appends lost to other publishers before a publication fails (each loss means another append
 #: succeeded, so only heavy cross-node contention on one channel gets here).
 MAX_ATTEMPTS = 64
+
+#: Longest pause between appends again to a stream that has no leader for the moment.
+LEADERLESS_PAUSE_S = 0.25
 
 #: Publications sent as one chain at most (see the module docstring).
 MAX_CHAIN = 128
@@ -287,7 +291,7 @@ class Appender:
         self, channel: str, event: str, data: bytes, idempotency_key: str | None
     ) -> asyncio.Future[PublishResult]:
         """`publish` without the wait: the future of its result (or of its error). The caller
-        awaits it or cancels it (given up: the appender leaves a cancelled future alone)."""
+        awaits it or cancels it (given up: not sent, if it has not been yet)."""
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
         queue = self._queues.get(channel)
         if queue is None:
@@ -300,6 +304,12 @@ class Appender:
     async def _drain(self, channel: str, queue: deque[_Pending]) -> None:
         try:
             while queue:
+                # A publication whose caller gave up (its deadline passed, or it was cancelled)
+                # before it was sent is not sent: its caller was told it failed. They wait at
+                # the front: deadlines pass in the order the publications were queued.
+                if queue[0].future.done():
+                    queue.popleft()
+                    continue
                 group = self._take(queue)
                 try:
                     async with asyncio.timeout(self.timeout):
@@ -384,6 +394,19 @@ class Appender:
                 await self._append_chain(channel, tail, rest)
                 self._chain_held(len(rest))
                 return
+            except StreamMissing:
+                # Nobody answered for the stream (a 503): what of `rest` is not settled was not
+                # stored, and the tail we know still holds. A stream that is gone, the broker
+                # creates. One without a leader for the moment (an election after a server
+                # loss) gets the same publications again, in their place before the channel's
+                # later ones, once a leader answers (or their callers give up).
+                if not await self._stream_exists():
+                    raise
+                rest = [pending for pending in rest if not pending.future.done()]
+                if not rest:
+                    return
+                await asyncio.sleep(random.uniform(0, min(LEADERLESS_PAUSE_S, 0.005 * 2**attempt)))
+                continue
             except _ChainBroken as broken:
                 stored, exc = broken.stored, broken.error
                 rest = rest[stored:]
@@ -422,6 +445,17 @@ class Appender:
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise BrokerError(f"{channel}: gave up after {MAX_ATTEMPTS} concurrent appends")
+
+    async def _stream_exists(self) -> bool:
+        """False only if the server says the stream is not there; True when it is, or when the
+        question gets no answer either (the JetStream meta leader may be in an election too)."""
+        try:
+            await self._js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.Error, OSError, TimeoutError):
+            return True
+        return True
 
     def _single_held(self) -> None:
         if self.chain_limit == 1 and self.max_chain > 1:

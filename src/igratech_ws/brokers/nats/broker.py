@@ -83,6 +83,20 @@ def _as_broker_error(what: str) -> Iterator[None]:
         raise BrokerError(f"NATS {what} failed: {exc!r}") from exc
 
 
+def choose_server(servers: list[Any], backoff: Backoff) -> tuple[Any, float]:
+    """nats-py's reconnect hook: the server to try next, and how long to wait first.
+
+    The server with the fewest failed attempts since it last worked, the first listed on a tie:
+    the one that just went down fails once and is then passed over while another is left to
+    try. (Naming none makes nats-py take the first of its pool every time: a node whose first
+    server died would retry it until it came back.) The wait grows with the failed attempts of
+    the pool, with jitter (nats-py's own is fixed).
+    """
+    fewest = min((s.reconnects for s in servers), default=0)
+    chosen = next((s for s in servers if s.reconnects == fewest), None)
+    return chosen, backoff.delay(fewest)
+
+
 class NatsBroker(BrokerCore):
     """`Broker` over NATS JetStream. See the package docstring for subjects, format and design.
 
@@ -94,8 +108,8 @@ class NatsBroker(BrokerCore):
 
     def __init__(self, url: str, options: BrokerOptions | None = None) -> None:
         super().__init__(options or BrokerOptions())
-        self._server, query = parse_url(url)
-        self.address = describe_server(self._server)
+        self._servers, query = parse_url(url)
+        self.address = describe_server(self._servers)
         self.prefix = check_prefix(query.get("prefix") or DEFAULT_PREFIX)
         self.stream = stream_name(self.prefix)
         storage = query.get("storage", "file")
@@ -116,6 +130,8 @@ class NatsBroker(BrokerCore):
         self._appender: Appender | None = None
         #: Whether the stream takes atomic batches (NATS 2.12+; decided at start).
         self.atomic_batches = False
+        #: Whether the stream has replicas (decided at start): no chains then (`_chain_limit`).
+        self.replicated = False
         self._closing = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -141,9 +157,8 @@ class NatsBroker(BrokerCore):
 
         backoff = Backoff(self.options.backoff_min, self.options.backoff_max)
 
-        def next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[None, float]:
-            # nats-py's own wait is fixed; ours grows with the failed attempts, with jitter.
-            return None, backoff.delay(min((s.reconnects for s in servers), default=0))
+        def next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+            return choose_server(servers, backoff)
 
         async def error(exc: Exception) -> None:
             # nats-py reports each failed reconnect here; the state change already said it.
@@ -153,7 +168,7 @@ class NatsBroker(BrokerCore):
             async with asyncio.timeout(self._timeout + 2):
                 self._nc = Client()
                 await self._nc.connect(
-                    self._server,
+                    self._servers,
                     name=f"igratech-ws {self.node_id}",
                     # Seconds, used as a float by nats-py (wait_for) though typed int.
                     connect_timeout=self._timeout,  # type: ignore[arg-type]
@@ -189,7 +204,7 @@ class NatsBroker(BrokerCore):
                         timeout=self._timeout,
                         state_events=self.options.state_events,
                         atomic=self.atomic_batches,
-                        max_chain=self._max_chain,
+                        max_chain=self._chain_limit(),
                     )
                     await self._appender.start()
                     await self._nc.subscribe(control_subject(self.prefix), cb=self._control_msg)
@@ -255,10 +270,38 @@ class NatsBroker(BrokerCore):
                 raise
             info = await js.update_stream(config)
         self.atomic_batches = bool(info.config.allow_atomic)
+        self.replicated = (info.config.num_replicas or 1) > 1
         if self._appender is not None:
             # A recreated stream numbers from 1 again: no remembered tail holds.
             self._appender.forget_tail()
+            self._appender.max_chain = self._appender.chain_limit = self._chain_limit()
             self._appender.atomic = self.atomic_batches
+
+    async def _recreate_missing_stream(self) -> None:
+        """After a 503 (nobody answered for the stream): create the stream if it is gone; raise
+        BrokerError if it is there, without a leader for the moment (an election after a server
+        loss). Then the publish was not made, and making it again now would put it behind the
+        channel's later publications already queued: the caller hears of the failure instead."""
+        js = self._require_js()
+        try:
+            await js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            log.warning("NATS stream %s is missing: creating it", self.stream)
+            await self._ensure_stream()
+            return
+        raise BrokerError(
+            f"NATS stream {self.stream} has no leader right now (an election?): not published"
+        )
+
+    def _chain_limit(self) -> int:
+        """Publications per channel in flight at once: the URL's ``chain`` (`MAX_CHAIN`), but one
+        on a replicated stream. There, nats-server 2.15.1 answers a chain whose first message it
+        refuses (a stale tail, or another publisher's append in between) by proposing a later
+        message of the chain all the same; every replica fails to apply it and the stream takes
+        and answers nothing from then on, even after a restart of every server
+        (tests/brokers/test_nats_cluster.py). One append at a time never sends a message whose
+        predecessor may be refused."""
+        return 1 if self.replicated else self._max_chain
 
     async def delete_stream(self) -> None:
         """Delete the stream and with it every channel's history and state (tests, operators).
@@ -284,8 +327,7 @@ class NatsBroker(BrokerCore):
                 try:
                     return await operation()
                 except StreamMissing:
-                    log.warning("NATS stream %s is missing: creating it", self.stream)
-                    await self._ensure_stream()
+                    await self._recreate_missing_stream()
                 try:
                     return await operation()
                 except StreamMissing as exc:
@@ -330,9 +372,8 @@ class NatsBroker(BrokerCore):
                 outcomes = await asyncio.gather(*futures, return_exceptions=True)
                 missing = [i for i, o in enumerate(outcomes) if isinstance(o, StreamMissing)]
                 if missing:
-                    log.warning("NATS stream %s is missing: creating it", self.stream)
                     try:
-                        await self._ensure_stream()
+                        await self._recreate_missing_stream()
                     except Exception as exc:  # each of them fails with it, as in `publish`
                         for i in missing:
                             outcomes[i] = exc

@@ -166,6 +166,12 @@ async def _start_seq(
     return 0
 
 
+#: Reads of a history page that come back short (see `read_range`) before giving up, and the
+#: first pause between them (doubling).
+_SHORT_READ_ATTEMPTS = 4
+_SHORT_READ_PAUSE_S = 0.05
+
+
 async def read_range(
     nc: NatsClient,
     js: JetStreamContext,
@@ -178,12 +184,16 @@ async def read_range(
     last: Stored,
     cutoff: float,
     wait: float,
-) -> list[Publication]:
+) -> tuple[list[Publication], int | None]:
     """Publications with since_offset < offset <= last.offset, published at or after `cutoff`
-    (at most `limit`), in order, waiting at most `wait` seconds for the messages.
+    (at most `limit`), in order, waiting at most `wait` seconds for the messages; and None if
+    the read got as far as `last` (or `limit`), else the highest offset it saw (`since_offset`
+    if none): the read came back short.
 
     Reads the subject through a short-lived pull consumer from `_start_seq` on; the subject holds
-    at most `history_size` messages, which bounds the read.
+    at most `history_size` messages, which bounds the read. On a replicated stream the consumer
+    may sit on a replica that is still catching up: it then knows of fewer messages and ends
+    early, without an error (tests/brokers/test_nats_cluster.py), hence the short answer.
     """
     start = await _start_seq(js, stream, subject, since_offset, last)
     config = api.ConsumerConfig(
@@ -205,11 +215,13 @@ async def read_range(
         raise
     pending = int(info.num_pending or 0)
     out: list[Publication] = []
+    seen = since_offset
+    reached = False
     finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def collect(msg: Msg) -> None:
         # A callback, not `next_msg` / `messages`, which cost tasks per message.
-        nonlocal pending
+        nonlocal pending, seen, reached
         if finished.done():
             return
         headers = msg.headers or {}
@@ -221,6 +233,7 @@ async def read_range(
             offset = int(headers.get(H_OFFSET, "0"))
         except ValueError:
             offset = 0
+        seen = max(seen, offset)
         if since_offset < offset <= last.offset and H_EVENT in headers:
             try:
                 publication = publication_from(channel, headers, msg.data)
@@ -229,7 +242,10 @@ async def read_range(
             else:
                 if publication.published_at >= cutoff:
                     out.append(publication)
-        if msg.metadata.sequence.stream >= last.seq or len(out) >= limit or pending <= 0:
+        if msg.metadata.sequence.stream >= last.seq or len(out) >= limit:
+            reached = True
+            finished.set_result(None)
+        elif pending <= 0:
             finished.set_result(None)
 
     inbox = nc.new_inbox()
@@ -247,7 +263,7 @@ async def read_range(
             await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, info.name)
-    return out
+    return out, None if reached else seen
 
 
 async def read_history(
@@ -275,19 +291,31 @@ async def read_history(
     if since_offset == last.offset - 1 and newest is not None:
         # Missed only the newest: it is at hand, no consumer needed.
         return HistoryPage([newest] if newest.published_at >= cutoff else [], top)
-    publications = await read_range(
-        nc,
-        js,
-        stream,
-        subject,
-        channel,
-        since_offset=since_offset,
-        limit=limit,
-        last=last,
-        cutoff=cutoff,
-        wait=wait,
+    publications: list[Publication] = []
+    for attempt in range(_SHORT_READ_ATTEMPTS):
+        page, short_at = await read_range(
+            nc,
+            js,
+            stream,
+            subject,
+            channel,
+            since_offset=since_offset,
+            limit=limit - len(publications),
+            last=last,
+            cutoff=cutoff,
+            wait=wait,
+        )
+        publications += page
+        if short_at is None:
+            return HistoryPage(publications, top)
+        # A replica catching up (see `read_range`): read on from where it stopped, after a
+        # pause that lets it catch up.
+        since_offset = short_at
+        await asyncio.sleep(_SHORT_READ_PAUSE_S * 2**attempt)
+    raise BrokerError(
+        f"{subject}: history read stopped at offset {since_offset} of {last.offset} "
+        f"{_SHORT_READ_ATTEMPTS} times (a stream replica catching up?)"
     )
-    return HistoryPage(publications, top)
 
 
 async def read_state(

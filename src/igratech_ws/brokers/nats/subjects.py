@@ -108,25 +108,39 @@ def control_subject(prefix: str) -> str:
     return f"{prefix}.control"
 
 
-def parse_url(url: str) -> tuple[str, dict[str, str]]:
-    """Split a broker URL into the server URL for nats-py and our own query options.
+def parse_url(url: str) -> tuple[list[str], dict[str, str]]:
+    """Split a broker URL into the server URLs for nats-py and our own query options.
 
-    Options: ``prefix`` (subject/stream namespace), ``storage`` (``file`` or ``memory``),
-    ``replicas`` (stream replicas), ``timeout`` (seconds per request), ``max_age`` (seconds the
-    stream keeps messages, hence an idle channel's position), ``chain`` (publications per
-    channel in flight at once at most; 1 turns chains off). Unknown ones are refused
-    so that a typo is not silently ignored.
+    The host part may list several servers of a cluster, ``nats://[user:pw@]h1:4222,h2:4222``
+    (credentials written once apply to every server): a node connects to any of them and
+    reconnects to another when its server goes. Options: ``prefix`` (subject/stream namespace),
+    ``storage`` (``file`` or ``memory``), ``replicas`` (stream replicas), ``timeout`` (seconds
+    per request), ``max_age`` (seconds the stream keeps messages, hence an idle channel's
+    position), ``chain`` (publications per channel in flight at once at most; 1 turns chains
+    off). Unknown ones are refused so that a typo is not silently ignored; so is a port that is
+    not a number.
     """
     parts = urlsplit(url)
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
     unknown = set(options) - URL_OPTIONS
     if unknown:
         raise ValueError(f"unknown NATS URL option(s): {', '.join(sorted(unknown))}")
-    server = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-    return server, options
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    servers = []
+    for host in hosts.split(","):
+        if not host:
+            raise ValueError(f"empty server in the NATS URL's host list {hosts!r}")
+        netloc = f"{credentials}@{host}" if credentials else host
+        server = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        urlsplit(server).port  # noqa: B018 - raises ValueError for a port that is not a number
+        servers.append(server)
+    return servers, options
 
 
-def describe_server(server: str) -> str:
-    """``host:port`` of a server URL, for error messages (never its credentials)."""
-    parts = urlsplit(server)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 4222}"
+def describe_server(servers: list[str]) -> str:
+    """``host:port`` of each server URL, for error messages (never their credentials)."""
+    named = []
+    for server in servers:
+        parts = urlsplit(server)
+        named.append(f"{parts.hostname or 'localhost'}:{parts.port or 4222}")
+    return ",".join(named)
