@@ -167,9 +167,10 @@ async def _start_seq(
 
 
 #: Reads of a history page that come back short (see `read_range`) before giving up, and the
-#: first pause between them (doubling).
-_SHORT_READ_ATTEMPTS = 4
+#: pauses between them (doubling up to the longest: about 2.3 s in all).
+_SHORT_READ_ATTEMPTS = 8
 _SHORT_READ_PAUSE_S = 0.05
+_SHORT_READ_PAUSE_MAX_S = 0.5
 
 
 async def read_range(
@@ -308,10 +309,15 @@ async def read_history(
         publications += page
         if short_at is None:
             return HistoryPage(publications, top)
+        if short_at == last.offset - 1 and newest is not None:
+            # Only the newest is missing, and it is at hand (read from the leader).
+            if newest.published_at >= cutoff and len(publications) < limit:
+                publications.append(newest)
+            return HistoryPage(publications, top)
         # A replica catching up (see `read_range`): read on from where it stopped, after a
         # pause that lets it catch up.
         since_offset = short_at
-        await asyncio.sleep(_SHORT_READ_PAUSE_S * 2**attempt)
+        await asyncio.sleep(min(_SHORT_READ_PAUSE_MAX_S, _SHORT_READ_PAUSE_S * 2**attempt))
     raise BrokerError(
         f"{subject}: history read stopped at offset {since_offset} of {last.offset} "
         f"{_SHORT_READ_ATTEMPTS} times (a stream replica catching up?)"
