@@ -55,7 +55,6 @@ from dataclasses import dataclass
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
@@ -64,7 +63,7 @@ from igratech_ws.brokers.base import BrokerError, Publication, PublishResult
 from igratech_ws.brokers.core import new_epoch
 from igratech_ws.brokers.nats.append import first_of, headers_of
 from igratech_ws.brokers.nats.client import Client
-from igratech_ws.brokers.nats.history import StreamMissing, read_last
+from igratech_ws.brokers.nats.history import StreamMissing, read_last, stream_exists
 from igratech_ws.brokers.nats.subjects import (
     H_EXPECTED_LAST_MSG_ID,
     H_EXPECTED_LAST_SUBJECT_SEQ,
@@ -400,7 +399,7 @@ class Appender:
                 # creates. One without a leader for the moment (an election after a server
                 # loss) gets the same publications again, in their place before the channel's
                 # later ones, once a leader answers (or their callers give up).
-                if not await self._stream_exists():
+                if not await stream_exists(self._js, self.stream):
                     raise
                 rest = [pending for pending in rest if not pending.future.done()]
                 if not rest:
@@ -445,17 +444,6 @@ class Appender:
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise BrokerError(f"{channel}: gave up after {MAX_ATTEMPTS} concurrent appends")
-
-    async def _stream_exists(self) -> bool:
-        """False only if the server says the stream is not there; True when it is, or when the
-        question gets no answer either (the JetStream meta leader may be in an election too)."""
-        try:
-            await self._js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            return False
-        except (nats.errors.Error, OSError, TimeoutError):
-            return True
-        return True
 
     def _single_held(self) -> None:
         if self.chain_limit == 1 and self.max_chain > 1:

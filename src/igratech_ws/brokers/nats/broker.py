@@ -50,6 +50,7 @@ from igratech_ws.brokers.nats.history import (
     read_history,
     read_last,
     read_state,
+    stream_exists,
 )
 from igratech_ws.brokers.nats.subjects import (
     DEFAULT_PREFIX,
@@ -280,18 +281,14 @@ class NatsBroker(BrokerCore):
     async def _recreate_missing_stream(self) -> None:
         """After a 503 (nobody answered for the stream): create the stream if it is gone; raise
         BrokerError if it is there, without a leader for the moment (an election after a server
-        loss). Then the publish was not made, and making it again now would put it behind the
-        channel's later publications already queued: the caller hears of the failure instead."""
-        js = self._require_js()
-        try:
-            await js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            log.warning("NATS stream %s is missing: creating it", self.stream)
-            await self._ensure_stream()
-            return
-        raise BrokerError(
-            f"NATS stream {self.stream} has no leader right now (an election?): not published"
-        )
+        loss): the read, or the publish the appender gave up on, was not done, and doing it again
+        now could put a publish behind the channel's later ones: the caller hears of it."""
+        if await stream_exists(self._require_js(), self.stream):
+            raise BrokerError(
+                f"NATS stream {self.stream} has no leader right now (an election?): not done"
+            )
+        log.warning("NATS stream %s is missing: creating it", self.stream)
+        await self._ensure_stream()
 
     def _chain_limit(self) -> int:
         """Publications per channel in flight at once: the URL's ``chain`` (`MAX_CHAIN`), but one

@@ -15,6 +15,7 @@ import logging
 import time
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -97,6 +98,19 @@ def publication_from(channel: str, headers: dict[str, str] | None, data: bytes) 
         published_at=published_at,
         origin=headers.get(H_ORIGIN, ""),
     )
+
+
+async def stream_exists(js: JetStreamContext, stream: str) -> bool:
+    """Whether `stream` is there, asked after a 503 (nobody answered for it): False only if the
+    server says it is not; True when it is, or when the question gets no answer either (the
+    JetStream meta leader may be in an election too): a stream without a leader for the moment."""
+    try:
+        await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        return False
+    except (nats.errors.Error, OSError, TimeoutError):
+        return True
+    return True
 
 
 async def read_last(js: JetStreamContext, stream: str, subject: str) -> Stored | None:
