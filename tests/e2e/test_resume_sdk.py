@@ -298,12 +298,23 @@ class Example:
         await self.publish(1, via)
 
     def caught_up(self) -> bool:
-        """The client holds the newest position of each channel (from a push, or from a join
-        whose answer told it what it skipped)."""
-        client = self.client
-        return client is not None and all(
-            client.positions.get(c) == self.last.get(c) for c in self.channels
-        )
+        """The application has read the newest position of each channel (from a push, or from a
+        join whose answer told it what it skipped). Judged from the log, not from the SDK's
+        `positions`: those move when an event is queued, before the application reads it, and
+        the verdict right after must find every push in the log."""
+        return all(self.read_position(c) == self.last.get(c) for c in self.channels)
+
+    def read_position(self, channel: str) -> tuple[int, str] | None:
+        """Where the application stands on `channel`: its last push, or the position of the last
+        join that recovered nothing (a recovered join's pushes follow it in the log)."""
+        for entry in reversed(self.log):
+            if entry[0] == "push" and entry[1] == channel:
+                return entry[2], entry[3]
+            if entry[0] == "connected":
+                for state_channel, offset, epoch, recovered in entry[1]:
+                    if state_channel == channel and recovered is not True:
+                        return offset, epoch
+        return None
 
     async def finish(self) -> None:
         """Publish a sentinel per channel and wait until both arrived (if the client is away,
