@@ -307,14 +307,7 @@ class Example:
     def read_position(self, channel: str) -> tuple[int, str] | None:
         """Where the application stands on `channel`: its last push, or the position of the last
         join that recovered nothing (a recovered join's pushes follow it in the log)."""
-        for entry in reversed(self.log):
-            if entry[0] == "push" and entry[1] == channel:
-                return entry[2], entry[3]
-            if entry[0] == "connected":
-                for state_channel, offset, epoch, recovered in entry[1]:
-                    if state_channel == channel and recovered is not True:
-                        return offset, epoch
-        return None
+        return self.held_before(channel, len(self.log), skip_recovered=True)
 
     async def finish(self) -> None:
         """Publish a sentinel per channel and wait until both arrived (if the client is away,
@@ -445,14 +438,17 @@ class Example:
                     return True
         return False
 
-    def held_before(self, channel: str, index: int) -> tuple[int, str] | None:
-        """The client's position on `channel` just before log entry `index`."""
+    def held_before(
+        self, channel: str, index: int, skip_recovered: bool = False
+    ) -> tuple[int, str] | None:
+        """The client's position on `channel` just before log entry `index`: its last push or
+        join (with `skip_recovered`, a join that recovered the channel does not count)."""
         for entry in reversed(self.log[:index]):
             if entry[0] == "push" and entry[1] == channel:
                 return entry[2], entry[3]
             if entry[0] == "connected":
-                for state_channel, offset, epoch, _recovered in entry[1]:
-                    if state_channel == channel:
+                for state_channel, offset, epoch, recovered in entry[1]:
+                    if state_channel == channel and not (skip_recovered and recovered is True):
                         return offset, epoch
         return None
 
