@@ -123,7 +123,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     #: traded for throughput when one flush of the fan-out takes longer than 2 ms.
     max_flush_delay: Annotated[float, Meta(ge=0, le=1)] = 0.05
     #: How long a flush to 500 connections or more waits for the rest of a burst (seconds; 0: not
-    #: at all; see hub.py): a broker delivers a burst in several reads.
+    #: at all; see hub.py): a broker delivers a burst in several reads. Not on the memory broker,
+    #: which delivers a burst in one pass.
     flush_linger: Annotated[float, Meta(ge=0, le=0.1)] = 0.005
     #: Client messages per second per connection (token bucket), and the burst allowed.
     max_message_rate: Annotated[float, Meta(gt=0, le=1e9)] = 20.0

@@ -12,20 +12,25 @@ connection started from, exactly once, in offset order, after the answer (`conne
   closed with 1013 through its one `close_with` path, on the next loop iteration (never from
   inside a fan-out loop).
 - A publication is encoded once into a complete WebSocket frame and the same bytes are queued for
-  every subscriber. Each connection's queued frames are written in one system call per loop tick
-  (the flush is scheduled once per tick for all connections), which is what makes fan-out cheap.
-- Under load the flush waits: it starts no sooner than the previous flush's end plus that
-  flush's duration (the wait capped by `max_flush_delay`), when that duration was over
-  `FLUSH_COST_FREE`. Writing is the cost of fan-out (one system call per connection, whatever it
-  carries), so publications arriving meanwhile share those calls, and the writes take at most
-  about half the loop. Lightly loaded, nothing waits; overloaded, latency stays near twice the
-  cost of one flush instead of growing without bound.
-- A flush to many connections (`LINGER_CONNECTIONS`) that did not wait first lingers once
-  (`flush_linger`, 5 ms): a broker hands a burst over in several socket reads (NATS pushes a
-  chain of appends over a few milliseconds: 2 ms caught a burst of 100 in some rounds of
-  `make bench` only, 5 ms in all), and the publications still on their way then share
-  the same writes, as a burst on the memory broker does. Small fan-outs never linger; a flush
-  that already waited under load does not linger again.
+  every subscriber. Each connection's queued frames are written in one system call per *walk*:
+  a frame queued to an idle hub starts one on the next loop iteration, over every connection
+  with frames queued, which is what makes fan-out cheap.
+- A walk writes `FLUSH_CHUNK` connections per loop iteration, so that reads, handshakes and
+  publishes wait for a few milliseconds of writes, not for a fan-out to every connection. A frame
+  queued meanwhile to a connection the walk has not reached yet joins that connection's write.
+- Under load the next walk waits: when frames were queued during a walk (publications come
+  faster than a walk writes), the next one starts as long after as that walk spent writing (at
+  most `max_flush_delay`), when that was over `FLUSH_COST_FREE`. Writing is the cost of fan-out
+  (one system call per connection, whatever it carries), so the publications arriving meanwhile
+  share those calls, and the writes take at most about half the loop. Lightly loaded (the next
+  publication comes after the walk ended), nothing waits; overloaded, latency stays near twice
+  the cost of one walk instead of growing without bound.
+- A walk to many connections (`LINGER_CONNECTIONS`) that did not wait first lingers once
+  (`flush_linger`, 5 ms; the node sets none on the memory broker): a broker hands a burst over
+  in several socket reads (NATS pushes a chain of appends over a few milliseconds: 2 ms caught a
+  burst of 100 in some rounds of `make bench` only, 5 ms in all), and the publications still on
+  their way then share the same writes, as a burst on the memory broker does. Small fan-outs
+  never linger; a walk that already waited under load does not linger again.
 - A connection joining a channel is first *buffering*: live publications are held for it
   (bounded in count and bytes) while the broker reports the position, or whether history can
   recover it. When the channel is already live on this node, the node's last delivered position
@@ -88,8 +93,11 @@ from igratech_ws.core.recovery import continues, may_continue, resumable
 
 log = logging.getLogger("igratech_ws.hub")
 
-#: A flush cheaper than this (seconds) lets the next one run on the next loop tick.
+#: A walk that wrote for less than this (seconds) lets the next one run on the next loop tick.
 FLUSH_COST_FREE = 0.002
+#: Connections one step of a walk writes before the loop runs other callbacks: about 5-10 ms of
+#: writes here, so reads, handshakes and publishes wait no longer than that for a large fan-out.
+FLUSH_CHUNK = 500
 #: Connections with queued frames from which a flush lingers (`Hub.flush_linger`) before writing:
 #: below, one flush costs less than the linger (a write is a few µs).
 LINGER_CONNECTIONS = 500
@@ -328,10 +336,16 @@ class Hub:
         self._writable_waiters: dict[Subscriber, asyncio.Future[None]] = {}
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Connections with frames queued since the current walk began (or since the last one).
         self._dirty: list[Subscriber] = []
+        #: A flush is scheduled or a walk is under way: what is queued meanwhile is written by it
+        #: or by the walk that follows it, so queueing schedules nothing.
         self._flush_scheduled = False
-        self._flush_cost = 0.0
-        self._flush_end = 0.0
+        #: The walk under way (the connections it writes, `FLUSH_CHUNK` per loop iteration), the
+        #: next one's index, and the seconds its chunks have spent writing so far.
+        self._walk: list[Subscriber] | None = None
+        self._walk_at = 0
+        self._walk_cost = 0.0
         self.max_flush_delay = max_flush_delay
         self.flush_linger = flush_linger
         #: The scheduled flush waited under load, or already lingered: it writes when it runs.
@@ -430,20 +444,13 @@ class Hub:
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
+        """Something was queued to an idle hub: write it on the next loop iteration."""
         self._flush_scheduled = True
+        self._flush_waited = False
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        cost = self._flush_cost
-        wait = 0.0
-        if cost >= FLUSH_COST_FREE:
-            wait = self._flush_end + cost - time.perf_counter()
-        if wait <= 0:
-            self._flush_waited = False
-            loop.call_soon(self.flush)
-        else:
-            self._flush_waited = True
-            loop.call_later(min(wait, self.max_flush_delay), self.flush)
+        loop.call_soon(self.flush)
 
     def _overflow(self, subscriber: Subscriber) -> None:
         if subscriber.pending is _OVERFLOWED:
@@ -458,22 +465,29 @@ class Hub:
         loop.call_soon(subscriber.close_with, CloseCode.TRY_AGAIN_LATER)
 
     def flush(self) -> None:
-        """Write every connection's queued frames, one write per connection (after lingering
-        once when many have some and the flush did not wait: see the module doc)."""
-        if (
-            not self._flush_waited
-            and self.flush_linger > 0
-            and len(self._dirty) >= LINGER_CONNECTIONS
-        ):
-            self._flush_waited = True
-            assert self._loop is not None  # set by `_schedule_flush`
-            self._loop.call_later(self.flush_linger, self.flush)
-            return
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
+        """Write every connection's queued frames, one write per connection: start a walk over
+        the connections queued so far (after lingering once when many have some and the flush
+        did not wait: see the module doc), or carry on with the walk under way."""
+        if self._walk is None:
+            if (
+                not self._flush_waited
+                and self.flush_linger > 0
+                and len(self._dirty) >= LINGER_CONNECTIONS
+            ):
+                self._flush_waited = True
+                assert self._loop is not None  # set by `_schedule_flush`
+                self._loop.call_later(self.flush_linger, self.flush)
+                return
+            self._walk, self._dirty = self._dirty, []
+            self._walk_at = 0
+            self._walk_cost = 0.0
+        walk = self._walk
         started = time.perf_counter()
+        at = self._walk_at
+        end = min(at + FLUSH_CHUNK, len(walk))
         low_water = self.low_water
-        for subscriber in dirty:
+        for index in range(at, end):
+            subscriber = walk[index]
             pending = subscriber.pending
             if (
                 pending
@@ -484,12 +498,38 @@ class Hub:
                 self._hold(subscriber, pending)
                 continue
             self.flush_one(subscriber)
-        self._flush_end = time.perf_counter()
-        self._flush_cost = self._flush_end - started
+        self._walk_cost += time.perf_counter() - started
+        assert self._loop is not None  # set by `_schedule_flush`
+        if end < len(walk):
+            # The rest on the next loop iteration: what the sockets and timers have waited for
+            # runs in between, and a frame queued meanwhile to a connection not yet written
+            # joins its write.
+            self._walk_at = end
+            self._loop.call_soon(self.flush)
+        else:
+            self._end_walk()
         waiters, self._flush_waiters = self._flush_waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _end_walk(self) -> None:
+        """The walk wrote its last connection. Frames queued during it mean publications come
+        faster than a walk: the next walk waits as long as this one wrote (at most
+        `max_flush_delay`), so that more of them share each write. Otherwise the hub is idle
+        and the next frame queued is written at once."""
+        self._walk = None
+        if not self._dirty:
+            self._flush_scheduled = False
+            return
+        assert self._loop is not None  # set by `_schedule_flush`
+        cost = self._walk_cost
+        if cost >= FLUSH_COST_FREE and self.max_flush_delay > 0:
+            self._flush_waited = True
+            self._loop.call_later(min(cost, self.max_flush_delay), self.flush)
+        else:
+            self._flush_waited = False
+            self._loop.call_soon(self.flush)
 
     def flush_one(self, subscriber: Subscriber) -> None:
         """Write `subscriber`'s queued frames now (before closing it, for instance), held ones

@@ -103,7 +103,8 @@ class Node:
             recovery_limit=config.recovery_limit,
             max_buffer_bytes=config.max_write_buffer_bytes,
             max_flush_delay=config.max_flush_delay,
-            flush_linger=config.flush_linger,
+            # The memory broker hands a burst to the hub in one pass: lingering would only delay it.
+            flush_linger=config.flush_linger if broker.shared else 0.0,
         )
         self._connections: set[Connection] = set()
         self._users: dict[str, set[Connection]] = {}
