@@ -349,25 +349,39 @@ def _numeric_date(name: str, value: Any) -> float:
     return number
 
 
-#: HMAC-SHA256 state by secret, with the key already processed: a copy per token skips the
-#: key's hashing and padding (the standard library's HMAC; hand-made pads saved only ~0.3 µs).
-_HMACS: dict[str | bytes, Any] = {}
-_MAX_HMACS = 8
+#: The two SHA-256 states of HMAC-SHA256 (RFC 2104) by secret, with the padded key already
+#: hashed: a token costs a copy of each, its signing input and the inner digest. About 5,000
+#: instructions fewer than copying a keyed `hmac` object (its Python wrapper, and OpenSSL's HMAC
+#: context), the same answer (tests/auth: every key length against `hmac`).
+_PADS: dict[str | bytes, tuple[Any, Any]] = {}
+_MAX_PADS = 8
+_SHA256_BLOCK = 64
 
 
 def _hs256(secret: str | bytes, message: bytes) -> bytes:
     """HMAC-SHA256 of `message` under `secret` (a str is its UTF-8 bytes)."""
-    keyed = _HMACS.get(secret)
-    if keyed is None:
+    pads = _PADS.get(secret)
+    if pads is None:
         key = secret.encode() if isinstance(secret, str) else bytes(secret)
-        keyed = hmac.new(key, digestmod=hashlib.sha256)
-        if len(_HMACS) >= _MAX_HMACS:
-            _HMACS.clear()
-        _HMACS[secret] = keyed
-    mac = keyed.copy()
-    mac.update(message)
-    return bytes(mac.digest())
+        if len(key) > _SHA256_BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_SHA256_BLOCK, b"\0")
+        pads = (
+            hashlib.sha256(key.translate(_IPAD)),
+            hashlib.sha256(key.translate(_OPAD)),
+        )
+        if len(_PADS) >= _MAX_PADS:
+            _PADS.clear()
+        _PADS[secret] = pads
+    inner = pads[0].copy()
+    inner.update(message)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    return outer.digest()
 
+
+_IPAD = bytes(byte ^ 0x36 for byte in range(256))
+_OPAD = bytes(byte ^ 0x5C for byte in range(256))
 
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
 #: Decoded JOSE headers by their encoded segment: the tokens of one issuer share one header, so

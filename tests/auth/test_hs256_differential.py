@@ -237,8 +237,9 @@ def test_the_principal_carries_the_verified_expiry(algorithm: str) -> None:
 
 @pytest.mark.parametrize("length", [0, 1, 32, 63, 64, 65, 200])
 def test_the_hs256_mac_is_rfc_2104_hmac_for_any_key_length(length: int) -> None:
-    """The cached keyed state (`auth._hs256`, a copy per message) gives HMAC-SHA256 for keys
-    shorter, as long as, and longer than SHA-256's block, message after message."""
+    """The cached pad states (`auth._hs256`, a copy of each per message) give HMAC-SHA256 for
+    keys shorter, as long as, and longer than SHA-256's block, message after message, and for
+    key bytes of every value (the pads are XORs by table)."""
     import hashlib
     import hmac
 
@@ -250,6 +251,8 @@ def test_the_hs256_mac_is_rfc_2104_hmac_for_any_key_length(length: int) -> None:
         assert (
             _hs256(secret.decode(), message) == hmac.new(secret, message, hashlib.sha256).digest()
         )
+        binary = bytes((n * 37 + 11) % 256 for n in range(length))
+        assert _hs256(binary, message) == hmac.new(binary, message, hashlib.sha256).digest()
     key = "k" * max(length, 32)  # PyJWT warns about shorter ones
     token = jwt.encode({"sub": "u-1"}, key, "HS256")
     assert TokenVerifier(secret=key).verify(token) == Principal("u-1", None)
