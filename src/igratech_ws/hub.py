@@ -506,8 +506,10 @@ class Hub:
             # joins its write.
             self._walk_at = end
             self._loop.call_soon(self.flush)
-        else:
-            self._end_walk()
+            return
+        self._end_walk()
+        # Replays waiting for their page to reach the socket: woken once per walk, not per chunk
+        # (each would run once per chunk, filling the loop iterations between chunks).
         waiters, self._flush_waiters = self._flush_waiters, []
         for waiter in waiters:
             if not waiter.done():
