@@ -486,20 +486,29 @@ class Hub:
         at = self._walk_at
         end = min(at + FLUSH_CHUNK, len(walk))
         low_water = self.low_water
-        for index in range(at, end):
-            subscriber = walk[index]
-            pending = subscriber.pending
-            if (
-                pending
-                and pending.tracked is None
-                and subscriber.is_open
-                and subscriber.backlog_bytes() > low_water
-            ):
-                self._hold(subscriber, pending)
-                continue
-            self.flush_one(subscriber)
-        self._walk_cost += time.perf_counter() - started
         assert self._loop is not None  # set by `_schedule_flush`
+        index = at
+        try:
+            for index in range(at, end):
+                subscriber = walk[index]
+                pending = subscriber.pending
+                if (
+                    pending
+                    and pending.tracked is None
+                    and subscriber.is_open
+                    and subscriber.backlog_bytes() > low_water
+                ):
+                    self._hold(subscriber, pending)
+                    continue
+                self.flush_one(subscriber)
+        except BaseException:
+            # A connection's write raised (the loop logs it): the walk carries on after it, or
+            # it would stay under way with nothing to continue it, and nothing queued to any
+            # connection would be written again.
+            self._walk_at = index + 1
+            self._loop.call_soon(self.flush)
+            raise
+        self._walk_cost += time.perf_counter() - started
         if end < len(walk):
             # The rest on the next loop iteration: what the sockets and timers have waited for
             # runs in between, and a frame queued meanwhile to a connection not yet written

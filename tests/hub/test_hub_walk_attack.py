@@ -190,3 +190,101 @@ async def test_waiting_replays_wake_once_per_walk_not_once_per_chunk(
     assert hub._replays == {} and idle(hub)
     assert woken <= walks * len(storm), (woken, walks)
     await hub.close()
+
+
+class BrokenSocket(FakeSubscriber):
+    """A connection whose first write raises (what uvloop's `write` does on a handle closed
+    under it, say: a transport bug, not a client's doing)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.failures = 1
+
+    def write_wire(self, data: bytes) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("unable to perform operation: the handler is closed")
+        super().write_wire(data)
+
+
+async def test_a_write_that_raises_does_not_stop_every_later_write(
+    broker: RecordingBroker, chunk: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One connection's write raises in the middle of a chunk. The walk was left under way with
+    nothing scheduled to carry it on (`_flush_scheduled` True, `_walk` set): every frame queued
+    after that, to any connection of the node, joined an outbox nothing would ever write. The
+    error is the loop's to log; the walk carries on after that connection, and later
+    publications reach everyone."""
+    hub = await make_hub(broker)
+    followers = [FakeSubscriber(f"s-{n}") for n in range(3 * chunk)]
+    broken = BrokenSocket("broken")
+    followers.insert(chunk + 1, broken)
+    await joined(hub, followers)
+    publish(broker)
+    await settle(50)
+    publish(broker)
+    await settle(50)
+    assert idle(hub)
+    for follower in followers:
+        expected = [2] if follower is broken else [1, 2]
+        assert follower.offsets(CHANNEL) == expected, follower
+    assert "the handler is closed" in caplog.text
+    await hub.close()
+
+
+class SlowPhone(FakeSubscriber):
+    """A client that does not read: what is written stays in its socket; every write checks
+    the peak of its socket's buffer."""
+
+    def __init__(self, name: str, budget: int) -> None:
+        super().__init__(name, reading=False)
+        self.budget = budget
+        self.peak = 0
+
+    def write_wire(self, data: bytes) -> None:
+        super().write_wire(data)
+        self.peak = max(self.peak, self.backlog)
+
+
+async def test_a_client_that_stops_reading_mid_walk_is_held_and_conflated_within_budget(
+    broker: RecordingBroker, chunk: int
+) -> None:
+    """A client deep in the walk stops reading while state and stream publications land between
+    every chunk: once its socket is past low water its frames are held (state conflated), its
+    socket never holds more than the budget, it is not closed for a state flood, and when it
+    reads again it has every stream publication in order and the newest state; the others get
+    everything."""
+    budget = 16 * 1024
+    hub = await make_hub(broker, max_buffer_bytes=budget)
+    followers = [FakeSubscriber(f"s-{n}") for n in range(3 * chunk)]
+    phone = SlowPhone("phone", budget)
+    followers.insert(2 * chunk + 1, phone)
+    await joined(hub, followers)
+    loop = asyncio.get_running_loop()
+    body = json.dumps({"scope": "game", "gameId": "walk-attack", "values": {"pad": "x" * 300}})
+
+    def flood(left: int) -> None:
+        broker.publish_now(CHANNEL, "stats", body.encode())
+        if left % 50 == 0:
+            publish(broker)
+        if left > 1:
+            loop.call_soon(flood, left - 1)
+
+    loop.call_soon(flood, 300)
+    await settle(1000)
+    assert phone.closes == [] and hub.conflated_frames > 0
+    assert phone.peak <= budget
+    for _ in range(20):
+        phone.drain(hub)
+        await settle(20)
+    assert idle(hub) and not phone.queued()
+    frames = [f for f in phone.frames() if f.get("channel") == CHANNEL]
+    offsets = [f["offset"] for f in frames]
+    assert offsets == sorted(set(offsets))
+    incidents = [f["offset"] for f in frames if f["event"] == "incident"]
+    assert len(incidents) == 6
+    for follower in followers:
+        if follower is not phone:
+            assert follower.offsets(CHANNEL) == list(range(1, 307)), follower
+    assert offsets[-1] == 306  # the newest state
+    await hub.close()
