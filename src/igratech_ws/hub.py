@@ -486,28 +486,39 @@ class Hub:
         at = self._walk_at
         end = min(at + FLUSH_CHUNK, len(walk))
         low_water = self.low_water
-        for index in range(at, end):
-            subscriber = walk[index]
-            pending = subscriber.pending
-            if (
-                pending
-                and pending.tracked is None
-                and subscriber.is_open
-                and subscriber.backlog_bytes() > low_water
-            ):
-                self._hold(subscriber, pending)
-                continue
-            self.flush_one(subscriber)
-        self._walk_cost += time.perf_counter() - started
         assert self._loop is not None  # set by `_schedule_flush`
+        index = at
+        try:
+            for index in range(at, end):
+                subscriber = walk[index]
+                pending = subscriber.pending
+                if (
+                    pending
+                    and pending.tracked is None
+                    and subscriber.is_open
+                    and subscriber.backlog_bytes() > low_water
+                ):
+                    self._hold(subscriber, pending)
+                    continue
+                self.flush_one(subscriber)
+        except BaseException:
+            # A connection's write raised (the loop logs it): the walk carries on after it, or
+            # it would stay under way with nothing to continue it, and nothing queued to any
+            # connection would be written again.
+            self._walk_at = index + 1
+            self._loop.call_soon(self.flush)
+            raise
+        self._walk_cost += time.perf_counter() - started
         if end < len(walk):
             # The rest on the next loop iteration: what the sockets and timers have waited for
             # runs in between, and a frame queued meanwhile to a connection not yet written
             # joins its write.
             self._walk_at = end
             self._loop.call_soon(self.flush)
-        else:
-            self._end_walk()
+            return
+        self._end_walk()
+        # Replays waiting for their page to reach the socket: woken once per walk, not per chunk
+        # (each would run once per chunk, filling the loop iterations between chunks).
         waiters, self._flush_waiters = self._flush_waiters, []
         for waiter in waiters:
             if not waiter.done():
