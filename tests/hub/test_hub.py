@@ -35,13 +35,6 @@ from tests.support.fakes import (
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[RecordingBroker]:
-    broker = RecordingBroker()
-    yield broker
-    await broker.close()
-
-
-@pytest.fixture
 async def hub(broker: RecordingBroker) -> AsyncIterator[Hub]:
     hub = await make_hub(broker)
     yield hub

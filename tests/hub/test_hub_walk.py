@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -47,13 +46,6 @@ async def joined(hub: Hub, subscribers: list[FakeSubscriber]) -> None:
 def publish(broker: RecordingBroker, count: int = 1) -> None:
     for _ in range(count):
         broker.publish_now(CHANNEL, "incident", b'{"gameId":"walk"}')
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[RecordingBroker]:
-    broker = RecordingBroker()
-    yield broker
-    await broker.close()
 
 
 async def test_a_large_fan_out_lets_the_loop_run_between_chunks(broker: RecordingBroker) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -38,13 +38,6 @@ async def joined(hub: Hub, subscribers: list[FakeSubscriber], recover: bool = Fa
 
 def idle(hub: Hub) -> bool:
     return hub._walk is None and not hub._flush_scheduled and not hub._dirty
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[RecordingBroker]:
-    broker = RecordingBroker()
-    yield broker
-    await broker.close()
 
 
 @pytest.fixture

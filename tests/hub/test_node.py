@@ -22,13 +22,6 @@ INCIDENT = json.dumps(
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[RecordingBroker]:
-    broker = RecordingBroker()
-    yield broker
-    await broker.close()
-
-
-@pytest.fixture
 async def node(broker: RecordingBroker) -> AsyncIterator[Node]:
     # No flush waits for the real clock: `settle` drives everything, whatever the load.
     config = Config(
