@@ -119,8 +119,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_publish_body_bytes: Count = 1_048_576
     max_batch_items: Count = 1000
     recovery_limit: Annotated[int, Meta(ge=0)] = 1000
-    #: Longest a flush of queued frames waits under load (seconds; see hub.py): the latency
-    #: traded for throughput when one flush of the fan-out takes longer than 2 ms.
+    #: Longest the next walk of writes waits under load (seconds; see hub.py): the latency
+    #: traded for throughput when frames were queued during a walk that wrote for over 2 ms.
     max_flush_delay: Annotated[float, Meta(ge=0, le=1)] = 0.05
     #: How long a flush to 500 connections or more waits for the rest of a burst (seconds; 0: not
     #: at all; see hub.py): a broker delivers a burst in several reads. Not on the memory broker,

@@ -140,12 +140,10 @@ def parse_request(head: bytes) -> WSUpgradeRequest:
         if line[:1] in (b" ", b"\t"):
             raise BadRequest(f"Obsolete folded HTTP header is not supported: {line[:80]!r}")
         name, colon, value = line.partition(b":")
-        if not colon or not name:
-            raise BadRequest(
-                f"Malformed header in HTTP request: {line[:80]!r}"
-                if not colon
-                else f"Invalid HTTP header name: {name[:80]!r}"
-            )
+        if not colon:
+            raise BadRequest(f"Malformed header in HTTP request: {line[:80]!r}")
+        if not name:
+            raise BadRequest(f"Invalid HTTP header name: {name[:80]!r}")
         fields.append((name, value.strip(b" \t")))
     # One deletion pass over all names and one over the whole head instead of two per field
     # (each `translate` builds a 256-entry table): the head's only control bytes may be the
