@@ -35,8 +35,12 @@ MAX_QUERY_FIELDS = 16
 
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 #: A query `parse_qs` would read as it is written: no percent-escape, no `+`, no fragment, nothing
-#: `urlsplit` strips or that could name a host. Such a query is split without them.
-_PLAIN_QUERY = re.compile(rb"[A-Za-z0-9._~!$'()*,;:@/?=&-]*")
+#: `urlsplit` strips or that could name a host. Such a query is split without them. Checked by
+#: deleting these bytes (`bytes.translate`), which costs about half a regular expression's
+#: character class on a query holding a token, and much less than one that fails at a `%`.
+_PLAIN_QUERY_BYTES = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~!$'()*,;:@/?=&-"
+)
 _PREFIX = PATH.encode() + b"?"
 
 
@@ -47,10 +51,12 @@ def plain_query(raw_target: bytes) -> dict[str, list[str]] | None:
     encoded) takes this path."""
     if raw_target == _PREFIX[:-1]:
         return {}
-    start = len(_PREFIX)
-    if not raw_target.startswith(_PREFIX) or _PLAIN_QUERY.fullmatch(raw_target, start) is None:
+    if not raw_target.startswith(_PREFIX):
         return None
-    fields = raw_target[start:].decode("ascii").split("&")
+    raw_query = raw_target[len(_PREFIX) :]
+    if raw_query.translate(None, _PLAIN_QUERY_BYTES):
+        return None
+    fields = raw_query.decode("ascii").split("&")
     if len(fields) > MAX_QUERY_FIELDS:
         return None
     query: dict[str, list[str]] = {}
