@@ -211,3 +211,50 @@ async def test_an_inline_subscription_gets_each_message_in_order(nats_url: str) 
         assert len(got) == 6
     finally:
         await client.close()
+
+
+_REPUBLISHED = (
+    b"NATS/1.0\r\nIgws-Offset: 2\r\nIgws-Epoch: 9ca18e3c8965\r\nIgws-Event: incident\r\n"
+    b"Igws-Time: 1796295389.0360844\r\nIgws-Origin: 4bbd9292712a\r\n"
+    b"Nats-Expected-Last-Msg-Id: fb3d60f794b6431c.1\r\nNats-Msg-Id: fb3d60f794b6431c.2\r\n"
+    b"Nats-Stream: IGWS_x\r\nNats-Subject: x.ch.game:1\r\nNats-Sequence: 2\r\n"
+    b"Nats-Last-Sequence: 1\r\n\r\n"
+)
+
+
+def _via_dict(block: bytes) -> object:
+    from igratech_ws.brokers.nats.history import publication_from
+
+    try:
+        return publication_from("c", parse_header_lines(block[10:]), b"x")
+    except (KeyError, ValueError):
+        return "malformed"
+
+
+def test_publication_from_block_matches_the_dict_path_on_mutated_blocks() -> None:
+    """The live delivery's fast path yields what nats-py's header dict would, or defers."""
+    import random
+
+    from igratech_ws.brokers.nats.history import publication_from_block
+
+    assert publication_from_block("c", _REPUBLISHED, b"x") == _via_dict(_REPUBLISHED)
+    pieces = [b" ", b":", b"\r\n", b"Igws-Offset", b"Igws-", b"\t", b"x", b"1", b"\xc3", b"\r"]
+    rng = random.Random(7)
+    taken = 0
+    for _ in range(20_000):
+        block = bytearray(_REPUBLISHED)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(10, len(block))
+            op = rng.random()
+            if op < 0.4:
+                block[at : at + rng.randint(0, 3)] = rng.choice(pieces)
+            elif op < 0.7:
+                del block[at : at + rng.randint(1, 4)]
+            else:
+                block.insert(at, rng.randrange(256))
+        fast = publication_from_block("c", bytes(block), b"x")
+        if fast is not None:
+            taken += 1
+            assert fast == _via_dict(bytes(block)), bytes(block)
+    assert taken > 1000
+    assert publication_from_block("c", None, b"x") is None

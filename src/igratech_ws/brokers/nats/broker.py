@@ -47,6 +47,7 @@ from igratech_ws.brokers.nats.history import (
     StreamMissing,
     err_code,
     publication_from,
+    publication_from_block,
     read_history,
     read_last,
     read_state,
@@ -475,9 +476,16 @@ class NatsBroker(BrokerCore):
                 return
             self.deliver(publication)
 
+        def deliver_fast(data: bytes, block: bytes | None) -> bool:
+            publication = publication_from_block(channel, block, data)
+            if publication is None:
+                return False  # `deliver` decides, from nats-py's header dict
+            self.deliver(publication)
+            return True
+
         with _as_broker_error("subscribe"):
             self._subscriptions[channel] = await nc.subscribe_inline(
-                live_subject(self.prefix, channel), deliver
+                live_subject(self.prefix, channel), deliver, deliver_fast
             )
             if nc.is_connected:
                 # Returns once the server has the subscription, so no later publication is missed.

@@ -139,10 +139,15 @@ def _clean_names(headers: dict[str, str]) -> bool:
     return True
 
 
-async def _inline(handler: Callable[[Msg], None], msg: Msg) -> None:
+#: A `Client.subscribe_inline` fast path: given a message's payload and raw header block (or
+#: None), it handles the message and returns True, or returns False having done nothing.
+FastHandler = Callable[[bytes, bytes | None], bool]
+
+
+async def _inline(handler: Callable[[Msg], None], fast: FastHandler | None, msg: Msg) -> None:
     """The callback of a `Client.subscribe_inline` subscription, as ``partial(_inline,
-    handler)`` (a form nats-py takes for a callback), which marks it for `_process_msg`. nats-py's
-    task for the subscription would call it for a queued message; none is queued."""
+    handler, fast)`` (a form nats-py takes for a callback), which marks it for `_process_msg`.
+    nats-py's task for the subscription would call it for a queued message; none is queued."""
     handler(msg)
 
 
@@ -173,15 +178,21 @@ class Client(NatsClient):
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
-    async def subscribe_inline(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
+    async def subscribe_inline(
+        self, subject: str, handler: Callable[[Msg], None], fast: FastHandler | None = None
+    ) -> Subscription:
         """Subscribe `handler`, called by the connection's read loop for each message as it is
         read, where nats-py's `subscribe(cb=...)` queues each message for a task of the
         subscription that then awaits the callback: a queue put, a get and a task step per
         message saved. Caller's duties: `handler` is a plain function that returns quickly
         (the connection reads nothing meanwhile) and does not block; what it raises goes to
         the error callback, as a callback's does. No limits of pending messages apply (none
-        are pending). Unsubscribe and drain as with `subscribe`."""
-        return await self.subscribe(subject, cb=partial(_inline, handler))
+        are pending). Unsubscribe and drain as with `subscribe`.
+
+        `fast`, if given, is tried first with the payload and the raw header block: where it
+        returns True the message was handled without a `Msg` or a header dict (their cost is
+        most of a message's); where False, `handler` gets the `Msg` as usual. Same duties."""
+        return await self.subscribe(subject, cb=partial(_inline, handler, fast))
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
@@ -191,12 +202,21 @@ class Client(NatsClient):
         if sub is None or type(cb) is not partial or cb.func is not _inline or sub._max_msgs > 0:
             await super()._process_msg(sid, subject, reply, data, headers)
             return
-        handler: Callable[[Msg], None] = cb.args[0]
+        handler: Callable[[Msg], None]
+        fast: FastHandler | None
+        handler, fast = cb.args
         # nats-py's `_process_msg` for a core subscription, up to where it would queue the
         # message; then what its subscription task does with it, without the queue.
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         sub._received += 1
+        if fast is not None:
+            try:
+                if fast(data, headers or None):
+                    return
+            except Exception as exc:
+                await self._error_cb(exc)
+                return
         msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
         if not msg:
             return

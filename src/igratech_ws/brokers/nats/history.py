@@ -100,6 +100,54 @@ def publication_from(channel: str, headers: dict[str, str] | None, data: bytes) 
     )
 
 
+_BLOCK_START = b"NATS/1.0\r\nIgws-Offset:"
+_OURS_IN_REST = b"Igws-"
+
+
+def publication_from_block(channel: str, block: bytes | None, data: bytes) -> Publication | None:
+    """`publication_from` of a message's raw header block (``NATS/1.0`` line included) as our
+    appends leave it: our five headers first, in `headers_of`'s order. The same publication as
+    `publication_from` of the header dict nats-py would parse from `block`; None where that is
+    not certain (another order, a name of ours again further on, non-ASCII, a value that does
+    not convert): the caller then takes the usual path. About a tenth of the cost of parsing
+    the dozen headers of a republished message into a dict."""
+    global _last_time
+    if block is None or not block.startswith(_BLOCK_START) or not block.isascii():
+        return None
+    lines = block.split(b"\r\n", 6)
+    if len(lines) != 7:
+        return None
+    _, offset, epoch, event, text, origin, rest = lines
+    # Each line names its header exactly (nats-py strips names, then values); a line further
+    # on whose name is one of ours would win in the dict: none may mention one.
+    if (
+        not epoch.startswith(b"Igws-Epoch:")
+        or not event.startswith(b"Igws-Event:")
+        or not text.startswith(b"Igws-Time:")
+        or not origin.startswith(b"Igws-Origin:")
+        or _OURS_IN_REST in rest
+    ):
+        return None
+    try:
+        number = int(offset[12:])
+        time_text = text[10:].strip().decode()
+        last, published_at = _last_time
+        if time_text != last:
+            published_at = float(time_text)
+            _last_time = (time_text, published_at)
+    except ValueError:
+        return None
+    return Publication(
+        channel,
+        number,
+        epoch[11:].strip().decode(),
+        event[11:].strip().decode(),
+        data,
+        published_at,
+        origin[12:].strip().decode(),
+    )
+
+
 async def stream_exists(js: JetStreamContext, stream: str) -> bool:
     """Whether `stream` is there, asked after a 503 (nobody answered for it): False only if the
     server says it is not; True when it is, or when the question gets no answer either (the
