@@ -108,12 +108,18 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
 FAN_OUT_TARGET = 1.3
 
 
-def _spread_rounds(bursts: dict[str, Row], base: float | None) -> list[str]:
+def _spread_rounds(
+    bursts: dict[str, Row],
+    base: float | None,
+    paced: dict[str, Row] | None = None,
+    paced_base: float | None = None,
+) -> list[str]:
     """Every broker's burst rounds against memory's median, and its writes per follower: how far
     one round strays (this VM's CPU time for the same work does, memory's too), and whether the
-    broker's burst ever reached the followers in more than one write."""
+    broker's burst ever reached the followers in more than one write; the paced rounds too."""
     if not base:
         return []
+    paced = paced or {}
     rounds = "; ".join(
         f"{_label(row)} " + ", ".join(f"{r / base:.2f}×" for r in row.get("rounds_us_per_msg", []))
         for name in _NAMES
@@ -125,6 +131,15 @@ def _spread_rounds(bursts: dict[str, Row], base: float | None) -> list[str]:
         if (row := bursts.get(name)) and (writes := row.get("rounds_writes_per_follower"))
     ]
     lines = [f"Burst rounds, each against memory's median: {rounds}."]
+    if paced_base:
+        paced_rounds = "; ".join(
+            f"{_label(row)} "
+            + ", ".join(f"{r / paced_base:.2f}×" for r in row.get("rounds_us_per_msg", []))
+            for name in _NAMES
+            if (row := paced.get(name)) and row.get("rounds_us_per_msg")
+        )
+        if paced_rounds:
+            lines.append(f"Paced rounds, each against memory's median: {paced_rounds}.")
     if split:
         lines.append(
             "Rounds in which a follower got the burst in more than one write (the node's "
@@ -164,8 +179,8 @@ def section(rows: list[Row]) -> list[str]:
         "with 2,000 clients following one game; the nodes take turns, each getting 100 incidents "
         f"in one batch request per round, for {_rounds(bursts)} rounds (turns, so that the "
         "minute-to-minute drift of this VM's CPU time falls on every broker alike); the figure is "
-        "the round at the broker's median CPU per delivery. *Paced*: 20 incidents/s to "
-        "2,000 clients for 3 s. *Publish*: 32 HTTP clients publish single incidents to one "
+        "the round at the broker's median CPU per delivery. *Paced*: the same, each node getting "
+        f"20 incidents/s for 3 s per turn, for {_rounds(paced)} rounds. *Publish*: 32 HTTP clients publish single incidents to one "
         "channel (no followers) for 3 s. CPU is the server process's; the broker server's is "
         "shown apart, per publication.",
         "",
@@ -214,7 +229,7 @@ def section(rows: list[Row]) -> list[str]:
         "once for the rest (`flush_linger`).",
         "",
     ]
-    lines += _spread_rounds(bursts, memory["burst"])
+    lines += _spread_rounds(bursts, memory["burst"], paced, memory["paced"])
     lines += capacity_lines(rows, heading="### Capacity model")
     return lines
 
