@@ -108,6 +108,11 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
 FAN_OUT_TARGET = 1.3
 
 
+def _times(value: float | None, base: float) -> str:
+    """A round against the base, or a dash for a round that delivered nothing."""
+    return f"{value / base:.2f}×" if value is not None else "–"
+
+
 def _spread_rounds(
     bursts: dict[str, Row],
     base: float | None,
@@ -121,7 +126,7 @@ def _spread_rounds(
         return []
     paced = paced or {}
     rounds = "; ".join(
-        f"{_label(row)} " + ", ".join(f"{r / base:.2f}×" for r in row.get("rounds_us_per_msg", []))
+        f"{_label(row)} " + ", ".join(_times(r, base) for r in row.get("rounds_us_per_msg", []))
         for name in _NAMES
         if (row := bursts.get(name)) and row.get("rounds_us_per_msg")
     )
@@ -134,7 +139,7 @@ def _spread_rounds(
     if paced_base:
         paced_rounds = "; ".join(
             f"{_label(row)} "
-            + ", ".join(f"{r / paced_base:.2f}×" for r in row.get("rounds_us_per_msg", []))
+            + ", ".join(_times(r, paced_base) for r in row.get("rounds_us_per_msg", []))
             for name in _NAMES
             if (row := paced.get(name)) and row.get("rounds_us_per_msg")
         )

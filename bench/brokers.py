@@ -241,7 +241,12 @@ async def node_on(
     """igratech-ws on `target` (pinned to the server CPU), a load pool and a publisher."""
     port = ctx.ports.take()
     api_port = ctx.ports.take()
-    server = Server(OURS, port, api_port, ctx.server_cpu, ctx.log_dir, broker=target.url())
+    # The load clients send no pings, and a node of `bursts` or `paced` keeps its clients for the
+    # whole of the turns (minutes): past the default idle timeout they would be closed mid-run.
+    server = Server(
+        OURS, port, api_port, ctx.server_cpu, ctx.log_dir, broker=target.url(),
+        extra_env={"IGRATECH_WS_IDLE_TIMEOUT": "600"},
+    )
     pool: LoadPool | None = None
     publisher: HttpOursPublisher | None = None
     try:
