@@ -308,6 +308,21 @@ class _BurstNode:
     rounds: list[Row] = field(default_factory=list)
 
 
+async def _publish(
+    publisher: HttpOursPublisher, items: list[tuple[str, int]], rate: float | None
+) -> None:
+    """`items` (game, sequence) in one batch request, or one by one at `rate`/s when given."""
+    if not rate:
+        await publisher.publish_many(items)
+        return
+    t0 = time.monotonic()
+    for i, (game, seq) in enumerate(items):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await publisher.publish_one(game, seq)
+
+
 async def _burst_round(
     node: _BurstNode, events: int, first: int, limit: float, rate: float | None = None
 ) -> Row:
@@ -318,14 +333,7 @@ async def _burst_round(
     meter = CpuMeter(node.server.pid)
     broker_meter = TreeCpu(node.target.pids)
     t0 = time.monotonic()
-    if rate:
-        for i in range(events):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await node.publisher.publish_one("g-1", first + i)
-    else:
-        await node.publisher.publish_many([("g-1", first + i) for i in range(events)])
+    await _publish(node.publisher, [("g-1", first + i) for i in range(events)], rate)
     waited = await node.pool.wait(limit)
     cpu_s, _ = meter.read()
     broker_cpu = sum(broker_meter.read())
@@ -533,14 +541,7 @@ async def fanin(
             broker_meter = TreeCpu(target.pids)
             items = [("g-1", r * events + i + 1) for i in range(events)]
             t0 = time.monotonic()
-            if rate:
-                for i, (game, seq) in enumerate(items):
-                    delay = t0 + i / rate - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    await publisher.publish_one(game, seq)
-            else:
-                await publisher.publish_many(items)
+            await _publish(publisher, items, rate)
             waited = await pool.wait(limit)
             cpu_s, _ = meter.read()
             broker_cpu = sum(broker_meter.read())
