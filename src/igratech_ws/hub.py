@@ -67,6 +67,12 @@ connection started from, exactly once, in offset order, after the answer (`conne
   as its pre-encoded `"conflated": true` variant (built once per publication); stream frames,
   and every frame not of the live fan-out (answers, pongs, snapshots, replays, which also end the
   tracking), are never dropped or moved, so each channel's order is kept.
+- What the socket's buffer holds can no longer be replaced, so it gets at most a quarter of the
+  budget (and a frame): live frames queued in one tick past a quarter are held (conflatable)
+  from there on, and a flush writes what the socket takes up to that mark (`_release`). Three
+  quarters of the budget (less a frame) always stay for the queue, where state conflates and
+  stream frames wait: a stats flood cannot make a client a slow consumer by filling the socket
+  in the tick the client stopped reading.
 - Broker subscriptions are reference-counted: the broker hears `subscribe` when the first local
   connection joins a channel and `unsubscribe` when the last one leaves. Every map here is keyed
   by a channel some local connection follows, or by a connection: none outlives its key.
@@ -492,15 +498,17 @@ class Hub:
             for index in range(at, end):
                 subscriber = walk[index]
                 pending = subscriber.pending
-                if (
-                    pending
-                    and pending.tracked is None
-                    and subscriber.is_open
-                    and subscriber.backlog_bytes() > low_water
-                ):
-                    self._hold(subscriber, pending)
+                if not pending:
                     continue
-                self.flush_one(subscriber)
+                if not subscriber.is_open:
+                    self.flush_one(subscriber)  # drops them
+                    continue
+                backlog = subscriber.backlog_bytes()
+                if backlog > low_water:
+                    if pending.tracked is None:
+                        self._hold(subscriber, pending)
+                    continue  # held until the socket drains
+                self._release(subscriber, pending, backlog)
         except BaseException:
             # A connection's write raised (the loop logs it): the walk carries on after it, or
             # it would stay under way with nothing to continue it, and nothing queued to any
@@ -543,8 +551,9 @@ class Hub:
             self._loop.call_soon(self.flush)
 
     def flush_one(self, subscriber: Subscriber) -> None:
-        """Write `subscriber`'s queued frames now (before closing it, for instance), held ones
-        included."""
+        """Write all of `subscriber`'s queued frames now, held ones included, however full its
+        socket is: before closing it, or before deciding it is a slow consumer. (A flush writes
+        through `_release`, which keeps what the socket cannot take.)"""
         pending = subscriber.pending
         if not pending:
             return  # nothing queued (or a slow consumer's outbox, which is always empty)
@@ -556,6 +565,66 @@ class Hub:
         if subscriber.is_open:
             self.writes += 1
             subscriber.write_wire(data)
+
+    def _release(self, subscriber: Subscriber, pending: Outbox, backlog: int) -> None:
+        """Hand `subscriber`'s queued frames to its open socket, whose buffer holds `backlog`
+        bytes (at most `low_water`: the caller checked). Usually in one write; when they would
+        take the buffer past `low_water`, in writes that fill it up to there (at least one frame
+        each) for as long as the socket keeps up, the rest held (conflatable) until it drains.
+
+        Why not all at once: bytes in the socket's buffer can no longer be replaced by newer
+        state. A socket that takes nothing would hold up to the whole budget of stats, and the
+        next stream frame would close the connection as a slow consumer; so at most a quarter of
+        the budget (and a frame) waits there, and the rest of the budget stays for the queue."""
+        if len(pending) == 1:
+            data = pending[0]
+        else:
+            data = b"".join(pending)
+            if backlog + len(data) > self.low_water:
+                self._release_some(subscriber, pending, backlog)
+                return
+        # Out of the outbox before the write: one that raises (the loop logs it) drops them.
+        pending.clear()
+        if pending.tracked is not None:
+            pending.tracked = None
+            self._behind.discard(subscriber)
+        self.writes += 1
+        subscriber.write_wire(data)
+
+    def _release_some(self, subscriber: Subscriber, pending: Outbox, backlog: int) -> None:
+        """`_release` of frames that would take the socket's buffer past `low_water`."""
+        # Taken out of the outbox before writing: a write that raises (the loop logs it) drops
+        # them, as `flush_one` does, and leaves no tracking pointing past the outbox's end.
+        frames = pending[:]
+        pending.clear()
+        tracked = pending.tracked
+        if tracked is not None:
+            pending.tracked = None
+            self._behind.discard(subscriber)
+        low_water = self.low_water
+        written = 0
+        while written < len(frames) and backlog <= low_water:
+            end = written + 1
+            size = len(frames[written])
+            room = low_water - backlog
+            while end < len(frames) and size + len(frames[end]) <= room:
+                size += len(frames[end])
+                end += 1
+            self.writes += 1
+            subscriber.write_wire(
+                frames[written] if end == written + 1 else b"".join(frames[written:end])
+            )
+            written = end
+            if not subscriber.is_open:
+                return
+            backlog = subscriber.backlog_bytes()
+        if written == len(frames):
+            return
+        pending.extend(frames[written:])
+        pending.size = backlog + sum(map(len, pending))
+        self._hold(subscriber, pending)
+        if tracked:  # what was queued before the hold (`tracked` None) stays as it is
+            pending.tracked = {key: at - written for key, at in tracked.items() if at >= written}
 
     def _hold(self, subscriber: Subscriber, pending: Outbox) -> None:
         """`subscriber` is behind: keep its frames queued (conflatable) until its socket drains,
@@ -573,17 +642,28 @@ class Hub:
         for subscriber in list(self._behind):
             if not subscriber.is_open:
                 self._behind.discard(subscriber)
-            elif subscriber.backlog_bytes() <= self.low_water:
-                self.flush_one(subscriber)
+            else:
+                self._write_held(subscriber)
         if self._behind and self._loop is not None:
             self._behind_timer = self._loop.call_later(WRITABLE_POLL, self._poll_behind)
+
+    def _write_held(self, subscriber: Subscriber) -> None:
+        """`subscriber`'s socket may have drained: what is held for it goes out, as much as the
+        socket takes (`_release`)."""
+        pending = subscriber.pending
+        if not pending or pending.tracked is None:
+            return
+        if not subscriber.is_open:
+            self.flush_one(subscriber)  # drops them
+            return
+        backlog = subscriber.backlog_bytes()
+        if backlog <= self.low_water:
+            self._release(subscriber, pending, backlog)
 
     def on_writable(self, subscriber: Subscriber) -> None:
         """The transport: `subscriber`'s socket buffer drained after a pause: what was held for
         it goes out, and a waiting replay may queue its next page."""
-        pending = subscriber.pending
-        if pending and pending.tracked is not None:
-            self.flush_one(subscriber)
+        self._write_held(subscriber)
         waiter = self._writable_waiters.pop(subscriber, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -637,6 +717,7 @@ class Hub:
             size = len(wire)
             room = self.max_buffer_bytes - size
             low_water = self.low_water
+            loose_room = low_water - size
             dirty = self._dirty
             for subscriber in live:
                 # `send_wire` inline for the fan-out's hot loop, where the frame fits the budget.
@@ -645,9 +726,16 @@ class Hub:
                     if pending.tracked is not None:
                         if self._queue_behind(pending, publication, wire, is_state):
                             continue
-                    elif pending.size <= room:
+                    elif pending.size <= loose_room:
                         pending.append(wire)
                         pending.size += size
+                        continue
+                    elif pending.size <= room:
+                        # A quarter of the budget queued (with the socket's buffer) since the
+                        # last write: what follows is held, conflatable, until the walk has seen
+                        # how much of it the socket takes (`_release`).
+                        self._hold(subscriber, pending)
+                        self._queue_behind(pending, publication, wire, is_state)
                         continue
                 elif pending is not None and pending is not _OVERFLOWED:
                     backlog = subscriber.backlog_bytes()
@@ -778,9 +866,7 @@ class Hub:
         """A new allowance for one request's history: a quarter of the budget in bytes."""
         return HistoryAllowance(self.page_bytes)
 
-    def _delivered_states(
-        self, channel: str
-    ) -> tuple[tuple[int, str], list[Publication]] | None:
+    def _delivered_states(self, channel: str) -> tuple[tuple[int, str], list[Publication]] | None:
         """The channel's last delivered position and latest states when this node can start a
         join there without asking the broker, else None.
 

@@ -291,3 +291,103 @@ async def test_state_records_and_behind_connections_do_not_outlive_their_keys() 
     finally:
         await hub.close()
         await broker.close()
+
+
+# --- what the socket already holds cannot be conflated: it must leave room for the stream --------
+
+
+def big_stats(broker: RecordingBroker, n: int, channel: str = GAME) -> Publication:
+    """A stats publication of about 3 KB (a game's full table), as in the socket test."""
+    values = {f"v{i:03d}": f"{n}-{i}-xxxxxxxx" for i in range(120)}
+    body = {"scope": "game", "gameId": channel[5:], "updatedAt": "2026-11-23T19:45:00Z"}
+    return broker.publish_now(channel, "stats", json.dumps({**body, "values": values}).encode())
+
+
+async def test_a_tick_of_stats_that_fills_the_socket_leaves_room_for_the_stream() -> None:
+    """The client stops reading (its kernel buffers are full from now on) just as one tick queues
+    twenty stats of 3 KB: 60 KB, under the 64 KB budget. Handed to the socket in one write they
+    would all sit in its buffer, where nothing can replace them, and the next few incidents (each
+    kept with the stats before it) would pass the budget: 1013 for a stats flood. The socket
+    gets at most a quarter of the budget (and a frame) while it is behind; the rest stays queued,
+    conflatable."""
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("stalled")
+        await followed(hub, sub, GAME)
+        sub.reading = False  # from here on every byte written stays in the socket's buffer
+        published = [big_stats(broker, n) for n in range(20)]
+        await settle()
+        for n in range(10):
+            published.append(incident(broker, 100 + n))
+            published.extend(big_stats(broker, 1000 * n + k) for k in range(30))
+            await settle()
+        assert sub.closes == []
+        assert sub.backlog <= hub.low_water + max(len(p.data) for p in published) + 300
+        sub.reading = True
+        sub.drain(hub)
+        await settle()
+        check_view(sub.frames(), published)
+    finally:
+        await hub.close()
+        await broker.close()
+
+
+STALL_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("burst"), st.sampled_from([GAME, OTHER]), st.integers(1, 30)),
+        st.tuples(st.just("incident"), st.sampled_from([GAME, OTHER]), st.just(0)),
+        st.tuples(st.sampled_from(["stop", "drain", "tick"]), st.just(""), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+async def _run_stalls(ops: list[tuple[str, str, int]]) -> None:
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("stalls")
+        await followed(hub, sub, GAME, OTHER)
+        published: list[Publication] = []
+        incidents_unread = 0
+        for n, (op, channel, count) in enumerate(ops):
+            if op == "burst":  # `count` stats in one tick
+                published.extend(big_stats(broker, 100 * n + k, channel) for k in range(count))
+            elif op == "incident":
+                published.append(incident(broker, n, channel))
+                incidents_unread += not sub.reading
+            elif op == "stop":
+                sub.reading = False
+            elif op == "drain":
+                sub.reading = True
+                sub.drain(hub)
+                incidents_unread = 0
+            else:
+                await settle(3)
+        await settle()
+        # What conflation cannot shrink while the client does not read: the socket's share (a
+        # quarter of the budget and a frame), each incident with the stats before it, and the
+        # newest stats of each channel.
+        frame = max((len(p.data) for p in published), default=0) + 300  # and the envelope
+        unshrinkable = hub.low_water + frame + incidents_unread * (frame + 200) + 2 * frame
+        if unshrinkable <= BUDGET:
+            assert sub.closes == [], (incidents_unread, unshrinkable)
+        if sub.closes:
+            return  # a slow consumer for its stream: the socket test checks what it got
+        sub.reading = True
+        sub.drain(hub)
+        await settle()
+        if published:
+            check_view(sub.frames(), published)
+    finally:
+        await hub.close()
+        await broker.close()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(STALL_OPS)
+def test_a_stalled_socket_never_makes_a_stats_flood_a_slow_consumer(
+    ops: list[tuple[str, str, int]],
+) -> None:
+    asyncio.run(_run_stalls(ops))

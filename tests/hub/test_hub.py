@@ -533,8 +533,9 @@ async def test_every_queued_byte_counts_against_the_budget_with_the_socket_backl
         await join(hub, fast)
         publish_big(broker, 3)  # 3 x ~20 KB: queued this tick
         await settle()
-        assert slow.backlog > 60_000 and slow.closes == []
-        publish_big(broker, 2)  # 60 KB in the socket + 2 x 20 KB queued: over 100 KB
+        # In the socket (up to a quarter of the budget and a frame) or held for it.
+        assert slow.backlog + sum(map(len, slow.queued())) > 60_000 and slow.closes == []
+        publish_big(broker, 2)  # 60 KB in the socket or held + 2 x 20 KB queued: over 100 KB
         assert slow.closes == []  # not from inside the fan-out
         await settle()
         assert slow.closes == [CloseCode.TRY_AGAIN_LATER]
