@@ -258,3 +258,42 @@ def test_publication_from_block_matches_the_dict_path_on_mutated_blocks() -> Non
             assert fast == _via_dict(bytes(block)), bytes(block)
     assert taken > 1000
     assert publication_from_block("c", None, b"x") is None
+
+
+async def test_flush_returns_once_the_server_has_read_every_subscription_before_it() -> None:
+    """`flush` after a subscribe is the broker's barrier (a node's control subscription at start,
+    a channel's in `subscribe`): the PONG must come after the server has read the SUB. nats-py
+    writes the PING straight to the socket, ahead of the SUBs still pending for its flusher task:
+    the server answered the PING first, took another node's publish, then the SUB, and the node
+    missed the message (the flaky two-node control test on NATS). A fake server that records
+    each command it reads, in order, shows what it had read when it answered."""
+    read: list[bytes] = []
+    read_when_answered: list[list[bytes]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"fake","version":"2.15.1","proto":1,"headers":true}\r\n')
+        while line := await reader.readline():
+            read.append(b" ".join(line.split()[:2]))
+            if line.startswith(b"PING"):
+                read_when_answered.append(list(read))
+                writer.write(b"PONG\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Client()
+    try:
+        await client.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+
+        async def callback(msg: Msg) -> None:
+            pass
+
+        await client.subscribe("p.control", cb=callback)
+        await client.subscribe_inline("p.live.c", lambda msg: None)
+        await client.flush()
+        # The handshake's PING, then the flush's: answered after both SUBs.
+        assert read_when_answered[-1][-3:] == [b"SUB p.control", b"SUB p.live.c", b"PING"]
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

@@ -8,14 +8,16 @@ the memory broker's. `Client` does both with a few C-level string operations ove
 block, for the blocks our own code sends and receives, and hands anything else to nats-py's own
 code, so the result is always nats-py's: the same bytes on the wire (`header_block`), the same
 dict (`parse_header_lines`). `tests/brokers/test_nats_client.py` compares both with nats-py's on
-random input. And `subscribe_inline` hands each message of a subscription to a plain function
-from the read loop, without nats-py's queue and task per subscription (the node's deliveries and
-acknowledgements: a queue put, a get and a task step less per message). Everything else is
-nats-py's.
+random input. `subscribe_inline` hands each message of a subscription to a plain function from
+the read loop, without nats-py's queue and task per subscription (the node's deliveries and
+acknowledgements: a queue put, a get and a task step less per message). And `flush` returns once
+the server has read every command sent before it, a subscription included (nats-py's PING
+overtakes the commands its flusher task has not written yet). Everything else is nats-py's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from functools import partial
@@ -152,8 +154,8 @@ async def _inline(handler: Callable[[Msg], None], fast: FastHandler | None, msg:
 
 
 class Client(NatsClient):
-    """nats-py's client with `parse_header_lines`, `header_block` (see the module docstring)
-    and `subscribe_inline`."""
+    """nats-py's client with `parse_header_lines`, `header_block` (see the module docstring),
+    `subscribe_inline`, and a `flush` that waits for every command sent before it."""
 
     # nats-py calls it on itself, for every message with headers.
     _parse_header_lines = staticmethod(parse_header_lines)
@@ -177,6 +179,19 @@ class Client(NatsClient):
         await self._send_command(prot_command.hpub_cmd(subject, reply, block, payload))
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        # nats-py's `flush` sends a PING and waits for the PONG, but it writes the PING straight
+        # to the socket, ahead of the commands still waiting for its flusher task: a SUB just
+        # made is on the wire behind the PING, and the server may answer the PING, and take
+        # another connection's publish, before it has the subscription (a node that subscribed
+        # and flushed then missed a message). So what is pending goes to the socket first, as
+        # the flusher would write it, and the PONG is for everything sent before the PING.
+        if self._pending and self.is_connected and self._transport is not None:
+            self._transport.writelines(self._pending)
+            self._pending = []
+            self._pending_data_size = 0
+        await super()._send_ping(future)
 
     async def subscribe_inline(
         self, subject: str, handler: Callable[[Msg], None], fast: FastHandler | None = None
