@@ -73,6 +73,14 @@ def check_view(frames: list[dict[str, Any]], published: list[Publication]) -> No
         assert previous == last, "the newest publication of the channel never arrived"
 
 
+async def read_and_check(hub: Any, sub: FakeSubscriber, published: list[Publication]) -> None:
+    """The client reads everything at last: what it got must pass `check_view`."""
+    sub.reading = True
+    sub.drain(hub)
+    await settle()
+    check_view(sub.frames(), published)
+
+
 async def test_a_behind_connection_gets_only_the_newest_stats_marked_conflated() -> None:
     broker = RecordingBroker()
     hub = await make_hub(broker, max_buffer_bytes=BUDGET)
@@ -199,10 +207,7 @@ async def test_a_never_reading_client_on_a_stats_flood_stays_under_the_budget() 
         await settle()
         assert sub.closes == []
         assert sub.backlog + (sub.pending.size if sub.pending else 0) <= 2 * BUDGET
-        sub.reading = True
-        sub.drain(hub)
-        await settle()
-        check_view(sub.frames(), published)
+        await read_and_check(hub, sub, published)
     finally:
         await hub.close()
         await broker.close()
@@ -324,10 +329,7 @@ async def test_a_tick_of_stats_that_fills_the_socket_leaves_room_for_the_stream(
             await settle()
         assert sub.closes == []
         assert sub.backlog <= hub.low_water + max(len(p.data) for p in published) + 300
-        sub.reading = True
-        sub.drain(hub)
-        await settle()
-        check_view(sub.frames(), published)
+        await read_and_check(hub, sub, published)
     finally:
         await hub.close()
         await broker.close()
@@ -375,11 +377,8 @@ async def _run_stalls(ops: list[tuple[str, str, int]]) -> None:
             assert sub.closes == [], (incidents_unread, unshrinkable)
         if sub.closes:
             return  # a slow consumer for its stream: the socket test checks what it got
-        sub.reading = True
-        sub.drain(hub)
-        await settle()
         if published:
-            check_view(sub.frames(), published)
+            await read_and_check(hub, sub, published)
     finally:
         await hub.close()
         await broker.close()
