@@ -35,7 +35,7 @@ from tests.e2e.test_conflation_socket import incident_data, stats_data
 from tests.hub.test_conflation import GAME, OTHER, big_stats, check_view, followed, incident
 from tests.support.fakes import FakeSubscriber, RecordingBroker, make_hub, settle, split_frames
 from tests.support.gateway import base_config, raw_upgrade
-from tests.support.raw_ws import frame
+from tests.support.raw_ws import LOOPS, frame, run_on
 
 BUDGET = 64 * 1024
 FOLLOW_G1 = "?settings=%7B%22games%22%3A%5B%22g-1%22%5D%7D"
@@ -226,13 +226,22 @@ def _parse(data: bytes) -> tuple[list[dict[str, Any]], list[bytes], int | None]:
     return texts, pongs, code
 
 
-async def test_a_phone_sipping_its_socket_on_a_stats_flood_stays_and_sees_every_incident() -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_phone_sipping_its_socket_on_a_stats_flood_stays_and_sees_every_incident(
+    loop: str,
+) -> None:
     """A client with a 4 KiB receive buffer reads ~3 KB every 100 ms and pings every 500 ms
     while its game publishes ~3 KB stats as fast as the node takes them, an incident every 25.
     It stays connected; once it reads everything it has every incident in order, the newest
     stats last, only superseded stats skipped, a pong for every ping; the node never holds more
-    than the budget for it (socket buffer and queue)."""
-    async with running_app(base_config(max_write_buffer_bytes=BUDGET)) as app:
+    than the budget for it (socket buffer and queue). On every loop and transport the
+    listener runs on (asyncio, uvloop, aiofastnet)."""
+    run_on(loop, _sipping_phone)
+
+
+async def _sipping_phone(aiofastnet: bool) -> None:
+    config = base_config(max_write_buffer_bytes=BUDGET, use_aiofastnet=aiofastnet)
+    async with running_app(config) as app:
         sock = await asyncio.to_thread(raw_upgrade, app.port, query=FOLLOW_G1, rcvbuf=4096)
         stop = threading.Event()
         reader = asyncio.ensure_future(asyncio.to_thread(_sip, sock, stop))
