@@ -639,13 +639,18 @@ class Hub:
 
     def _poll_behind(self) -> None:
         self._behind_timer = None
-        for subscriber in list(self._behind):
-            if not subscriber.is_open:
-                self._behind.discard(subscriber)
-            else:
-                self._write_held(subscriber)
-        if self._behind and self._loop is not None:
-            self._behind_timer = self._loop.call_later(WRITABLE_POLL, self._poll_behind)
+        try:
+            for subscriber in list(self._behind):
+                if not subscriber.is_open:
+                    self._behind.discard(subscriber)
+                else:
+                    self._write_held(subscriber)
+        finally:
+            # One timer: a partial release above holds the rest again (`_hold`), which already
+            # scheduled the next poll; and a write that raises (the loop logs it) must not end
+            # the polling of the others, whose held frames would then wait for good.
+            if self._behind and self._behind_timer is None and self._loop is not None:
+                self._behind_timer = self._loop.call_later(WRITABLE_POLL, self._poll_behind)
 
     def _write_held(self, subscriber: Subscriber) -> None:
         """`subscriber`'s socket may have drained: what is held for it goes out, as much as the
