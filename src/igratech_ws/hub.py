@@ -424,6 +424,8 @@ class Hub:
                 # against this frame, an answer or a snapshot, say, is the client's view).
                 pending.tracked.clear()
             size = pending.size + len(wire)
+            if size > self.max_buffer_bytes and self._recount(subscriber, pending):
+                size = pending.size + len(wire)
             if size <= self.max_buffer_bytes:
                 pending.append(wire)
                 pending.size = size
@@ -626,6 +628,19 @@ class Hub:
         if tracked:  # what was queued before the hold (`tracked` None) stays as it is
             pending.tracked = {key: at - written for key, at in tracked.items() if at >= written}
 
+    def _recount(self, subscriber: Subscriber, pending: Outbox) -> bool:
+        """A held `pending` counts the socket's buffer as it was at the hold (or the last
+        release); the client may have read some since, without a drain report (that comes at
+        half of `low_water`) nor a poll yet. Count it as it is now: True when that is less.
+        Called only when the old count says over the budget (the sum is the frames' lengths)."""
+        if pending.tracked is None or not subscriber.is_open:
+            return False
+        size = subscriber.backlog_bytes() + sum(map(len, pending))
+        if size >= pending.size:
+            return False
+        pending.size = size
+        return True
+
     def _hold(self, subscriber: Subscriber, pending: Outbox) -> None:
         """`subscriber` is behind: keep its frames queued (conflatable) until its socket drains,
         which the transport reports through `on_writable` (and a poll checks, as a safety net)."""
@@ -729,7 +744,10 @@ class Hub:
                 pending = subscriber.pending
                 if pending:
                     if pending.tracked is not None:
-                        if self._queue_behind(pending, publication, wire, is_state):
+                        if self._queue_behind(pending, publication, wire, is_state) or (
+                            self._recount(subscriber, pending)
+                            and self._queue_behind(pending, publication, wire, is_state)
+                        ):
                             continue
                     elif pending.size <= loose_room:
                         pending.append(wire)

@@ -390,3 +390,34 @@ def test_a_stalled_socket_never_makes_a_stats_flood_a_slow_consumer(
     ops: list[tuple[str, str, int]],
 ) -> None:
     asyncio.run(_run_stalls(ops))
+
+
+async def test_a_held_queue_counts_the_socket_as_it_is_now_before_giving_up_conflation() -> None:
+    """The client fell behind with 30 KB in its socket, then read 20 KB of it without the
+    transport reporting a drain (that comes only at a quarter of the budget's half). The held
+    queue still counted the socket at 30 KB: the next incident looked over the budget, and the
+    hub handed everything to the socket (where no stats can be replaced any more) to decide.
+    Counted as it is now, the incident simply joins the queue, which stays conflatable."""
+    broker = RecordingBroker()
+    hub = await make_hub(broker, max_buffer_bytes=BUDGET)
+    try:
+        sub = FakeSubscriber("sipping", reading=False)
+        await followed(hub, sub, GAME)
+        sub.backlog = 30_000
+        published = []
+        while sub.pending is None or sub.pending.size < BUDGET - 3_600:
+            published.append(incident(broker, len(published)))
+            published.append(big_stats(broker, len(published)))
+            await settle()
+        assert sub.pending is not None and sub.pending.tracked is not None  # held
+        sub.backlog -= 20_000  # read by the client; no `on_writable`, no poll yet
+        published.append(incident(broker, len(published)))
+        published.append(big_stats(broker, len(published)))
+        published.append(big_stats(broker, len(published)))
+        assert sub.backlog == 10_000, "the queue was dumped into the socket"
+        assert sub.pending.tracked is not None and hub.conflated_frames >= 1
+        assert sub.closes == []
+        await read_and_check(hub, sub, published)
+    finally:
+        await hub.close()
+        await broker.close()
