@@ -31,8 +31,16 @@ from igratech_ws.app import running_app
 from igratech_ws.brokers.base import Publication
 from igratech_ws.core.close_codes import CloseCode
 from igratech_ws.hub import Hub
-from tests.e2e.test_conflation_socket import incident_data, stats_data
-from tests.hub.test_conflation import GAME, OTHER, big_stats, check_view, followed, incident
+from tests.support.conflation import (
+    GAME,
+    OTHER,
+    big_stats,
+    check_view,
+    followed,
+    incident,
+    incident_data,
+    stats_data,
+)
 from tests.support.fakes import FakeSubscriber, RecordingBroker, make_hub, settle, split_frames
 from tests.support.gateway import base_config, raw_upgrade
 from tests.support.raw_ws import LOOPS, frame, run_on

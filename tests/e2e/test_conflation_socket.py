@@ -12,38 +12,10 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from igratech_ws.app import App
-from tests.support.gateway import NOW, raw_upgrade
+from tests.support.conflation import bet_data, incident_data, stats_data
+from tests.support.gateway import raw_upgrade
 
 BUDGET = 64 * 1024
-
-
-def stats_data(n: int) -> bytes:
-    values = {f"v{i:03d}": f"{n}-{i}-" + "x" * 8 for i in range(120)}
-    values["seq"] = str(n)
-    return json.dumps(
-        {"scope": "game", "gameId": "g-1", "updatedAt": NOW, "values": values},
-        separators=(",", ":"),
-    ).encode()
-
-
-def bet_data(n: int) -> bytes:
-    item = {
-        "market": "match_winner",
-        "selection": "home",
-        "odds": "2.10",
-        "stake": "5.00",
-        "currency": "EUR",
-        "placedAt": NOW,
-    }
-    bets = [{"betId": f"b-{n}-{i}", **item} for i in range(50)]
-    return json.dumps({"gameId": "g-1", "bets": bets}, separators=(",", ":")).encode()
-
-
-def incident_data(n: int) -> bytes:
-    return json.dumps(
-        {"gameId": "g-1", "incidentId": f"i-{n}", "type": "corner", "occurredAt": NOW},
-        separators=(",", ":"),
-    ).encode()
 
 
 def read_all(sock: socket.socket) -> tuple[list[dict[str, Any]], int | None]:

@@ -9,76 +9,26 @@ after a skip marked `conflated`; and nothing past the budget (no 1013 for a stat
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from igratech_ws.brokers.base import Publication
-from igratech_ws.core.channels import STATE_EVENTS
 from igratech_ws.core.close_codes import CloseCode
+from tests.support.conflation import (
+    GAME,
+    OTHER,
+    big_stats,
+    check_view,
+    fall_behind,
+    followed,
+    incident,
+    read_and_check,
+    stats,
+)
 from tests.support.fakes import FakeSubscriber, RecordingBroker, make_hub, settle
 
-GAME = "game:g-1"
-OTHER = "game:g-2"
 BUDGET = 64 * 1024
-
-
-def stats(broker: RecordingBroker, n: int, channel: str = GAME) -> Publication:
-    body = {"scope": "game", "gameId": channel[5:], "updatedAt": "2026-11-23T19:45:00Z"}
-    return broker.publish_now(channel, "stats", json.dumps({**body, "values": {"n": n}}).encode())
-
-
-def incident(broker: RecordingBroker, n: int, channel: str = GAME) -> Publication:
-    return broker.publish_now(channel, "incident", json.dumps({"incidentId": f"i-{n}"}).encode())
-
-
-def fall_behind(sub: FakeSubscriber, hub: Any) -> None:
-    """The client stopped reading long ago: its socket holds more than a quarter of the budget."""
-    sub.reading = False
-    sub.backlog = hub.low_water + 1
-
-
-async def followed(hub: Any, sub: FakeSubscriber, *channels: str) -> None:
-    for channel in channels:
-        hub.finish_join(sub, await hub.join(sub, channel, None))
-    await settle()
-
-
-def check_view(frames: list[dict[str, Any]], published: list[Publication]) -> None:
-    """Per channel: offsets increase; every stream publication is there; a skip is only over
-    state publications of the event of the frame after it, which is marked conflated."""
-    by_offset = {(p.channel, p.offset): p for p in published}
-    for channel in {p.channel for p in published}:
-        mine = [f for f in frames if f.get("channel") == channel and not f.get("snapshot")]
-        seen = [f["offset"] for f in mine]
-        assert seen == sorted(set(seen)), seen
-        streams = [
-            p.offset for p in published if p.channel == channel and p.event not in STATE_EVENTS
-        ]
-        assert [o for o in seen if by_offset[(channel, o)].event not in STATE_EVENTS] == streams
-        previous = 0
-        for frame in mine:
-            skipped = [by_offset[(channel, o)] for o in range(previous + 1, frame["offset"])]
-            if skipped:
-                assert frame.get("conflated") is True, (frame, skipped)
-                assert frame["event"] in STATE_EVENTS
-                assert {p.event for p in skipped} == {frame["event"]}, skipped
-            else:
-                assert "conflated" not in frame, frame
-            assert json.loads(by_offset[(channel, frame["offset"])].data) == frame["data"]
-            previous = frame["offset"]
-        last = max(p.offset for p in published if p.channel == channel)
-        assert previous == last, "the newest publication of the channel never arrived"
-
-
-async def read_and_check(hub: Any, sub: FakeSubscriber, published: list[Publication]) -> None:
-    """The client reads everything at last: what it got must pass `check_view`."""
-    sub.reading = True
-    sub.drain(hub)
-    await settle()
-    check_view(sub.frames(), published)
 
 
 async def test_a_behind_connection_gets_only_the_newest_stats_marked_conflated() -> None:
@@ -299,13 +249,6 @@ async def test_state_records_and_behind_connections_do_not_outlive_their_keys() 
 
 
 # --- what the socket already holds cannot be conflated: it must leave room for the stream --------
-
-
-def big_stats(broker: RecordingBroker, n: int, channel: str = GAME) -> Publication:
-    """A stats publication of about 3 KB (a game's full table), as in the socket test."""
-    values = {f"v{i:03d}": f"{n}-{i}-xxxxxxxx" for i in range(120)}
-    body = {"scope": "game", "gameId": channel[5:], "updatedAt": "2026-11-23T19:45:00Z"}
-    return broker.publish_now(channel, "stats", json.dumps({**body, "values": values}).encode())
 
 
 async def test_a_tick_of_stats_that_fills_the_socket_leaves_room_for_the_stream() -> None:
