@@ -97,7 +97,8 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
             (passed if ratio >= factor else failed).append(_label(row))
             cpu = (
                 f" (CPU per publish {row['us_per_publish'] / memory['us_per_publish']:.2f}×)"
-                if row.get("us_per_publish") and memory.get("us_per_publish") else ""
+                if row.get("us_per_publish") and memory.get("us_per_publish")
+                else ""
             )
             parts.append(f"{_label(row)} {ratio:.2f}×{cpu}")
         out.append((goal, "; ".join(parts), _verdict(passed, failed)))
@@ -170,7 +171,9 @@ def _rounds(bursts: dict[str, Row]) -> str:
 def section(rows: list[Row]) -> list[str]:
     """Section 8 of docs/benchmarks.md."""
     bursts, paced, publish = (
-        _rows(rows, "broker_burst"), _rows(rows, "broker_paced"), _rows(rows, "broker_publish")
+        _rows(rows, "broker_burst"),
+        _rows(rows, "broker_paced"),
+        _rows(rows, "broker_publish"),
     )
     if not (bursts or paced or publish):
         return []
@@ -204,20 +207,37 @@ def section(rows: list[Row]) -> list[str]:
         def ratio(value: float | None, base: float | None) -> str:
             return f"{value / base:.2f}×" if value and base else "–"
 
-        body.append([
-            _label(next(r for r in (b, p, q) if r)),
-            _num(b and b["us_per_msg"], 2), ratio(b and b["us_per_msg"], memory["burst"]),
-            _num(b and b["broker_us_per_pub"], 1),
-            _num(p and p["us_per_msg"], 2), ratio(p and p["us_per_msg"], memory["paced"]),
-            _num(q and q["publishes_per_s"]), ratio(q and q["publishes_per_s"], memory["publish"]),
-            _num(q and q["us_per_publish"], 1), _num(q and q["broker_us_per_publish"], 1),
-            "" if all(r.get("complete", r.get("complete_all", True)) for r in (b, p) if r)
-            else "incomplete",
-        ])
+        body.append(
+            [
+                _label(next(r for r in (b, p, q) if r)),
+                _num(b and b["us_per_msg"], 2),
+                ratio(b and b["us_per_msg"], memory["burst"]),
+                _num(b and b["broker_us_per_pub"], 1),
+                _num(p and p["us_per_msg"], 2),
+                ratio(p and p["us_per_msg"], memory["paced"]),
+                _num(q and q["publishes_per_s"]),
+                ratio(q and q["publishes_per_s"], memory["publish"]),
+                _num(q and q["us_per_publish"], 1),
+                _num(q and q["broker_us_per_publish"], 1),
+                ""
+                if all(r.get("complete", r.get("complete_all", True)) for r in (b, p) if r)
+                else "incomplete",
+            ]
+        )
     lines += _table(
-        ["broker", "burst CPU µs/delivery", "÷ memory", "broker µs/publication (burst)",
-         "paced CPU µs/delivery", "÷ memory", "publishes/s", "÷ memory", "CPU µs/publish",
-         "broker µs/publish", "note"],
+        [
+            "broker",
+            "burst CPU µs/delivery",
+            "÷ memory",
+            "broker µs/publication (burst)",
+            "paced CPU µs/delivery",
+            "÷ memory",
+            "publishes/s",
+            "÷ memory",
+            "CPU µs/publish",
+            "broker µs/publish",
+            "note",
+        ],
         body,
     )
     lines += [
@@ -268,16 +288,31 @@ def capacity_lines(rows: list[Row], *, heading: str) -> list[str]:
     ]
     cost_rows = []
     for costs, _uniform, _affine in plans:
-        cost_rows.append([
-            _label_of(rows, costs.broker), _num(costs.recv_us, 1), _num(costs.wake_us),
-            _num(costs.deliver_paced_us, 2), _num(costs.deliver_burst_us, 2),
-            _num(costs.api_us), _num(costs.broker_pub_us, 1), _num(costs.broker_wake_us),
-            _num(costs.broker_fanout_us, 1) if costs.broker_fanout_us else "below noise",
-        ])
+        cost_rows.append(
+            [
+                _label_of(rows, costs.broker),
+                _num(costs.recv_us, 1),
+                _num(costs.wake_us),
+                _num(costs.deliver_paced_us, 2),
+                _num(costs.deliver_burst_us, 2),
+                _num(costs.api_us),
+                _num(costs.broker_pub_us, 1),
+                _num(costs.broker_wake_us),
+                _num(costs.broker_fanout_us, 1) if costs.broker_fanout_us else "below noise",
+            ]
+        )
     lines += _table(
-        ["broker", "node µs/publication received", "+ wake-up µs", "µs/delivery (own write)",
-         "µs/delivery (burst)", "µs/API publish", "broker µs/publication", "+ wake-up µs",
-         "broker µs/extra node"],
+        [
+            "broker",
+            "node µs/publication received",
+            "+ wake-up µs",
+            "µs/delivery (own write)",
+            "µs/delivery (burst)",
+            "µs/API publish",
+            "broker µs/publication",
+            "+ wake-up µs",
+            "broker µs/extra node",
+        ],
         cost_rows,
     )
     plan_rows = []
@@ -285,20 +320,33 @@ def capacity_lines(rows: list[Row], *, heading: str) -> list[str]:
         for kind, plan in (("uniform", uniform), ("game-affine", affine)):
             cpu = plan["node_cpu"]
             broker = (
-                f"{plan['redis_shards']} Redis shards" if plan["redis_shards"] is not None
+                f"{plan['redis_shards']} Redis shards"
+                if plan["redis_shards"] is not None
                 else f"{plan['nats_cores']} NATS cores"
             )
-            plan_rows.append([
-                _label_of(rows, costs.broker), kind,
-                _num(plan["nodes"]) if plan["feasible"] else "does not fit",
-                _num(plan["connections_per_node"]),
-                _num(cpu["received_per_s"]),
-                f"{cpu['receive']:.2f} / {cpu['deliver']:.2f} / {cpu['api']:.2f}",
-                f"{plan['broker_cpu_s_per_s']:.1f}", broker,
-            ])
+            plan_rows.append(
+                [
+                    _label_of(rows, costs.broker),
+                    kind,
+                    _num(plan["nodes"]) if plan["feasible"] else "does not fit",
+                    _num(plan["connections_per_node"]),
+                    _num(cpu["received_per_s"]),
+                    f"{cpu['receive']:.2f} / {cpu['deliver']:.2f} / {cpu['api']:.2f}",
+                    f"{plan['broker_cpu_s_per_s']:.1f}",
+                    broker,
+                ]
+            )
     lines += _table(
-        ["broker", "balancing", "nodes (cores)", "connections/node", "publications received/s "
-         "per node", "node CPU: receive / deliver / API", "broker CPU s/s", "broker servers"],
+        [
+            "broker",
+            "balancing",
+            "nodes (cores)",
+            "connections/node",
+            "publications received/s per node",
+            "node CPU: receive / deliver / API",
+            "broker CPU s/s",
+            "broker servers",
+        ],
         plan_rows,
     )
     three = next((r for r in rows if r["scenario"] == "broker_three_nodes"), None)
@@ -320,12 +368,19 @@ def capacity_lines(rows: list[Row], *, heading: str) -> list[str]:
         ):
             body.append([f"node {index + 1}", f"{pred:.2f}", f"{meas:.2f}", f"{meas / pred:.2f}×"])
         pred, meas = check["predicted_broker_cpu_s"], check["measured_broker_cpu_s"]
-        body.append(["broker servers", f"{pred:.2f}", f"{meas:.2f}",
-                     f"{meas / pred:.2f}×" if pred else "–"])
-        lines += _table(["process", "predicted CPU s", "measured CPU s", "measured ÷ predicted"],
-                        body)
-        worst = max(m / p for p, m in zip(
-            check["predicted_node_cpu_s"], check["measured_node_cpu_s"], strict=True) if p)
+        body.append(
+            ["broker servers", f"{pred:.2f}", f"{meas:.2f}", f"{meas / pred:.2f}×" if pred else "–"]
+        )
+        lines += _table(
+            ["process", "predicted CPU s", "measured CPU s", "measured ÷ predicted"], body
+        )
+        worst = max(
+            m / p
+            for p, m in zip(
+                check["predicted_node_cpu_s"], check["measured_node_cpu_s"], strict=True
+            )
+            if p
+        )
         lines += [
             f"The costs were measured with a node alone on its core; here three nodes share two "
             f"cores with the broker and the load client, and they use up to {worst:.2f}× what "
@@ -353,10 +408,12 @@ def write_capacity(rows: list[Row], deployment: Path) -> None:
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
         return
-    block = "\n".join([
-        BEGIN,
-        "<!-- Written by `make bench` (bench/broker_report.py): do not edit by hand. -->",
-        "",
-        *capacity_lines(rows, heading="#### The model, from the last `make bench`"),
-    ])
+    block = "\n".join(
+        [
+            BEGIN,
+            "<!-- Written by `make bench` (bench/broker_report.py): do not edit by hand. -->",
+            "",
+            *capacity_lines(rows, heading="#### The model, from the last `make bench`"),
+        ]
+    )
     deployment.write_text(text[:start] + block + text[end:])

@@ -115,8 +115,12 @@ class BrokerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "server.log", "ab") as log:
             proc = subprocess.Popen(
-                [self.binary, *self.args()], cwd=self.workdir, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [self.binary, *self.args()],
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         LIVE_GROUPS.add(proc.pid)
         return proc
@@ -226,7 +230,9 @@ async def broker_targets(
                 await proc.start()
                 started.append(proc)
                 targets.append(
-                    Target(name, f"NATS {version}", f"nats://127.0.0.1:{proc.port}", [proc], version)
+                    Target(
+                        name, f"NATS {version}", f"nats://127.0.0.1:{proc.port}", [proc], version
+                    )
                 )
             yield targets
         finally:
@@ -244,7 +250,12 @@ async def node_on(
     # The load clients send no pings, and a node of `bursts` or `paced` keeps its clients for the
     # whole of the turns (minutes): past the default idle timeout they would be closed mid-run.
     server = Server(
-        OURS, port, api_port, ctx.server_cpu, ctx.log_dir, broker=target.url(),
+        OURS,
+        port,
+        api_port,
+        ctx.server_cpu,
+        ctx.log_dir,
+        broker=target.url(),
         extra_env={"IGRATECH_WS_IDLE_TIMEOUT": "600"},
     )
     pool: LoadPool | None = None
@@ -286,9 +297,12 @@ async def socket_writes(api_port: int) -> int:
     """The node's `igratech_ws_socket_writes_total` (its writes to client sockets so far)."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as session, session.get(
-        f"http://127.0.0.1:{api_port}/metrics", timeout=aiohttp.ClientTimeout(total=10)
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{api_port}/metrics", timeout=aiohttp.ClientTimeout(total=10)
+        ) as resp,
+    ):
         text = await resp.text()
     match = re.search(r"^igratech_ws_socket_writes_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
     if match is None:
@@ -356,8 +370,13 @@ async def _burst_round(
 
 
 async def bursts(
-    ctx: Any, targets: list[Target], clients: int, events: int = 100, rounds: int = BURST_ROUNDS,
-    limit: float = 30.0, rate: float | None = None,
+    ctx: Any,
+    targets: list[Target],
+    clients: int,
+    events: int = 100,
+    rounds: int = BURST_ROUNDS,
+    limit: float = 30.0,
+    rate: float | None = None,
 ) -> list[Row]:
     """`clients` follow g-1 on a node per broker, all running at once; then `rounds` rounds, in
     each of which every node in turn gets `events` incidents in one batch request (with `rate`:
@@ -371,18 +390,14 @@ async def bursts(
     nodes: list[_BurstNode] = []
     async with contextlib.AsyncExitStack() as stack:
         for target in targets:
-            server, pool, publisher = await stack.enter_async_context(
-                node_on(ctx, target, clients)
-            )
+            server, pool, publisher = await stack.enter_async_context(node_on(ctx, target, clients))
             ready = await _connect(pool, server, clients)
             nodes.append(_BurstNode(target, server, pool, publisher, ready))
         for r in range(rounds):
             # Each round in a different order, so that no broker always follows the same one.
-            order = nodes[r % len(nodes):] + nodes[: r % len(nodes)]
+            order = nodes[r % len(nodes) :] + nodes[: r % len(nodes)]
             for node in order:
-                node.rounds.append(
-                    await _burst_round(node, events, r * events + 1, limit, rate)
-                )
+                node.rounds.append(await _burst_round(node, events, r * events + 1, limit, rate))
                 await asyncio.sleep(0.2)
     return [_burst_row(node, clients, events, rate) for node in nodes]
 
@@ -396,9 +411,15 @@ def _burst_row(node: _BurstNode, clients: int, events: int, rate: float | None =
     else:
         chosen = results[0]
     return {
-        "scenario": "broker_paced" if rate else "broker_burst", "server": OURS.name,
-        "broker": node.target.name, "version": node.target.version, "clients": clients,
-        "subscribed": node.ready, "events": events, "rate": rate, "rounds": len(results),
+        "scenario": "broker_paced" if rate else "broker_burst",
+        "server": OURS.name,
+        "broker": node.target.name,
+        "version": node.target.version,
+        "clients": clients,
+        "subscribed": node.ready,
+        "events": events,
+        "rate": rate,
+        "rounds": len(results),
         "interleaved": True,
         "rounds_us_per_msg": [r["us_per_msg"] for r in results],
         "rounds_writes_per_follower": [r["writes_per_follower"] for r in results],
@@ -408,7 +429,11 @@ def _burst_row(node: _BurstNode, clients: int, events: int, rate: float | None =
 
 
 async def burst(
-    ctx: Any, target: Target, clients: int, events: int = 100, rounds: int = 3,
+    ctx: Any,
+    target: Target,
+    clients: int,
+    events: int = 100,
+    rounds: int = 3,
     limit: float = 30.0,
 ) -> Row:
     """`bursts` on one broker alone (the capacity model's small runs, and development)."""
@@ -417,7 +442,10 @@ async def burst(
 
 
 async def paced(
-    ctx: Any, targets: list[Target], clients: int, rate: float = PACED_RATE,
+    ctx: Any,
+    targets: list[Target],
+    clients: int,
+    rate: float = PACED_RATE,
     rounds: int = PACED_ROUNDS,
 ) -> list[Row]:
     """`clients` follow g-1 on a node per broker; incidents one by one at `rate`/s for
@@ -460,9 +488,16 @@ async def publish_rate(
         broker_cpu = sum(broker_meter.read())
         client_cpu = time.process_time() - client_cpu0
         return {
-            "scenario": "broker_publish", "server": OURS.name, "broker": target.name, "version": target.version, "concurrency": concurrency,
-            "published": published, "failures": failures, "elapsed_s": elapsed,
-            "publishes_per_s": published / elapsed, "cpu_s": cpu_s,
+            "scenario": "broker_publish",
+            "server": OURS.name,
+            "broker": target.name,
+            "version": target.version,
+            "concurrency": concurrency,
+            "published": published,
+            "failures": failures,
+            "elapsed_s": elapsed,
+            "publishes_per_s": published / elapsed,
+            "cpu_s": cpu_s,
             "server_cpu_frac": cpu_s / elapsed,
             "us_per_publish": cpu_s * 1e6 / published if published else None,
             "broker_us_per_publish": broker_cpu * 1e6 / published if published else None,
@@ -522,8 +557,15 @@ async def two_nodes(
 
 
 async def fanin(
-    ctx: Any, target: Target, clients: int, *, rate: float | None = None, events: int = 100,
-    rounds: int = 3, limit: float = 30.0, publisher_followers: int = 0,
+    ctx: Any,
+    target: Target,
+    clients: int,
+    *,
+    rate: float | None = None,
+    events: int = 100,
+    rounds: int = 3,
+    limit: float = 30.0,
+    publisher_followers: int = 0,
 ) -> Row:
     """Node A's CPU for publications made through node B: a burst of `events` (median of
     `rounds`), or `events` paced at `rate`/s when `rate` is given. With `publisher_followers`,
@@ -531,8 +573,14 @@ async def fanin(
     async with two_nodes(ctx, target, clients) as (node, other, pool, publisher):
         ready = await _connect(pool, node, clients)
         if publisher_followers:
-            await pool.connect(ws_url(other), OURS.proto, publisher_followers, ["g-1"],
-                               limit=30, first_index=clients)
+            await pool.connect(
+                ws_url(other),
+                OURS.proto,
+                publisher_followers,
+                ["g-1"],
+                limit=30,
+                first_index=clients,
+            )
         idle_node, *idle_broker = await idle_rates([node.pid, *target.pids])
         results: list[Row] = []
         for r in range(1 if rate else rounds):
@@ -550,29 +598,46 @@ async def fanin(
             delivered = waited["received"] - publisher_followers * events
             net = max(0.0, cpu_s - idle_node * wall)
             broker_net = max(0.0, broker_cpu - sum(idle_broker) * wall)
-            results.append({
-                "delivered": delivered, "expected": armed * events,
-                "complete": waited["received"] == armed * events and waited["errors"] == 0,
-                "cpu_s": cpu_s, "wall_s": wall, "net_cpu_s": net,
-                "us_per_msg": cpu_s * 1e6 / delivered if delivered else None,
-                "broker_us_per_pub": broker_cpu * 1e6 / events,
-                "broker_net_us_per_pub": broker_net * 1e6 / events,
-            })
+            results.append(
+                {
+                    "delivered": delivered,
+                    "expected": armed * events,
+                    "complete": waited["received"] == armed * events and waited["errors"] == 0,
+                    "cpu_s": cpu_s,
+                    "wall_s": wall,
+                    "net_cpu_s": net,
+                    "us_per_msg": cpu_s * 1e6 / delivered if delivered else None,
+                    "broker_us_per_pub": broker_cpu * 1e6 / events,
+                    "broker_net_us_per_pub": broker_net * 1e6 / events,
+                }
+            )
             await asyncio.sleep(0.2)
         good = [r for r in results if r["us_per_msg"] is not None] or results
         middle = _median([r["cpu_s"] for r in good])
         chosen = min(good, key=lambda r: abs(r["cpu_s"] - middle))
         return {
-            "scenario": "broker_fanin", "server": OURS.name, "broker": target.name, "version": target.version,
-            "clients": clients, "subscribed": ready, "events": events, "rate": rate,
-            "mode": "paced" if rate else "burst", "broker_nodes": 1 + bool(publisher_followers),
+            "scenario": "broker_fanin",
+            "server": OURS.name,
+            "broker": target.name,
+            "version": target.version,
+            "clients": clients,
+            "subscribed": ready,
+            "events": events,
+            "rate": rate,
+            "mode": "paced" if rate else "burst",
+            "broker_nodes": 1 + bool(publisher_followers),
             "idle_cpu_per_s": idle_node,
-            "broker_idle_cpu_per_s": sum(idle_broker), **chosen,
+            "broker_idle_cpu_per_s": sum(idle_broker),
+            **chosen,
         }
 
 
 async def fanout(
-    ctx: Any, target: Target, clients: int = SMALL_CLIENTS, events: int = 500, rounds: int = 3,
+    ctx: Any,
+    target: Target,
+    clients: int = SMALL_CLIENTS,
+    events: int = 500,
+    rounds: int = 3,
     limit: float = 30.0,
 ) -> Row:
     """The broker server's CPU per publication with one node subscribed, then with two: bursts
@@ -586,8 +651,9 @@ async def fanout(
         seq = 0
         for subscribed in (1, 2):
             if subscribed == 2:
-                await pool.connect(ws_url(other), OURS.proto, 1, ["g-1"], limit=30,
-                                   first_index=clients)
+                await pool.connect(
+                    ws_url(other), OURS.proto, 1, ["g-1"], limit=30, first_index=clients
+                )
             costs = []
             for _ in range(rounds):
                 await pool.arm(events)
@@ -603,9 +669,15 @@ async def fanout(
                 await asyncio.sleep(0.2)
             medians.append(_median(costs))
         return {
-            "scenario": "broker_fanout", "server": OURS.name, "broker": target.name,
-            "version": target.version, "clients": clients, "events": events, "rounds": rounds,
-            "broker_us_per_pub_1": medians[0], "broker_us_per_pub_2": medians[1],
+            "scenario": "broker_fanout",
+            "server": OURS.name,
+            "broker": target.name,
+            "version": target.version,
+            "clients": clients,
+            "events": events,
+            "rounds": rounds,
+            "broker_us_per_pub_1": medians[0],
+            "broker_us_per_pub_2": medians[1],
             "broker_fanout_us": medians[1] - medians[0],
         }
 
@@ -614,8 +686,13 @@ async def fanout(
 
 
 async def three_nodes(
-    ctx: Any, target: Target, clients: int = 3000, games: int = 30, rate: float = 300.0,
-    duration: float = 5.0, limit: float = 20.0,
+    ctx: Any,
+    target: Target,
+    clients: int = 3000,
+    games: int = 30,
+    rate: float = 300.0,
+    duration: float = 5.0,
+    limit: float = 20.0,
 ) -> Row:
     """Three nodes on `target` (not pinned), `clients` spread evenly, each following one of
     `games`; `rate` publications/s for `duration` s over the games, through the three nodes' APIs
@@ -637,7 +714,12 @@ async def three_nodes(
         ready = 0
         for index, node in enumerate(nodes):
             answer = await pool.connect(
-                ws_url(node), OURS.proto, share, names, limit=90, first_index=index * share,
+                ws_url(node),
+                OURS.proto,
+                share,
+                names,
+                limit=90,
+                first_index=index * share,
             )
             ready = int(answer["ready"])  # each load process answers with its running total
         for node in nodes:
@@ -667,12 +749,22 @@ async def three_nodes(
         cpu = [meter.read()[0] for meter in meters]
         broker_cpu = sum(broker_meter.read())
         return {
-            "scenario": "broker_three_nodes", "server": OURS.name, "broker": target.name, "version": target.version,
-            "clients": clients, "subscribed": ready, "games": games, "rate": rate,
-            "publications": count, "duration_s": wall, "delivered": waited["received"],
+            "scenario": "broker_three_nodes",
+            "server": OURS.name,
+            "broker": target.name,
+            "version": target.version,
+            "clients": clients,
+            "subscribed": ready,
+            "games": games,
+            "rate": rate,
+            "publications": count,
+            "duration_s": wall,
+            "delivered": waited["received"],
             "expected": armed * per_game,
             "complete": waited["received"] == armed * per_game and waited["errors"] == 0,
-            "node_cpu_s": cpu, "broker_cpu_s": broker_cpu, "idle_cpu_per_s": idle_nodes,
+            "node_cpu_s": cpu,
+            "broker_cpu_s": broker_cpu,
+            "idle_cpu_per_s": idle_nodes,
             "broker_idle_cpu_per_s": idle_broker,
             "deliveries_per_node": [share * per_game] * 3,
         }
@@ -699,8 +791,13 @@ MODEL_RUNS: tuple[tuple[int | None, float | None, int], ...] = (
 
 
 async def run(
-    ctx: Any, rows: list[Row], guard: Callable[..., Any], *, clients: int = 2000,
-    events: int = 100, rate: float = PACED_RATE,
+    ctx: Any,
+    rows: list[Row],
+    guard: Callable[..., Any],
+    *,
+    clients: int = 2000,
+    events: int = 100,
+    rate: float = PACED_RATE,
 ) -> None:
     """Every broker scenario, appended to `rows` through `guard` (the runner's time budget):
     the targets' runs on every broker, the capacity model's inputs on sharded Redis and the
@@ -710,10 +807,16 @@ async def run(
         for target in targets:
             if target.version:
                 ctx.notes.append(f"broker {target.name}: {target.label} ({target.version})")
-        await guard(f"broker bursts {','.join(t.name for t in targets)} {clients}",
-                    lambda: bursts(ctx, targets, clients, events), need=60)
-        await guard(f"broker paced {','.join(t.name for t in targets)} {rate:g}/s",
-                    lambda: paced(ctx, targets, clients, rate), need=60)
+        await guard(
+            f"broker bursts {','.join(t.name for t in targets)} {clients}",
+            lambda: bursts(ctx, targets, clients, events),
+            need=60,
+        )
+        await guard(
+            f"broker paced {','.join(t.name for t in targets)} {rate:g}/s",
+            lambda: paced(ctx, targets, clients, rate),
+            need=60,
+        )
         for target in targets:
             await guard(f"broker publish {target.name}", lambda t=target: publish_rate(ctx, t))
         nats_done = False
@@ -723,20 +826,27 @@ async def run(
                 continue
             nats_done = nats_done or name.startswith("nats")
             for followers, paced_rate, extra in MODEL_RUNS:
-                label = f"broker fan-in {name} {followers or clients}" + (
-                    f" paced {paced_rate:g}/s" if paced_rate else " burst"
-                ) + (", 2 nodes subscribed" if extra else "")
+                label = (
+                    f"broker fan-in {name} {followers or clients}"
+                    + (f" paced {paced_rate:g}/s" if paced_rate else " burst")
+                    + (", 2 nodes subscribed" if extra else "")
+                )
                 await guard(
                     label,
                     lambda t=target, n=followers, r=paced_rate, x=extra: fanin(
-                        ctx, t, clients if n is None else n, rate=r, events=events,
+                        ctx,
+                        t,
+                        clients if n is None else n,
+                        rate=r,
+                        events=events,
                         publisher_followers=x,
                     ),
                 )
             await guard(f"broker fan-out {name}", lambda t=target: fanout(ctx, t))
         if "redis-3" in by_name:
-            await guard("broker three nodes redis-3",
-                        lambda: three_nodes(ctx, by_name["redis-3"]), need=60)
+            await guard(
+                "broker three nodes redis-3", lambda: three_nodes(ctx, by_name["redis-3"]), need=60
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -763,8 +873,13 @@ def main(argv: list[str] | None = None) -> int:
         server_cpu, client_cpu = _cpus()
         log_dir = RESULTS / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        ctx = Context(kinds=[OURS], server_cpu=server_cpu, client_cpu=client_cpu,
-                      log_dir=log_dir, deadline=time.monotonic() + 3600)
+        ctx = Context(
+            kinds=[OURS],
+            server_cpu=server_cpu,
+            client_cpu=client_cpu,
+            log_dir=log_dir,
+            deadline=time.monotonic() + 3600,
+        )
         async with broker_targets(notes=ctx.notes) as targets:
             chosen = [t for t in targets if wanted is None or t.name in wanted]
             if "burst" in only:
@@ -776,15 +891,23 @@ def main(argv: list[str] | None = None) -> int:
             for target in chosen:
                 jobs: list[Callable[[], Any]] = []
                 if "small" in only:
-                    jobs.append(lambda t=target: burst(ctx, t, SMALL_CLIENTS, args.events,
-                                                       args.rounds))
+                    jobs.append(
+                        lambda t=target: burst(ctx, t, SMALL_CLIENTS, args.events, args.rounds)
+                    )
                 if "publish" in only:
                     jobs.append(lambda t=target: publish_rate(ctx, t))
                 if "fanin" in only:
                     for n, r, x in MODEL_RUNS:
-                        jobs.append(lambda t=target, n=n, r=r, x=x: fanin(
-                            ctx, t, args.clients if n is None else n, rate=r,
-                            events=args.events, publisher_followers=x))
+                        jobs.append(
+                            lambda t=target, n=n, r=r, x=x: fanin(
+                                ctx,
+                                t,
+                                args.clients if n is None else n,
+                                rate=r,
+                                events=args.events,
+                                publisher_followers=x,
+                            )
+                        )
                 if "fanin" in only:
                     jobs.append(lambda t=target: fanout(ctx, t))
                 if "three" in only and target.name == "redis-3":

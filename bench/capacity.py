@@ -88,7 +88,9 @@ class Costs:
 
 def _one(rows: list[Row], scenario: str, **match: Any) -> Row | None:
     found = [
-        r for r in rows if r["scenario"] == scenario and all(r.get(k) == v for k, v in match.items())
+        r
+        for r in rows
+        if r["scenario"] == scenario and all(r.get(k) == v for k, v in match.items())
     ]
     return found[-1] if found else None
 
@@ -99,9 +101,13 @@ def costs_of(rows: list[Row], broker: str) -> Costs | None:
 
     def fanin(mode: str, small: bool, nodes: int = 1) -> Row | None:
         found = [
-            r for r in rows
-            if r["scenario"] == "broker_fanin" and r["broker"] == broker and r["mode"] == mode
-            and (r["clients"] == SMALL_CLIENTS) == small and r.get("broker_nodes", 1) == nodes
+            r
+            for r in rows
+            if r["scenario"] == "broker_fanin"
+            and r["broker"] == broker
+            and r["mode"] == mode
+            and (r["clients"] == SMALL_CLIENTS) == small
+            and r.get("broker_nodes", 1) == nodes
         ]
         return found[-1] if found else None
 
@@ -199,13 +205,16 @@ def check_three_nodes(costs: Costs, row: Row) -> dict[str, Any]:
     pubs = row["publications"]
     predicted_nodes = []
     for idle, deliveries in zip(row["idle_cpu_per_s"], row["deliveries_per_node"], strict=True):
-        base = idle * wall + (
-            pubs * costs.recv_us + pubs / 3 * costs.api_us + deliveries * costs.deliver_paced_us
-        ) / 1e6
+        base = (
+            idle * wall
+            + (pubs * costs.recv_us + pubs / 3 * costs.api_us + deliveries * costs.deliver_paced_us)
+            / 1e6
+        )
         predicted_nodes.append(_with_wakes(base, pubs * costs.wake_us / 1e6, wall))
-    base = row["broker_idle_cpu_per_s"] * wall + pubs * (
-        costs.broker_pub_us + 2 * costs.broker_fanout_us
-    ) / 1e6
+    base = (
+        row["broker_idle_cpu_per_s"] * wall
+        + pubs * (costs.broker_pub_us + 2 * costs.broker_fanout_us) / 1e6
+    )
     predicted_broker = _with_wakes(base, pubs * costs.broker_wake_us / 1e6, wall)
     return {
         "predicted_node_cpu_s": predicted_nodes,

@@ -245,9 +245,7 @@ class Worker:
         if self.ready < self.expect_ready:
             self.ready_event.clear()
             with _suppress_timeout():
-                await asyncio.wait_for(
-                    self.ready_event.wait(), max(0.1, loop_deadline - _mono())
-                )
+                await asyncio.wait_for(self.ready_event.wait(), max(0.1, loop_deadline - _mono()))
         return {
             "connected": handshakes,
             "failed": self.failed,

@@ -113,9 +113,15 @@ class LoadPool:
         for share in shares:
             cmds.append(
                 {
-                    "cmd": "connect", "url": url, "proto": proto, "n": share, "games": games,
-                    "first_index": index, "timeout": limit,
-                    "concurrency": max(1, concurrency // count), "jwt_secret": jwt_secret,
+                    "cmd": "connect",
+                    "url": url,
+                    "proto": proto,
+                    "n": share,
+                    "games": games,
+                    "first_index": index,
+                    "timeout": limit,
+                    "concurrency": max(1, concurrency // count),
+                    "jwt_secret": jwt_secret,
                     "per_conn_games": per_conn_games,
                 }
             )
@@ -169,7 +175,9 @@ class LoadPool:
             "errors": sum(a["errors"] for a in answers),
             "cpu": sum(a["cpu"] for a in answers),
             "closed_by_server": sum(a["closed_by_server"] for a in answers),
-            "lat_files": [p for p, a in zip(paths, answers, strict=True) if p and a.get("lat_count")],
+            "lat_files": [
+                p for p, a in zip(paths, answers, strict=True) if p and a.get("lat_count")
+            ],
         }
 
     async def close_all(self) -> None:

@@ -57,7 +57,9 @@ def _table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
 
 def _pick(rows: list[Row], scenario: str, **match: Any) -> list[Row]:
     return [
-        r for r in rows if r["scenario"] == scenario and all(r.get(k) == v for k, v in match.items())
+        r
+        for r in rows
+        if r["scenario"] == scenario and all(r.get(k) == v for k, v in match.items())
     ]
 
 
@@ -158,7 +160,8 @@ def _plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
             axes[0].bar(xs, rate, width, label=labels.get(server, server))
             axes[1].bar(xs, cpu, width, label=labels.get(server, server))
         for ax, title in zip(
-            axes, ("delivered messages/s (thousands)", "server CPU µs per delivered message"),
+            axes,
+            ("delivered messages/s (thousands)", "server CPU µs per delivered message"),
             strict=True,
         ):
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))])
@@ -236,11 +239,13 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
             ratio = ours["us_per_msg"] / peer["us_per_msg"]
             ok = ok and ratio <= 1.3
             parts.append(f"{ours['clients']:,}: {ratio:.2f}×")
-    out.append((
-        "burst CPU per delivery ≤ 1.3× the coalescing broadcaster",
-        "; ".join(parts) or "not measured",
-        ("met" if ok else "NOT met") if parts else "–",
-    ))
+    out.append(
+        (
+            "burst CPU per delivery ≤ 1.3× the coalescing broadcaster",
+            "; ".join(parts) or "not measured",
+            ("met" if ok else "NOT met") if parts else "–",
+        )
+    )
     # msgs/s at 5000 clients
     ours5 = _one(rows, "burst", server=OURS, clients=5000)
     for peer_name, factor in (("node-ws", 5), ("soketi", 5), ("python-socketio", 20)):
@@ -248,8 +253,13 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         if ours5 and peer:
             ratio = ours5["msgs_per_s"] / peer["msgs_per_s"]
             note = " (ours client-bound)" if _bound(ours5) else ""
-            out.append((f"msgs/s at 5,000 clients ≥ {factor}× {peer_name}",
-                        f"{ratio:.2f}×{note}", "met" if ratio >= factor else "NOT met"))
+            out.append(
+                (
+                    f"msgs/s at 5,000 clients ≥ {factor}× {peer_name}",
+                    f"{ratio:.2f}×{note}",
+                    "met" if ratio >= factor else "NOT met",
+                )
+            )
         else:
             out.append((f"msgs/s at 5,000 clients ≥ {factor}× {peer_name}", "not measured", "–"))
     for rate in (10, 50):
@@ -257,23 +267,37 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         ours_p = _one(rows, "paced", server=OURS, rate=float(rate))
         soketi_p = _one(rows, "paced", server="soketi", rate=float(rate))
         if ours_p and soketi_p and ours_p.get("p99_ms") is not None and soketi_p.get("p99_ms"):
-            out.append((name, f"{ours_p['p99_ms']:.1f} ms vs {soketi_p['p99_ms']:.1f} ms",
-                        "met" if ours_p["p99_ms"] <= soketi_p["p99_ms"] else "NOT met"))
+            out.append(
+                (
+                    name,
+                    f"{ours_p['p99_ms']:.1f} ms vs {soketi_p['p99_ms']:.1f} ms",
+                    "met" if ours_p["p99_ms"] <= soketi_p["p99_ms"] else "NOT met",
+                )
+            )
         else:
             out.append((name, "not measured", "–"))
     idle = _one(rows, "idle", server=OURS)
     if idle and idle.get("kb_per_conn") is not None:
-        out.append(("idle memory ≤ 12 KB/conn at 10,000", f"{idle['kb_per_conn']:.1f} KB",
-                    "met" if idle["kb_per_conn"] <= 12 else "NOT met"))
+        out.append(
+            (
+                "idle memory ≤ 12 KB/conn at 10,000",
+                f"{idle['kb_per_conn']:.1f} KB",
+                "met" if idle["kb_per_conn"] <= 12 else "NOT met",
+            )
+        )
     else:
         out.append(("idle memory ≤ 12 KB/conn at 10,000", "not measured", "–"))
     st = _one(rows, "storm", server=OURS)
     if st and st.get("per_core_capacity"):
         best = max(st["handshakes_per_s"], 0)
         cap = st["per_core_capacity"]
-        out.append(("≥ 5,000 JWT handshakes/s on one core",
-                    f"observed {best:,.0f}/s; server CPU allows {cap:,.0f}/s per core",
-                    "met" if cap >= 5000 else "NOT met"))
+        out.append(
+            (
+                "≥ 5,000 JWT handshakes/s on one core",
+                f"observed {best:,.0f}/s; server CPU allows {cap:,.0f}/s per core",
+                "met" if cap >= 5000 else "NOT met",
+            )
+        )
     else:
         out.append(("≥ 5,000 JWT handshakes/s on one core", "not measured", "–"))
     out.extend(_handshake_target(rows))
@@ -342,7 +366,9 @@ def _handshake_cost_section(rows: list[Row]) -> list[str]:
     if anon:
         token = per["jwt"] - per["anon"]
         protocol = per["anon"] - per["picows"]
-        text += f"Without a token it spends {abs(protocol):,.0f} {'more' if protocol > 0 else 'fewer'}"
+        text += (
+            f"Without a token it spends {abs(protocol):,.0f} {'more' if protocol > 0 else 'fewer'}"
+        )
         text += (
             " (the gateway's protocol: the `connected` frame with the channels' positions, the "
             "session and its settings plans, the hub's join of the game, the per-address and "
@@ -393,23 +419,37 @@ def _publish_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     single = _one(rows, "publish_api", server=OURS, batch=1)
     if single and single.get("us_per_event") is not None:
-        out.append(("single publish ≤ 80 µs server CPU per request", f"{single['us_per_event']:.1f} µs",
-                    "met" if single["us_per_event"] <= 80 else "NOT met"))
+        out.append(
+            (
+                "single publish ≤ 80 µs server CPU per request",
+                f"{single['us_per_event']:.1f} µs",
+                "met" if single["us_per_event"] <= 80 else "NOT met",
+            )
+        )
     else:
         out.append(("single publish ≤ 80 µs server CPU per request", "not measured", "–"))
     batch = _one(rows, "publish_api", server=OURS, batch=100)
     if batch and batch.get("us_per_event"):
         capacity = 1e6 / batch["us_per_event"]
-        out.append(("batches of 100: ≥ 100,000 events/s per node",
-                    f"observed {batch['events_per_s']:,.0f}/s at {batch['server_cpu_frac']:.0%} "
-                    f"server CPU; server CPU allows {capacity:,.0f}/s",
-                    "met" if capacity >= 100_000 else "NOT met"))
+        out.append(
+            (
+                "batches of 100: ≥ 100,000 events/s per node",
+                f"observed {batch['events_per_s']:,.0f}/s at {batch['server_cpu_frac']:.0%} "
+                f"server CPU; server CPU allows {capacity:,.0f}/s",
+                "met" if capacity >= 100_000 else "NOT met",
+            )
+        )
     else:
         out.append(("batches of 100: ≥ 100,000 events/s per node", "not measured", "–"))
     outbox = _one(rows, "outbox_latency", server=OURS)
     if outbox and outbox.get("p50_ms") is not None:
-        out.append(("outbox commit-to-client p50 < 150 ms", f"{outbox['p50_ms']:.1f} ms",
-                    "met" if outbox["p50_ms"] < 150 and outbox["complete"] else "NOT met"))
+        out.append(
+            (
+                "outbox commit-to-client p50 < 150 ms",
+                f"{outbox['p50_ms']:.1f} ms",
+                "met" if outbox["p50_ms"] < 150 and outbox["complete"] else "NOT met",
+            )
+        )
     else:
         out.append(("outbox commit-to-client p50 < 150 ms", "not measured", "–"))
     return out
@@ -421,9 +461,14 @@ def _worker_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     idle = _one(rows, "workers_idle", workers=2)
     goal = "idle: 30,000 connections held by `--workers 2`"
     if idle:
-        out.append((goal, f"{idle['held']:,} of {idle['attempted']:,} held, "
-                    f"{_num(idle['kb_per_conn'], 1)} KB each (summed over the workers)",
-                    "met" if idle["held"] >= 30_000 else "NOT met"))
+        out.append(
+            (
+                goal,
+                f"{idle['held']:,} of {idle['attempted']:,} held, "
+                f"{_num(idle['kb_per_conn'], 1)} KB each (summed over the workers)",
+                "met" if idle["held"] >= 30_000 else "NOT met",
+            )
+        )
     else:
         out.append((goal, "not measured (`--scenarios workers`)", "–"))
     one = _one(rows, "workers_burst", workers=1)
@@ -433,12 +478,13 @@ def _worker_targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         ratio = two["msgs_per_s"] / one["msgs_per_s"]
         cpu_ratio = 2 * one["us_per_msg"] / two["us_per_msg"]
         bound = _workers_bound(one) or _workers_bound(two)
-        measured = (f"observed {ratio:.2f}×; server CPU per message allows {cpu_ratio:.2f}× "
-                    "with a core per worker")
+        measured = (
+            f"observed {ratio:.2f}×; server CPU per message allows {cpu_ratio:.2f}× "
+            "with a core per worker"
+        )
         if bound:
             measured += " (observed run CPU-bound: client and server share 2 cores)"
-        verdict = "met" if ratio >= 1.7 else (
-            "not shown on this machine" if bound else "NOT met")
+        verdict = "met" if ratio >= 1.7 else ("not shown on this machine" if bound else "NOT met")
         out.append((goal, measured, verdict))
     else:
         out.append((goal, "not measured (`--scenarios workers`)", "–"))
@@ -563,17 +609,30 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
                 row = _one(rows, "burst", server=server, clients=size)
                 if not row:
                     continue
-                body.append([
-                    name[server], _num(row["msgs_per_s"]),
-                    _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
-                    _num(row["us_per_msg"], 2),
-                    _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
-                    f"{row['delivered']:,}/{row['expected']:,}",
-                    f"{row['client_cpu_frac']:.0%}", _bound(row),
-                ])
+                body.append(
+                    [
+                        name[server],
+                        _num(row["msgs_per_s"]),
+                        _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
+                        _num(row["us_per_msg"], 2),
+                        _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
+                        f"{row['delivered']:,}/{row['expected']:,}",
+                        f"{row['client_cpu_frac']:.0%}",
+                        _bound(row),
+                    ]
+                )
             lines += _table(
-                ["server", "delivered msgs/s", "ours ÷ this", "CPU µs/msg", "ours ÷ this",
-                 "delivered", "client CPU", "note"], body,
+                [
+                    "server",
+                    "delivered msgs/s",
+                    "ours ÷ this",
+                    "CPU µs/msg",
+                    "ours ÷ this",
+                    "delivered",
+                    "client CPU",
+                    "note",
+                ],
+                body,
             )
 
     paced = _pick(rows, "paced")
@@ -595,15 +654,32 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
                 row = _one(rows, "paced", server=server, rate=rate)
                 if not row:
                     continue
-                body.append([
-                    f"{rate:g}/s", name[server], _num(row["p50_ms"], 2), _num(row["p99_ms"], 2),
-                    _num(row["p999_ms"], 2), _num(row["max_ms"], 1),
-                    f"{row['delivered'] / max(1, row['expected']):.1%}",
-                    _num(row["us_per_msg"], 2), f"{row['server_cpu_frac']:.0%}",
-                ])
+                body.append(
+                    [
+                        f"{rate:g}/s",
+                        name[server],
+                        _num(row["p50_ms"], 2),
+                        _num(row["p99_ms"], 2),
+                        _num(row["p999_ms"], 2),
+                        _num(row["max_ms"], 1),
+                        f"{row['delivered'] / max(1, row['expected']):.1%}",
+                        _num(row["us_per_msg"], 2),
+                        f"{row['server_cpu_frac']:.0%}",
+                    ]
+                )
         lines += _table(
-            ["rate", "server", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "delivered",
-             "CPU µs/msg", "server CPU"], body,
+            [
+                "rate",
+                "server",
+                "p50 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "max ms",
+                "delivered",
+                "CPU µs/msg",
+                "server CPU",
+            ],
+            body,
         )
         lines += _paced_gap_lines(rows)
 
@@ -623,14 +699,19 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         for server in servers:
             row = _one(rows, "idle", server=server)
             if row:
-                body.append([
-                    name[server], f"{row['subscribed']:,}", _num(row["kb_per_conn"], 1),
-                    _ratio(ours["kb_per_conn"], row["kb_per_conn"]) if ours else "–",
-                    _num(row["rss_before_kb"] / 1024, 1), _num(row["rss_after_kb"] / 1024, 1),
-                ])
+                body.append(
+                    [
+                        name[server],
+                        f"{row['subscribed']:,}",
+                        _num(row["kb_per_conn"], 1),
+                        _ratio(ours["kb_per_conn"], row["kb_per_conn"]) if ours else "–",
+                        _num(row["rss_before_kb"] / 1024, 1),
+                        _num(row["rss_after_kb"] / 1024, 1),
+                    ]
+                )
         lines += _table(
-            ["server", "connections", "KB/conn", "ours ÷ this", "RSS before MiB",
-             "RSS after MiB"], body,
+            ["server", "connections", "KB/conn", "ours ÷ this", "RSS before MiB", "RSS after MiB"],
+            body,
         )
         most = _one(rows, "max_conns", server=OURS)
         if most:
@@ -662,11 +743,16 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         for server in servers:
             row = _one(rows, "storm", server=server)
             if row:
-                body.append([
-                    name[server], _num(row["jwt"]), f"{row['connected']:,}/{row['clients']:,}",
-                    _num(row["handshakes_per_s"]), _num(row["us_per_handshake"], 1),
-                    _num(row["per_core_capacity"]),
-                ])
+                body.append(
+                    [
+                        name[server],
+                        _num(row["jwt"]),
+                        f"{row['connected']:,}/{row['clients']:,}",
+                        _num(row["handshakes_per_s"]),
+                        _num(row["us_per_handshake"], 1),
+                        _num(row["per_core_capacity"]),
+                    ]
+                )
         lines += _table(
             ["server", "JWT", "connected", "handshakes/s", "CPU µs/handshake", "per core/s"],
             body,
@@ -685,13 +771,26 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
             "",
         ]
         body = [
-            [str(labels.get(r["server"]) or r["server"]), _num(r["batch"]), _num(r["events_per_s"]),
-             _num(r["us_per_event"], 1), f"{r['server_cpu_frac']:.0%}", _num(r["failures"])]
+            [
+                str(labels.get(r["server"]) or r["server"]),
+                _num(r["batch"]),
+                _num(r["events_per_s"]),
+                _num(r["us_per_event"], 1),
+                f"{r['server_cpu_frac']:.0%}",
+                _num(r["failures"]),
+            ]
             for r in pubs
         ]
         lines += _table(
-            ["server", "events per request", "events/s", "CPU µs/event", "server CPU",
-             "failed requests"], body,
+            [
+                "server",
+                "events per request",
+                "events/s",
+                "CPU µs/event",
+                "server CPU",
+                "failed requests",
+            ],
+            body,
         )
     lines += _publish_cost_lines(rows)
     outbox = [r for r in _pick(rows, "outbox_latency") if "p50_ms" in r]
@@ -705,9 +804,18 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         ]
         lines += _table(
             ["rows/s", "rows", "delivered", "p50 ms", "p99 ms", "max ms", "server CPU µs/row"],
-            [[_num(r["rate"]), _num(r["rows"]), _num(r["delivered"]), _num(r["p50_ms"], 1),
-              _num(r["p99_ms"], 1), _num(r["max_ms"], 1), _num(r["server_cpu_us_per_row"])]
-             for r in outbox],
+            [
+                [
+                    _num(r["rate"]),
+                    _num(r["rows"]),
+                    _num(r["delivered"]),
+                    _num(r["p50_ms"], 1),
+                    _num(r["p99_ms"], 1),
+                    _num(r["max_ms"], 1),
+                    _num(r["server_cpu_us_per_row"]),
+                ]
+                for r in outbox
+            ],
         )
 
     many = _pick(rows, "many_games")
@@ -724,17 +832,30 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         for server in servers:
             row = _one(rows, "many_games", server=server)
             if row:
-                body.append([
-                    name[server], _num(row["msgs_per_s"]),
-                    _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
-                    _num(row["us_per_msg"], 2),
-                    _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
-                    f"{row['delivered']:,}/{row['expected']:,}",
-                    f"{row['client_cpu_frac']:.0%}", _bound(row),
-                ])
+                body.append(
+                    [
+                        name[server],
+                        _num(row["msgs_per_s"]),
+                        _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
+                        _num(row["us_per_msg"], 2),
+                        _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
+                        f"{row['delivered']:,}/{row['expected']:,}",
+                        f"{row['client_cpu_frac']:.0%}",
+                        _bound(row),
+                    ]
+                )
         lines += _table(
-            ["server", "delivered msgs/s", "ours ÷ this", "CPU µs/msg", "ours ÷ this",
-             "delivered", "client CPU", "note"], body,
+            [
+                "server",
+                "delivered msgs/s",
+                "ours ÷ this",
+                "CPU µs/msg",
+                "ours ÷ this",
+                "delivered",
+                "client CPU",
+                "note",
+            ],
+            body,
         )
     lines += _workers_section(rows)
     lines += broker_report.section(rows)
@@ -765,9 +886,13 @@ def _workers_section(rows: list[Row]) -> list[str]:
     idle = _one(rows, "workers_idle")
     lines = ["## 7. Workers (`serve --workers N`, Redis broker)", ""]
     if not bursts and not idle:
-        return [*lines, "Not run: this scenario runs only when asked for "
-                "(`python -m bench.run --scenarios workers`, about 2 minutes), because the "
-                "default run already fills its time budget.", ""]
+        return [
+            *lines,
+            "Not run: this scenario runs only when asked for "
+            "(`python -m bench.run --scenarios workers`, about 2 minutes), because the "
+            "default run already fills its time budget.",
+            "",
+        ]
     lines += [
         "igratech-ws with `--workers 1` and `--workers 2` on a local Redis (database 12, a "
         "random key prefix, its keys deleted afterwards); the workers share the ports with "
@@ -783,25 +908,47 @@ def _workers_section(rows: list[Row]) -> list[str]:
     ]
     if bursts:
         clients = bursts[0]["clients"]
-        lines += [f"Burst: {clients:,} clients follow one game, {bursts[0]['events']} incidents "
-                  "published at once (one batch request), 3 rounds, the median round by CPU "
-                  "per message.", ""]
+        lines += [
+            f"Burst: {clients:,} clients follow one game, {bursts[0]['events']} incidents "
+            "published at once (one batch request), 3 rounds, the median round by CPU "
+            "per message.",
+            "",
+        ]
         body = []
         for row in bursts:
             redis = row.get("redis_us_per_msg")
-            body.append([
-                str(row["workers"]), f"{row['subscribed']:,}",
-                " / ".join(f"{n:,}" for n in row["conns_per_worker"]),
-                _num(row["msgs_per_s"]), _num(row["us_per_msg"], 2),
-                " / ".join(f"{c:.2f}" for c in row["worker_cpu_s"]),
-                _num(redis, 3), _num(row["publish_s"], 2),
-                f"{row['client_cpu_frac']:.0%}", f"{row['machine_busy_frac']:.0%}",
-                f"{row['delivered']:,}/{row['expected']:,}", _workers_bound(row),
-            ])
+            body.append(
+                [
+                    str(row["workers"]),
+                    f"{row['subscribed']:,}",
+                    " / ".join(f"{n:,}" for n in row["conns_per_worker"]),
+                    _num(row["msgs_per_s"]),
+                    _num(row["us_per_msg"], 2),
+                    " / ".join(f"{c:.2f}" for c in row["worker_cpu_s"]),
+                    _num(redis, 3),
+                    _num(row["publish_s"], 2),
+                    f"{row['client_cpu_frac']:.0%}",
+                    f"{row['machine_busy_frac']:.0%}",
+                    f"{row['delivered']:,}/{row['expected']:,}",
+                    _workers_bound(row),
+                ]
+            )
         lines += _table(
-            ["workers", "subscribed", "connections per worker", "delivered msgs/s",
-             "server CPU µs/msg", "CPU s per worker", "Redis CPU µs/msg", "publish s",
-             "client CPU (per process)", "machine busy", "delivered", "note"], body,
+            [
+                "workers",
+                "subscribed",
+                "connections per worker",
+                "delivered msgs/s",
+                "server CPU µs/msg",
+                "CPU s per worker",
+                "Redis CPU µs/msg",
+                "publish s",
+                "client CPU (per process)",
+                "machine busy",
+                "delivered",
+                "note",
+            ],
+            body,
         )
         one = _one(rows, "workers_burst", workers=1)
         two = _one(rows, "workers_burst", workers=2)
@@ -839,12 +986,28 @@ def _workers_section(rows: list[Row]) -> list[str]:
             "",
         ]
         lines += _table(
-            ["workers", "held", "connections per worker", "KB/conn", "RSS before MiB",
-             "RSS after MiB", "open-file limit per worker", "failures"],
-            [[str(idle["workers"]), f"{idle['held']:,}/{idle['attempted']:,}", per_worker,
-              _num(idle["kb_per_conn"], 1), _num(idle["rss_before_kb"] / 1024, 1),
-              _num(idle["rss_after_kb"] / 1024, 1),
-              " / ".join(str(n) for n in idle["open_files_limit"]), fails]],
+            [
+                "workers",
+                "held",
+                "connections per worker",
+                "KB/conn",
+                "RSS before MiB",
+                "RSS after MiB",
+                "open-file limit per worker",
+                "failures",
+            ],
+            [
+                [
+                    str(idle["workers"]),
+                    f"{idle['held']:,}/{idle['attempted']:,}",
+                    per_worker,
+                    _num(idle["kb_per_conn"], 1),
+                    _num(idle["rss_before_kb"] / 1024, 1),
+                    _num(idle["rss_after_kb"] / 1024, 1),
+                    " / ".join(str(n) for n in idle["open_files_limit"]),
+                    fails,
+                ]
+            ],
         )
     return lines
 

@@ -296,7 +296,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                         kind,
                         5000,
                         rate,
-                        duration=5.0, drain=6.0,
+                        duration=5.0,
+                        drain=6.0,
                     ),
                     need=40,
                 )

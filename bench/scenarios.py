@@ -111,8 +111,13 @@ async def _connect(
 
 
 async def _burst_once(
-    server: Server, pool: LoadPool, publisher: Publisher, items: list[tuple[str, int]],
-    per_client: int, limit: float, check: bool = False,
+    server: Server,
+    pool: LoadPool,
+    publisher: Publisher,
+    items: list[tuple[str, int]],
+    per_client: int,
+    limit: float,
+    check: bool = False,
 ) -> Row:
     armed, client_cpu0 = await pool.arm(per_client, check=check)
     meter = CpuMeter(server.pid)
@@ -158,7 +163,11 @@ def _median_row(rounds: list[Row]) -> Row:
 
 
 async def burst(
-    ctx: Context, kind: Kind, clients: int, events: int = 200, rounds: int = 1,
+    ctx: Context,
+    kind: Kind,
+    clients: int,
+    events: int = 200,
+    rounds: int = 1,
     limit: float = 25.0,
 ) -> Row:
     """`clients` follow one game; `events` incidents are published at once; count deliveries."""
@@ -243,10 +252,20 @@ async def paced(
         wall = time.monotonic() - t0
         delivered = waited["received"]
         row = _row(
-            "paced", kind, clients=clients, subscribed=conn["ready"], rate=rate,
-            events=count, duration_s=duration, delivered=delivered, expected=armed * count,
-            complete=delivered == armed * count, publish_errors=errors,
-            publish_s=t_published - t0, cpu_s=cpu_s, cpu_stat_s=cpu_stat_s,
+            "paced",
+            kind,
+            clients=clients,
+            subscribed=conn["ready"],
+            rate=rate,
+            events=count,
+            duration_s=duration,
+            delivered=delivered,
+            expected=armed * count,
+            complete=delivered == armed * count,
+            publish_errors=errors,
+            publish_s=t_published - t0,
+            cpu_s=cpu_s,
+            cpu_stat_s=cpu_stat_s,
             server_cpu_frac=cpu_s / wall,
             us_per_msg=(cpu_s * 1e6 / delivered) if delivered else None,
             client_cpu_frac=(waited["cpu"] - client_cpu0) / wall,
@@ -270,7 +289,11 @@ async def idle_memory(ctx: Context, kind: Kind, clients: int, games: int = 100) 
         rss1 = rss_kb(server.pid)
         held = conn["ready"]
         return _row(
-            "idle", kind, clients=clients, subscribed=held, rss_before_kb=rss0,
+            "idle",
+            kind,
+            clients=clients,
+            subscribed=held,
+            rss_before_kb=rss0,
             rss_after_kb=rss1,
             kb_per_conn=((rss1 - rss0) / held) if held else None,
         )
@@ -286,8 +309,12 @@ async def most_connections(ctx: Context, kind: Kind, target: int, step: int = 20
         while opened < target and ctx.time_left() > 30:
             n = min(step, target - opened)
             answer = await pool.connect(
-                ws_url(server), kind.proto, n, [f"g-{i}" for i in range(100)],
-                limit=60, first_index=opened,
+                ws_url(server),
+                kind.proto,
+                n,
+                [f"g-{i}" for i in range(100)],
+                limit=60,
+                first_index=opened,
             )
             opened += n
             for k, v in answer["fail_reasons"].items():
@@ -299,8 +326,13 @@ async def most_connections(ctx: Context, kind: Kind, target: int, step: int = 20
         held, _cpu = await pool.arm(0)
         rss1 = rss_kb(server.pid)
         return _row(
-            "max_conns", kind, attempted=opened, held=held, failures=failures,
-            rss_after_kb=rss1, kb_per_conn=((rss1 - rss0) / held) if held else None,
+            "max_conns",
+            kind,
+            attempted=opened,
+            held=held,
+            failures=failures,
+            rss_after_kb=rss1,
+            kb_per_conn=((rss1 - rss0) / held) if held else None,
         )
 
 
@@ -312,7 +344,13 @@ async def storm(ctx: Context, kind: Kind, clients: int, concurrency: int = 500) 
     async with running(ctx, kind, clients) as (server, pool, _publisher):
         meter = CpuMeter(server.pid)
         answer = await _connect(
-            ctx, server, pool, clients, ["g-1"], limit=60, concurrency=concurrency,
+            ctx,
+            server,
+            pool,
+            clients,
+            ["g-1"],
+            limit=60,
+            concurrency=concurrency,
             jwt_secret=JWT_SECRET if kind is OURS else None,
         )
         cpu_s, cpu_stat_s = meter.read()
@@ -320,10 +358,18 @@ async def storm(ctx: Context, kind: Kind, clients: int, concurrency: int = 500) 
         ready_elapsed = max(1e-6, answer["t_ready"] - answer["t_start"])
         done = answer["connected"]
         return _row(
-            "storm", kind, clients=clients, jwt=kind is OURS, connected=done,
-            subscribed=answer["ready"], failed=answer["failed"], elapsed_s=elapsed,
-            handshakes_per_s=done / elapsed, subscribed_per_s=answer["ready"] / ready_elapsed,
-            cpu_s=cpu_s, cpu_stat_s=cpu_stat_s,
+            "storm",
+            kind,
+            clients=clients,
+            jwt=kind is OURS,
+            connected=done,
+            subscribed=answer["ready"],
+            failed=answer["failed"],
+            elapsed_s=elapsed,
+            handshakes_per_s=done / elapsed,
+            subscribed_per_s=answer["ready"] / ready_elapsed,
+            cpu_s=cpu_s,
+            cpu_stat_s=cpu_stat_s,
             us_per_handshake=(cpu_s * 1e6 / done) if done else None,
             per_core_capacity=(done / cpu_s) if cpu_s else None,
         )
@@ -333,7 +379,11 @@ async def storm(ctx: Context, kind: Kind, clients: int, concurrency: int = 500) 
 
 
 async def publish_api(
-    ctx: Context, kind: Kind, batch: int, duration: float = 4.0, concurrency: int = 32,
+    ctx: Context,
+    kind: Kind,
+    batch: int,
+    duration: float = 4.0,
+    concurrency: int = 32,
 ) -> Row:
     """Publish requests (`batch` events each; 1 = the single route) as fast as the client can."""
     async with running(ctx, kind, 1) as (server, _pool, publisher):
@@ -365,9 +415,16 @@ async def publish_api(
         elapsed = time.monotonic() - t0
         cpu_s, cpu_stat_s = meter.read()
         return _row(
-            "publish_api", kind, batch=batch, published=published, failures=failures,
-            elapsed_s=elapsed, events_per_s=published / elapsed, cpu_s=cpu_s,
-            cpu_stat_s=cpu_stat_s, server_cpu_frac=cpu_s / elapsed,
+            "publish_api",
+            kind,
+            batch=batch,
+            published=published,
+            failures=failures,
+            elapsed_s=elapsed,
+            events_per_s=published / elapsed,
+            cpu_s=cpu_s,
+            cpu_stat_s=cpu_stat_s,
+            server_cpu_frac=cpu_s / elapsed,
             us_per_event=(cpu_s * 1e6 / published) if published else None,
         )
 
@@ -386,8 +443,14 @@ async def many_games(
         items = [(names[g], e + 1) for e in range(events) for g in range(games)]
         row = await _burst_once(server, pool, publisher, items, events, limit)
         return _row(
-            "many_games", kind, games=games, per_game=per_game, clients=clients,
-            subscribed=conn["ready"], events=events, **row,
+            "many_games",
+            kind,
+            games=games,
+            per_game=per_game,
+            clients=clients,
+            subscribed=conn["ready"],
+            events=events,
+            **row,
         )
 
 
@@ -443,9 +506,15 @@ async def _sourced_pool(sources: list[str]) -> LoadPool:
     try:
         for source in sources:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _SOURCED_ENTRY, source,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(ROOT),
-                start_new_session=True, limit=1 << 22,
+                sys.executable,
+                "-c",
+                _SOURCED_ENTRY,
+                source,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                cwd=str(ROOT),
+                start_new_session=True,
+                limit=1 << 22,
             )
             LIVE_GROUPS.add(proc.pid)
             worker = WorkerProc(proc)
@@ -475,8 +544,13 @@ async def running_workers(
     port = ctx.ports.take()
     api_port = ctx.ports.take()
     server = Server(
-        OURS, port, api_port, None, ctx.log_dir,
-        workers=workers, broker=f"{REDIS_DB_URL}?prefix={prefix}",
+        OURS,
+        port,
+        api_port,
+        None,
+        ctx.log_dir,
+        workers=workers,
+        broker=f"{REDIS_DB_URL}?prefix={prefix}",
         # The load client never sends a message after subscribing; building 30,000 connections
         # and measuring must not race the default 60 s idle timeout.
         extra_env={"IGRATECH_WS_IDLE_TIMEOUT": "600"},
@@ -515,8 +589,13 @@ def _open_files_limit(pid: int) -> int | None:
 
 
 async def workers_burst(
-    ctx: Context, workers: int, clients: int = 5000, events: int = 200, rounds: int = 3,
-    load_procs: int = 2, limit: float = 25.0,
+    ctx: Context,
+    workers: int,
+    clients: int = 5000,
+    events: int = 200,
+    rounds: int = 3,
+    load_procs: int = 2,
+    limit: float = 25.0,
 ) -> Row:
     """Burst fan-out against ``--workers N`` on Redis: `clients` follow one game, `events`
     incidents are published at once, `rounds` times (the median round by server CPU per message
@@ -536,8 +615,13 @@ async def workers_burst(
         ready = 0
         for first in range(0, clients, 1000):
             answer = await pool.connect(
-                ws_url(server), OURS.proto, min(1000, clients - first), ["g-1"], limit=15,
-                first_index=first, concurrency=WORKERS_CONNECT_CONCURRENCY,
+                ws_url(server),
+                OURS.proto,
+                min(1000, clients - first),
+                ["g-1"],
+                limit=15,
+                first_index=first,
+                concurrency=WORKERS_CONNECT_CONCURRENCY,
             )
             ready = answer["ready"]  # each load process answers with its running total
         if ready < clients:
@@ -568,7 +652,8 @@ async def workers_burst(
                 worker_cpu_s=worker_meter.read(),
                 redis_cpu_s=redis_cpu,
                 redis_us_per_msg=(redis_cpu * 1e6 / delivered)
-                if delivered and redis_cpu is not None else None,
+                if delivered and redis_cpu is not None
+                else None,
                 client_cpu_s=client_cpu,
                 # Per load process: each is one thread, so >= 85% of a core is client-bound.
                 client_cpu_frac=row["client_cpu_frac"] / load_procs,
@@ -581,14 +666,26 @@ async def workers_burst(
             await asyncio.sleep(0.2)
         chosen = _median_row(results)
         return _row(
-            "workers_burst", OURS, workers=workers, clients=clients, subscribed=conn["ready"],
-            events=events, load_procs=load_procs, cores=cores, conns_per_worker=per_worker,
-            redis_found=redis_pid is not None, **chosen,
+            "workers_burst",
+            OURS,
+            workers=workers,
+            clients=clients,
+            subscribed=conn["ready"],
+            events=events,
+            load_procs=load_procs,
+            cores=cores,
+            conns_per_worker=per_worker,
+            redis_found=redis_pid is not None,
+            **chosen,
         )
 
 
 async def workers_idle(
-    ctx: Context, workers: int = 2, clients: int = 30_000, games: int = 100, step: int = 15_000,
+    ctx: Context,
+    workers: int = 2,
+    clients: int = 30_000,
+    games: int = 100,
+    step: int = 15_000,
 ) -> Row:
     """Hold `clients` idle subscribed connections against ``--workers N`` on Redis. Load
     processes hold at most `PER_WORKER_MAX` each and leave from distinct loopback addresses
@@ -613,7 +710,12 @@ async def workers_idle(
             n = min(step, clients - opened)
             answer = await pool.connect(
                 # A connection whose subscription failed is waited for until `limit`: keep it short.
-                ws_url(server), OURS.proto, n, names, limit=45, first_index=opened,
+                ws_url(server),
+                OURS.proto,
+                n,
+                names,
+                limit=45,
+                first_index=opened,
                 concurrency=WORKERS_CONNECT_CONCURRENCY,
             )
             opened += n
@@ -629,10 +731,20 @@ async def workers_idle(
         per_worker = [b - a for a, b in zip(sockets0, _socket_counts(pids), strict=True)]
         grown = sum(rss1) - sum(rss0)
         return _row(
-            "workers_idle", OURS, workers=workers, clients=clients, attempted=opened, held=held,
-            failures=failures, connect_s=connect_s, load_procs=procs,
-            conns_per_worker=per_worker, rss_before_kb=sum(rss0), rss_after_kb=sum(rss1),
-            rss_after_per_worker_kb=rss1, kb_per_conn=(grown / held) if held else None,
+            "workers_idle",
+            OURS,
+            workers=workers,
+            clients=clients,
+            attempted=opened,
+            held=held,
+            failures=failures,
+            connect_s=connect_s,
+            load_procs=procs,
+            conns_per_worker=per_worker,
+            rss_before_kb=sum(rss0),
+            rss_after_kb=sum(rss1),
+            rss_after_per_worker_kb=rss1,
+            kb_per_conn=(grown / held) if held else None,
             open_files_limit=[_open_files_limit(pid) for pid in pids],
         )
 

@@ -273,8 +273,16 @@ class Server:
     """
 
     def __init__(
-        self, kind: Kind, port: int, api_port: int, cpu: int | None, log_dir: Path,
-        *, workers: int = 0, broker: str | None = None, extra_env: dict[str, str] | None = None,
+        self,
+        kind: Kind,
+        port: int,
+        api_port: int,
+        cpu: int | None,
+        log_dir: Path,
+        *,
+        workers: int = 0,
+        broker: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.kind = kind
         self.port = port
@@ -291,8 +299,18 @@ class Server:
         kind = self.kind
         if kind is OURS:
             exe = str(Path(sys.executable).parent / "igratech-ws")
-            cmd = [exe, "serve", "--host", "127.0.0.1", "--port", port,
-                   "--api-port", str(self.api_port), "--log-level", "warning"]
+            cmd = [
+                exe,
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--api-port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+            ]
             if self.workers:
                 cmd += ["--workers", str(self.workers)]
             if self.broker:
@@ -307,8 +325,12 @@ class Server:
         if kind is NODE_SIO:
             return ["node", str(PEER_SCRIPTS / "sio_server.js"), port]
         if kind is SOKETI:
-            return ["node", str(NODE_MODULES / "@soketi/soketi/bin/server.js"), "start",
-                    f"--config={PEER_SCRIPTS / 'soketi.json'}"]
+            return [
+                "node",
+                str(NODE_MODULES / "@soketi/soketi/bin/server.js"),
+                "start",
+                f"--config={PEER_SCRIPTS / 'soketi.json'}",
+            ]
         raise ValueError(kind.name)
 
     def env(self) -> dict[str, str]:
@@ -373,8 +395,13 @@ class Server:
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
         try:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env(), cwd=str(ROOT), start_new_session=True,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(),
+                cwd=str(ROOT),
+                start_new_session=True,
             )
         finally:
             log.close()
@@ -539,8 +566,11 @@ class SoketiPublisher(Publisher):
         posts = []
         for start in range(0, len(items), 10):
             batch = [
-                {"name": "incident", "channel": f"game-{g}",
-                 "data": json.dumps(peer_frame(g, s), separators=(",", ":"))}
+                {
+                    "name": "incident",
+                    "channel": f"game-{g}",
+                    "data": json.dumps(peer_frame(g, s), separators=(",", ":")),
+                }
                 for g, s in items[start : start + 10]
             ]
             posts.append(self._post(path, {"batch": batch}))

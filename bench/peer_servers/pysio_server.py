@@ -9,7 +9,9 @@ import socketio  # type: ignore[import-untyped,import-not-found,unused-ignore]
 import uvloop
 from aiohttp import web
 
-sio = socketio.AsyncServer(async_mode="aiohttp", transports=["websocket"], logger=False, engineio_logger=False)
+sio = socketio.AsyncServer(
+    async_mode="aiohttp", transports=["websocket"], logger=False, engineio_logger=False
+)
 app = web.Application()
 sio.attach(app)
 
@@ -29,4 +31,9 @@ async def publish(sid: str, game: str, payload: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=lambda *_: print("listening", flush=True))
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        print=lambda *_: print("listening", flush=True),
+    )

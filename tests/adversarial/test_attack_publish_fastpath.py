@@ -593,9 +593,7 @@ async def test_replies_that_arrive_after_the_deadline_are_not_taken_for_the_next
         assert all(s in (200, 503) for s in got), got
         await check_exactly_once(app, count)
         # A single publish after that gets its own offset, not a stale reply's.
-        status, answer = await asyncio.wait_for(
-            publish(app, incident("g-b0", 9999)), WAIT_S
-        )
+        status, answer = await asyncio.wait_for(publish(app, incident("g-b0", 9999)), WAIT_S)
         assert status == 200, answer
         top_now = await top(app, "game:g-b0")
         assert answer["offset"] == top_now == count // 4 + 1, (answer, top_now)

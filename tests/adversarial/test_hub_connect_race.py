@@ -56,7 +56,9 @@ async def test_a_balance_published_as_connected_arrives_is_delivered(
         async with websockets.connect(f"{url}?token={token(user)}", open_timeout=5) as ws:
             connected = await recv_event(ws, "connected", timeout=5)
             body = json.dumps(balance(user, f"{round_}.00")).encode()
-            publication = (await node.publish(validate_publish(parse_publish_body(body)))).publication
+            publication = (
+                await node.publish(validate_publish(parse_publish_body(body)))
+            ).publication
             pushed = await recv_event(ws, "balance", timeout=3)
             assert (pushed["offset"], pushed["epoch"]) == (publication.offset, publication.epoch)
             assert (

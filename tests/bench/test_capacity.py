@@ -11,8 +11,15 @@ from bench.brokers import split_costs
 from bench import broker_report, capacity
 
 COSTS = capacity.Costs(
-    broker="redis-3", recv_us=20.0, wake_us=300.0, deliver_burst_us=0.4, deliver_paced_us=10.0,
-    api_us=150.0, broker_pub_us=30.0, broker_wake_us=200.0, broker_fanout_us=2.0,
+    broker="redis-3",
+    recv_us=20.0,
+    wake_us=300.0,
+    deliver_burst_us=0.4,
+    deliver_paced_us=10.0,
+    api_us=150.0,
+    broker_pub_us=30.0,
+    broker_wake_us=200.0,
+    broker_fanout_us=2.0,
 )
 
 
@@ -59,9 +66,13 @@ def test_an_impossible_load_says_so() -> None:
 
 def test_the_three_node_check_counts_every_part() -> None:
     row = {
-        "duration_s": 5.0, "publications": 1_500, "idle_cpu_per_s": [0.0, 0.0, 0.0],
-        "deliveries_per_node": [50_000] * 3, "node_cpu_s": [1.0] * 3,
-        "broker_idle_cpu_per_s": 0.0, "broker_cpu_s": 0.3,
+        "duration_s": 5.0,
+        "publications": 1_500,
+        "idle_cpu_per_s": [0.0, 0.0, 0.0],
+        "deliveries_per_node": [50_000] * 3,
+        "node_cpu_s": [1.0] * 3,
+        "broker_idle_cpu_per_s": 0.0,
+        "broker_cpu_s": 0.3,
     }
     check = capacity.check_three_nodes(COSTS, row)
     base = (1_500 * 20 + 500 * 150 + 50_000 * 10) / 1e6

@@ -37,10 +37,17 @@ def test_ports_wrap_within_their_own_range() -> None:
 def test_the_broker_bursts_show_their_rounds_and_writes() -> None:
     from bench import broker_report
 
-    def burst(broker: str, version: str, rounds: list[float], writes: list[float]) -> dict[str, object]:
+    def burst(
+        broker: str, version: str, rounds: list[float], writes: list[float]
+    ) -> dict[str, object]:
         return {
-            "scenario": "broker_burst", "broker": broker, "version": version, "rounds": 3,
-            "rounds_us_per_msg": rounds, "us_per_msg": sorted(rounds)[1], "broker_us_per_pub": 0.0,
+            "scenario": "broker_burst",
+            "broker": broker,
+            "version": version,
+            "rounds": 3,
+            "rounds_us_per_msg": rounds,
+            "us_per_msg": sorted(rounds)[1],
+            "broker_us_per_pub": 0.0,
             "rounds_writes_per_follower": writes,
         }
 

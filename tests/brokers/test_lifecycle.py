@@ -138,9 +138,7 @@ async def test_a_state_handler_that_raises_does_not_fail_start(make_broker: Brok
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["redis", "nats"])
-async def test_an_outage_is_reported_disconnected_then_connected(
-    kind: str, tmp_path: Path
-) -> None:
+async def test_an_outage_is_reported_disconnected_then_connected(kind: str, tmp_path: Path) -> None:
     with private_server(kind, tmp_path) as server:
         await server.start()
         prefix = f"t{uuid.uuid4().hex[:8]}" + (":" if kind == "redis" else "")
@@ -156,9 +154,7 @@ async def test_an_outage_is_reported_disconnected_then_connected(
             await node.wait_for_publications(GAME, 1)
 
             server.stop()
-            await node.wait_until(
-                lambda: BrokerState.DISCONNECTED in node.states, "DISCONNECTED"
-            )
+            await node.wait_until(lambda: BrokerState.DISCONNECTED in node.states, "DISCONNECTED")
             async with asyncio.timeout(WAIT_S):
                 with pytest.raises(BrokerError):
                     await broker.publish(GAME, "incident", b'{"i":2}')

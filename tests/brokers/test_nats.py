@@ -425,9 +425,7 @@ async def test_a_file_stream_survives_a_server_restart_under_the_same_epoch(
     seen = Recorder()
     with private_server("nats", tmp_path) as server:
         await server.start()
-        broker = NatsBroker(
-            f"{server.url}?prefix=outage&timeout=2", BrokerOptions(node_id="n")
-        )
+        broker = NatsBroker(f"{server.url}?prefix=outage&timeout=2", BrokerOptions(node_id="n"))
         await broker.start(seen.publication, seen.control, seen.state)
         try:
             await broker.subscribe("game:o")

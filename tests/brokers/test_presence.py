@@ -62,7 +62,10 @@ async def test_every_node_sees_the_totals_of_all_nodes(make_broker: BrokerFactor
         for node in nodes:
             await node.broker.publish_control(node.local_presence())
         for node in nodes:
-            await _wait_for(lambda node=node: node.cluster_presence()["games"] == {"g-1": 2, "g-2": 1})  # type: ignore[misc]
+            await _wait_for(
+                lambda node=node: node.cluster_presence()["games"]  # type: ignore[misc]
+                == {"g-1": 2, "g-2": 1}
+            )
             assert sorted(node.cluster_presence()["nodes"]) == sorted(n.node_id for n in nodes)
         # A node that stops reporting drops out after three report intervals.
         assert first.cluster_presence(now=time.monotonic() + 3600)["nodes"] == [first.node_id]

@@ -43,7 +43,11 @@ GAME = "game:g-1"
 LIMITS = HistoryLimits(size=50, ttl=30.0)
 #: Short timeouts and backoff for the failure tests.
 FAST = BrokerOptions(
-    node_id="fast", limits=LIMITS, op_timeout=1.0, ping_interval=0.2, backoff_min=0.05,
+    node_id="fast",
+    limits=LIMITS,
+    op_timeout=1.0,
+    ping_interval=0.2,
+    backoff_min=0.05,
     backoff_max=0.3,
 )
 
@@ -212,7 +216,9 @@ async def test_history_written_by_older_versions_is_read_and_garbage_skipped(
     # Offset 2 as a node of the previous version wrote it (an array of 7), offset 3 garbage.
     legacy = Publication(GAME, 2, first.epoch, "bet", b'{"i":2}', first.published_at, "old")
     now_ms = int(first.published_at * 1000)
-    await admin.xadd(stream_key(prefix, GAME), {"t": now_ms, "p": msgspec.msgpack.encode(legacy)}, id="2-0")
+    await admin.xadd(
+        stream_key(prefix, GAME), {"t": now_ms, "p": msgspec.msgpack.encode(legacy)}, id="2-0"
+    )
     await admin.xadd(stream_key(prefix, GAME), {"t": now_ms, "p": b"\x01 not ours"}, id="3-0")
     await admin.hset(meta_key(prefix, GAME), "top", 3)
     page = await node.broker.history(GAME, 0, 10)
@@ -232,8 +238,13 @@ async def test_publish_direct_reaches_subscribed_nodes(
     first = (await node.broker.publish(GAME, "incident", b'{"i":1}')).publication
     direct = (
         await publish_direct(
-            admin, prefix, GAME, "bet", b'{"amount":5}',
-            options=BrokerOptions(limits=LIMITS), origin="backend",
+            admin,
+            prefix,
+            GAME,
+            "bet",
+            b'{"amount":5}',
+            options=BrokerOptions(limits=LIMITS),
+            origin="backend",
         )
     ).publication
     assert (direct.offset, direct.epoch, direct.origin) == (2, first.epoch, "backend")

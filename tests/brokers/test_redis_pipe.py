@@ -25,8 +25,12 @@ from tests.support.servers import Proxy, private_server
 
 GAME = "game:g-1"
 FAST = BrokerOptions(
-    node_id="pipe", limits=HistoryLimits(size=500, ttl=30.0), op_timeout=0.5, ping_interval=0.2,
-    backoff_min=0.05, backoff_max=0.3,
+    node_id="pipe",
+    limits=HistoryLimits(size=500, ttl=30.0),
+    op_timeout=0.5,
+    ping_interval=0.2,
+    backoff_min=0.05,
+    backoff_max=0.3,
 )
 
 
@@ -229,7 +233,9 @@ async def test_a_burst_is_one_script_call_with_each_result_its_own(
             results = await asyncio.gather(
                 *(
                     node.broker.publish(
-                        f"game:g-{i % 3}", "bet", b'{"i":%d}' % i,
+                        f"game:g-{i % 3}",
+                        "bet",
+                        b'{"i":%d}' % i,
                         idempotency_key=f"k-{i % 10}" if i % 2 else None,
                     )
                     for i in range(100)

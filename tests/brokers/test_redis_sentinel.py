@@ -299,7 +299,10 @@ async def test_broker_publishes_subscribes_and_reads_history_through_sentinel(
         nodes.append(publisher)
         await subscriber.broker.subscribe(GAME)
 
-        sent = [(await publisher.broker.publish(GAME, "incident", b'{"n":%d}' % i)).publication for i in (1, 2)]
+        sent = [
+            (await publisher.broker.publish(GAME, "incident", b'{"n":%d}' % i)).publication
+            for i in (1, 2)
+        ]
         assert [p.offset for p in sent] == [1, 2]
         received = await subscriber.wait_for_publications(GAME, 2)
         assert received == sent
@@ -360,7 +363,10 @@ async def _follows_a_sentinel_failover(topology: Topology) -> None:
         other = await _start(topology, url, "n2")
         nodes.append(other)
         await node.broker.subscribe(GAME)
-        before = [(await other.broker.publish(GAME, "incident", b'{"n":%d}' % i)).publication for i in (1, 2, 3)]
+        before = [
+            (await other.broker.publish(GAME, "incident", b'{"n":%d}' % i)).publication
+            for i in (1, 2, 3)
+        ]
         assert await node.wait_for_publications(GAME, 3) == before
         # Make the pre-failover history certain to be on the replica (see the module docstring).
         assert await master.wait(1, 5000) == 1

@@ -30,8 +30,12 @@ from tests.support.brokers import WAIT_S, Node
 from tests.support.servers import PrivateServer, Proxy, private_server
 
 FAST = BrokerOptions(
-    node_id="s", limits=HistoryLimits(size=100, ttl=30.0), op_timeout=0.5, ping_interval=0.2,
-    backoff_min=0.05, backoff_max=0.3,
+    node_id="s",
+    limits=HistoryLimits(size=100, ttl=30.0),
+    op_timeout=0.5,
+    ping_interval=0.2,
+    backoff_min=0.05,
+    backoff_max=0.3,
 )
 
 # --- the hash and the URL (no server) ------------------------------------------------------------
@@ -163,9 +167,11 @@ async def test_control_messages_travel_on_the_first_shard(
     for server in servers:
         client = Redis(port=server.port)
         try:
-            counts.append(dict(await client.pubsub_numsub(control_channel("c:")))[
-                control_channel("c:").encode()
-            ])
+            counts.append(
+                dict(await client.pubsub_numsub(control_channel("c:")))[
+                    control_channel("c:").encode()
+                ]
+            )
         finally:
             await client.aclose()
     assert counts == [2, 0, 0]

@@ -21,7 +21,9 @@ def test_precedence_is_defaults_then_file_then_environment_then_flags(tmp_path: 
     path = tmp_path / "gateway.toml"
     path.write_text('port = 9000\napi_port = 9001\nbroker = "redis://r:6379/0"\nhistory_ttl = 60\n')
     env = {"IGRATECH_WS_API_PORT": "9101", "IGRATECH_WS_HISTORY_SIZE": "50"}
-    config = Config.load(file=str(path), environ=env, flags={"broker": "nats://n:4222", "host": None})
+    config = Config.load(
+        file=str(path), environ=env, flags={"broker": "nats://n:4222", "host": None}
+    )
     assert config.port == 9000  # file
     assert config.api_port == 9101  # environment over file
     assert config.broker == "nats://n:4222"  # flag over file
@@ -154,9 +156,25 @@ def test_two_workers_share_the_ports_and_drain_on_sigterm(redis_url: str) -> Non
     env = {**os.environ, "IGRATECH_WS_API_KEY": "k", "IGRATECH_WS_JWT_SECRET": "s" * 32}
     broker = redis_url + "?prefix=igws-workers-test:"
     process = subprocess.Popen(
-        [sys.executable, "-m", "igratech_ws.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
-         "--port", str(port), "--api-port", str(api_port), "--broker", broker],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "igratech_ws.cli",
+            "serve",
+            "--workers",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-port",
+            str(api_port),
+            "--broker",
+            broker,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         nodes: set[str] = set()

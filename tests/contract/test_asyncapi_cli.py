@@ -28,7 +28,9 @@ def test_the_official_asyncapi_cli_finds_the_document_valid(tmp_path: Path) -> N
             pytest.fail("Node.js is required to validate the AsyncAPI document in CI")
         pytest.skip("Node.js is not installed")
     analytics = tmp_path / "analytics.json"
-    analytics.write_text(json.dumps({"analyticsEnabled": "false", "infoMessageShown": "true", "userID": "ci"}))
+    analytics.write_text(
+        json.dumps({"analyticsEnabled": "false", "infoMessageShown": "true", "userID": "ci"})
+    )
     env = {**os.environ, "CI": "true", "ASYNCAPI_METRICS_CONFIG_PATH": str(analytics)}
     result = subprocess.run(
         [str(asyncapi_cli()), "validate", str(DOCUMENT_PATH), "--fail-severity", "error"],

@@ -55,7 +55,12 @@ async def test_settings_follow_unfollow_stats_and_query(gateway: App) -> None:
         await recv_event(ws, "connected")
         first = await settings(ws, games=["g-1", "g-2"], stats=True)
         assert first["games"] == ["g-1", "g-2"] and first["stats"] is True
-        assert [c["channel"] for c in first["channels"]] == ["user:u-1", "game:g-1", "game:g-2", "global"]
+        assert [c["channel"] for c in first["channels"]] == [
+            "user:u-1",
+            "game:g-1",
+            "game:g-2",
+            "global",
+        ]
         changed = await settings(ws, follow=["g-3"], unfollow=["g-1"], stats=False)
         assert changed["games"] == ["g-2", "g-3"] and changed["stats"] is False
         queried = await settings(ws)
@@ -93,7 +98,12 @@ async def test_every_pushed_event_reaches_its_followers_and_matches_the_contract
     game_stats = {
         "event": "stats",
         "gameId": "g-7",
-        "data": {"scope": "game", "gameId": "g-7", "updatedAt": NOW, "values": {"possession_home": 55}},
+        "data": {
+            "scope": "game",
+            "gameId": "g-7",
+            "updatedAt": NOW,
+            "values": {"possession_home": 55},
+        },
     }
     global_stats = {
         "event": "stats",
@@ -129,14 +139,21 @@ async def test_every_pushed_event_reaches_its_followers_and_matches_the_contract
         assert frame["data"] == body["data"]
     assert [f["offset"] for f in received] == [1, 2, 3, 1, 1, 2]
     assert [f["channel"] for f in received] == [
-        "game:g-7", "game:g-7", "game:g-7", "global", "user:u-1", "user:u-1"
+        "game:g-7",
+        "game:g-7",
+        "game:g-7",
+        "global",
+        "user:u-1",
+        "user:u-1",
     ]
 
 
 async def test_user_channel_is_private_to_that_user(gateway: App) -> None:
-    async with connect(gateway, "u-1") as mine, connect(gateway, "u-2") as other, connect(
-        gateway
-    ) as anonymous:
+    async with (
+        connect(gateway, "u-1") as mine,
+        connect(gateway, "u-2") as other,
+        connect(gateway) as anonymous,
+    ):
         for ws in (mine, other, anonymous):
             await recv_event(ws, "connected")
             await settings(ws, games=["g-1"])
@@ -154,17 +171,41 @@ async def test_bad_input_gets_an_error_and_the_connection_keeps_working(gateway:
         ("not json", "bad_json", None),
         (json.dumps({"data": {}}), "bad_message", None),
         (json.dumps({"event": "subscribe", "data": {}}), "unknown_event", None),
-        (json.dumps({"event": "settings", "data": {"games": [1]}}), "invalid_settings", "data.games[0]"),
-        (json.dumps({"event": "settings", "data": {"stats": "yes"}}), "invalid_settings", "data.stats"),
         (
-            json.dumps({"event": "settings", "data": {"recover": {"user:u-2": {"offset": 1, "epoch": "x"}}}}),
+            json.dumps({"event": "settings", "data": {"games": [1]}}),
+            "invalid_settings",
+            "data.games[0]",
+        ),
+        (
+            json.dumps({"event": "settings", "data": {"stats": "yes"}}),
+            "invalid_settings",
+            "data.stats",
+        ),
+        (
+            json.dumps(
+                {
+                    "event": "settings",
+                    "data": {"recover": {"user:u-2": {"offset": 1, "epoch": "x"}}},
+                }
+            ),
             "forbidden_channel",
             "data.recover.user:u-2",
         ),
-        (json.dumps({"event": "settings", "data": {"games": [f"g{i}" for i in range(101)]}}),
-         "too_many_games", "data.games"),
-        (json.dumps({"event": "settings", "data": {"recover": {"game:g-9": {"offset": 1, "epoch": "e"}}}}),
-         "invalid_settings", "data.recover.game:g-9"),
+        (
+            json.dumps({"event": "settings", "data": {"games": [f"g{i}" for i in range(101)]}}),
+            "too_many_games",
+            "data.games",
+        ),
+        (
+            json.dumps(
+                {
+                    "event": "settings",
+                    "data": {"recover": {"game:g-9": {"offset": 1, "epoch": "e"}}},
+                }
+            ),
+            "invalid_settings",
+            "data.recover.game:g-9",
+        ),
     ]
     async with connect(gateway, "u-1") as ws:
         await recv_event(ws, "connected")

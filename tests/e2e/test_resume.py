@@ -32,7 +32,9 @@ async def test_resume_delivers_exactly_the_missed_publications_then_live(gateway
     async with connect(gateway) as ws:
         await recv_event(ws, "connected")
         answer = await settings(
-            ws, games=["g-1"], recover={"game:g-1": {"offset": last["offset"], "epoch": last["epoch"]}}
+            ws,
+            games=["g-1"],
+            recover={"game:g-1": {"offset": last["offset"], "epoch": last["epoch"]}},
         )
         assert answer["channels"] == [
             {"channel": "game:g-1", "offset": 8, "epoch": last["epoch"], "recovered": True}
@@ -66,7 +68,9 @@ async def test_recovery_with_a_foreign_epoch_fails_and_nothing_is_replayed(gatew
     await _publish_incidents(gateway, "g-2", range(1, 4))
     async with connect(gateway) as ws:
         await recv_event(ws, "connected")
-        answer = await settings(ws, games=["g-2"], recover={"game:g-2": {"offset": 1, "epoch": "old"}})
+        answer = await settings(
+            ws, games=["g-2"], recover={"game:g-2": {"offset": 1, "epoch": "old"}}
+        )
         assert answer["channels"][0]["recovered"] is False
         assert answer["channels"][0]["offset"] == 3
         await _publish_incidents(gateway, "g-2", range(4, 5))
@@ -83,12 +87,16 @@ async def test_recovery_beyond_the_history_window_fails(make_gateway: MakeGatewa
         await _publish_incidents(app, "g-3", range(3, 12))
         async with connect(app) as ws:
             await recv_event(ws, "connected")
-            answer = await settings(ws, games=["g-3"], recover={"game:g-3": {"offset": 2, "epoch": epoch}})
+            answer = await settings(
+                ws, games=["g-3"], recover={"game:g-3": {"offset": 2, "epoch": epoch}}
+            )
         assert answer["channels"][0]["recovered"] is False
         # Just inside the window it still works.
         async with connect(app) as ws:
             await recv_event(ws, "connected")
-            answer = await settings(ws, games=["g-3"], recover={"game:g-3": {"offset": 6, "epoch": epoch}})
+            answer = await settings(
+                ws, games=["g-3"], recover={"game:g-3": {"offset": 6, "epoch": epoch}}
+            )
             assert answer["channels"][0]["recovered"] is True
             assert [(await recv(ws))["offset"] for _ in range(5)] == [7, 8, 9, 10, 11]
 

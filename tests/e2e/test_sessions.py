@@ -31,7 +31,9 @@ async def _refused(url: str, **kwargs: Any) -> InvalidStatus:
 
 async def test_invalid_or_expired_tokens_are_refused_with_401(gateway: App) -> None:
     expired = jwt.encode({"sub": "u-1", "exp": int(time.time()) - 60}, SECRET, algorithm="HS256")
-    wrong_key = jwt.encode({"sub": "u-1"}, "another-secret-of-sufficient-length!!", algorithm="HS256")
+    wrong_key = jwt.encode(
+        {"sub": "u-1"}, "another-secret-of-sufficient-length!!", algorithm="HS256"
+    )
     no_sub = jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
     for bad in ("garbage", expired, wrong_key, no_sub):
         refusal = await _refused(f"{gateway.ws_url}?token={bad}")
@@ -88,10 +90,13 @@ async def test_forced_logout_through_the_api_closes_every_connection_of_the_user
     async with connect(gateway, "u-5") as ws, connect(gateway, "u-6") as bystander:
         await recv_event(ws, "connected")
         await recv_event(bystander, "connected")
-        async with aiohttp.ClientSession() as http, http.post(
-            gateway.api_url + "/api/v1/users/u-5/logout",
-            headers={"Authorization": f"Bearer {API_KEY}"},
-        ) as answer:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                gateway.api_url + "/api/v1/users/u-5/logout",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            ) as answer,
+        ):
             assert answer.status == 200
             assert (await answer.json())["closedLocal"] == 1
         logout = await recv_event(ws, "logout")
@@ -114,7 +119,9 @@ async def test_token_expiry_logs_the_connection_out(gateway: App) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
 
 
-async def test_a_silent_connection_is_closed_after_the_idle_timeout(make_gateway: MakeGateway) -> None:
+async def test_a_silent_connection_is_closed_after_the_idle_timeout(
+    make_gateway: MakeGateway,
+) -> None:
     async with (
         make_gateway(ping_interval=1, idle_timeout=2) as app,
         connect(app) as pinging,

@@ -13,14 +13,18 @@ def test_tokens_are_redacted_from_log_lines() -> None:
     token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1LTEifQ.c2lnbmF0dXJl"
     assert token not in redact(f"GET /wspublic?token={token}&x=1")
     assert "token=[redacted]" in redact("/wspublic?token=abc&x=1")
-    record = logging.makeLogRecord({"msg": "handshake %s", "args": (token,), "path": f"?token={token}"})
+    record = logging.makeLogRecord(
+        {"msg": "handshake %s", "args": (token,), "path": f"?token={token}"}
+    )
     line = json.loads(JsonFormatter().format(record))
     assert token not in json.dumps(line)
 
 
 def test_the_rate_limit_passes_a_burst_then_summarises() -> None:
     limit = RateLimitFilter(burst=3, period=10.0)
-    records = [logging.makeLogRecord({"msg": "bad frame", "created": 100.0 + i * 0.01}) for i in range(10)]
+    records = [
+        logging.makeLogRecord({"msg": "bad frame", "created": 100.0 + i * 0.01}) for i in range(10)
+    ]
     assert [limit.filter(r) for r in records] == [True] * 3 + [False] * 7
     later = logging.makeLogRecord({"msg": "bad frame", "created": 111.0})
     assert limit.filter(later)

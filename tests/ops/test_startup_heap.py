@@ -31,9 +31,23 @@ def test_freezing_moves_the_heap_out_of_collections() -> None:
 def test_serve_freezes_its_start_up_heap_once_ready() -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IGRATECH_WS_")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "igratech_ws.cli", "serve", "--host", "127.0.0.1",
-         "--port", "0", "--api-port", "0", "--log-level", "debug"],
-        env=clean, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "igratech_ws.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--api-port",
+            "0",
+            "--log-level",
+            "debug",
+        ],
+        env=clean,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     records: list[dict[str, object]] = []
     try:

@@ -103,7 +103,7 @@ class BrokerFactory:
 
     @property
     def family(self) -> str:
-        """"memory", "redis" or "nats", whatever the variant (sharded, newer server)."""
+        """ "memory", "redis" or "nats", whatever the variant (sharded, newer server)."""
         return self.kind.split("-")[0]
 
     @property

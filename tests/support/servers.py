@@ -130,9 +130,7 @@ class PrivateServer:
 
 
 @contextlib.contextmanager
-def private_server(
-    kind: str, workdir: Path, binary: str | None = None
-) -> Iterator[PrivateServer]:
+def private_server(kind: str, workdir: Path, binary: str | None = None) -> Iterator[PrivateServer]:
     """A `PrivateServer` (not started yet), killed at the end whatever happens."""
     server = PrivateServer(kind, workdir, binary)
     try:

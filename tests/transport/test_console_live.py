@@ -395,6 +395,7 @@ async def test_a_second_login_of_the_demo_user_logs_the_console_out(
 
 # --- state at once on follow -------------------------------------------------------------------
 
+
 async def test_scoreboard_is_filled_at_once_on_load(browser: Browser, gateway: App) -> None:
     from playwright.async_api import expect
 

@@ -538,7 +538,9 @@ async def test_a_batch_item_with_a_repeated_member_is_read_as_the_two_pass_readi
     assert await top(broker, "game:g-1") == 2
     # And an invalid last value is refused, naming the item and field.
     item = f'{{"event": "incident", "gameId": "g-1", "data": {data}, "data": 1}}'
-    status, body, _ = await post(api, "/api/v1/publish/batch", raw=f'{{"items": [{item}]}}'.encode())
+    status, body, _ = await post(
+        api, "/api/v1/publish/batch", raw=f'{{"items": [{item}]}}'.encode()
+    )
     assert status == 400
     assert "items[0]" in body["error"]["field"], body
     assert await top(broker, "game:g-1") == 2

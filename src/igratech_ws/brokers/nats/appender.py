@@ -369,9 +369,7 @@ class Appender:
         while len(self._tails) > MAX_TAILS:
             self._tails.popitem(last=False)
 
-    async def _append(
-        self, channel: str, group: list[_Pending], queue: deque[_Pending]
-    ) -> None:
+    async def _append(self, channel: str, group: list[_Pending], queue: deque[_Pending]) -> None:
         """Append `group` (one `_take`) and settle each publication's future with its result."""
         alone = group[0]
         # A state event goes as a batch (its slot in the same atomic step), unless it is a keyed
@@ -481,8 +479,13 @@ class Appender:
             # reaches the server in one piece, between no other appends of the same node.
             for index, pending in enumerate(group):
                 publication = Publication(
-                    channel, tail.offset + 1 + index, tail.epoch, pending.event, pending.data,
-                    now, self.origin,
+                    channel,
+                    tail.offset + 1 + index,
+                    tail.epoch,
+                    pending.event,
+                    pending.data,
+                    now,
+                    self.origin,
                 )
                 headers = headers_of(publication)
                 if index == 0:
@@ -528,7 +531,12 @@ class Appender:
 
     async def _append_one(self, channel: str, tail: _Tail, pending: _Pending) -> PublishResult:
         publication = Publication(
-            channel, tail.offset + 1, tail.epoch, pending.event, pending.data, time.time(),
+            channel,
+            tail.offset + 1,
+            tail.epoch,
+            pending.event,
+            pending.data,
+            time.time(),
             self.origin,
         )
         headers = headers_of(publication)
@@ -539,8 +547,9 @@ class Appender:
         self.appends += 1
         if ack.duplicate:
             # Nothing was appended: the tail we know still holds.
-            return await first_of(self._js, self.stream, channel, pending.event, pending.data,
-                                  ack.seq)
+            return await first_of(
+                self._js, self.stream, channel, pending.event, pending.data, ack.seq
+            )
         self._remember(channel, _Tail(ack.seq, publication.offset, publication.epoch))
         if pending.event in self.state_events:
             await self._write_slot(publication)
@@ -602,4 +611,3 @@ class Appender:
         last_seq = ack.seq - len(slots)
         self._remember(channel, _Tail(last_seq, publications[-1].offset, tail.epoch))
         return [PublishResult(p) for p in publications]
-

@@ -158,8 +158,9 @@ class RedisBroker(BrokerCore):
         try:
             newest = await server.store.newest(channels)
         except BrokerError as exc:
-            log.warning("Redis shard %s: reading newest publications failed: %s",
-                        server.address, exc)
+            log.warning(
+                "Redis shard %s: reading newest publications failed: %s", server.address, exc
+            )
             return
         for publication in newest:
             if self._pub_name(publication.channel) in server.listener.wanted:

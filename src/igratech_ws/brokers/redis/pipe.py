@@ -273,7 +273,6 @@ class CommandPipe:
             await asyncio.wait(list(self._disconnecting))
 
 
-
 def _pack(args: tuple[Arg, ...]) -> bytes:
     """One command in RESP, packed in C."""
     packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # the stub wants 1-tuples
