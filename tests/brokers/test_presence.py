@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from igratech_ws.config import Config
@@ -51,6 +52,10 @@ async def test_a_node_alone_reports_itself(make_broker: BrokerFactory) -> None:
         await node.close()
 
 
+def _sees_games(node: Node, games: dict[str, int]) -> bool:
+    return bool(node.cluster_presence()["games"] == games)
+
+
 async def test_every_node_sees_the_totals_of_all_nodes(make_broker: BrokerFactory) -> None:
     first = await _node(make_broker)
     second = await _node(make_broker)
@@ -62,10 +67,7 @@ async def test_every_node_sees_the_totals_of_all_nodes(make_broker: BrokerFactor
         for node in nodes:
             await node.broker.publish_control(node.local_presence())
         for node in nodes:
-            await _wait_for(
-                lambda node=node: node.cluster_presence()["games"]  # type: ignore[misc]
-                == {"g-1": 2, "g-2": 1}
-            )
+            await _wait_for(partial(_sees_games, node, {"g-1": 2, "g-2": 1}))
             assert sorted(node.cluster_presence()["nodes"]) == sorted(n.node_id for n in nodes)
         # A node that stops reporting drops out after three report intervals.
         assert first.cluster_presence(now=time.monotonic() + 3600)["nodes"] == [first.node_id]
