@@ -43,7 +43,7 @@ from tests.support.conflation import (
 )
 from tests.support.fakes import FakeSubscriber, RecordingBroker, make_hub, settle, split_frames
 from tests.support.gateway import base_config, raw_upgrade
-from tests.support.raw_ws import LOOPS, frame, run_on
+from tests.support.raw_ws import LOOPS, frame, next_frame, run_on
 
 BUDGET = 64 * 1024
 FOLLOW_G1 = "?settings=%7B%22games%22%3A%5B%22g-1%22%5D%7D"
@@ -215,22 +215,15 @@ def _sip(sock: socket.socket, stop: threading.Event) -> tuple[bytes, int]:
 def _parse(data: bytes) -> tuple[list[dict[str, Any]], list[bytes], int | None]:
     """Text frames (parsed), pong payloads, and the close code if a close came."""
     texts, pongs, code, at = [], [], None, 0
-    while at + 2 <= len(data):
-        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
-        at += 2
-        if length == 126:
-            length, at = int.from_bytes(data[at : at + 2], "big"), at + 2
-        elif length == 127:
-            length, at = int.from_bytes(data[at : at + 8], "big"), at + 8
-        assert at + length <= len(data), "a frame cut short"
-        payload = data[at : at + length]
-        at += length
+    while (parsed := next_frame(data, at)) is not None:
+        opcode, payload, at = parsed
         if opcode == 0x1:
             texts.append(json.loads(payload))
         elif opcode == 0xA:
             pongs.append(payload)
         elif opcode == 0x8:
             code = int.from_bytes(payload[:2], "big")
+    assert at == len(data), "a frame cut short"
     return texts, pongs, code
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from igratech_ws.app import App
 from tests.support.conflation import bet_data, incident_data, stats_data
 from tests.support.gateway import raw_upgrade
+from tests.support.raw_ws import next_frame
 
 BUDGET = 64 * 1024
 
@@ -28,17 +29,8 @@ def read_all(sock: socket.socket) -> tuple[list[dict[str, Any]], int | None]:
     except TimeoutError:
         pass
     frames, code, at = [], None, 0
-    while at + 2 <= len(data):
-        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
-        at += 2
-        if length == 126:
-            length, at = int.from_bytes(data[at : at + 2], "big"), at + 2
-        elif length == 127:
-            length, at = int.from_bytes(data[at : at + 8], "big"), at + 8
-        if at + length > len(data):
-            break
-        payload = bytes(data[at : at + length])
-        at += length
+    while (parsed := next_frame(data, at)) is not None:
+        opcode, payload, at = parsed
         if opcode == 0x1:
             frames.append(json.loads(payload))
         elif opcode == 0x8:

@@ -58,6 +58,26 @@ def connect(port: int, *, query: str = "", rcvbuf: int | None = None) -> socket.
     return sock
 
 
+def next_frame(data: bytes, at: int = 0) -> tuple[int, bytes, int] | None:
+    """The unmasked server frame at `data[at:]` (RFC 6455 5.2): its opcode, its payload and
+    where the next one starts; None while it is incomplete. (An index, not the rest of `data`:
+    a loop over megabytes of frames copies nothing but the payloads.)"""
+    if len(data) < at + 2:
+        return None
+    opcode, length, start = data[at] & 0x0F, data[at + 1] & 0x7F, at + 2
+    if length == 126:
+        if len(data) < at + 4:
+            return None
+        length, start = struct.unpack("!H", data[at + 2 : at + 4])[0], at + 4
+    elif length == 127:
+        if len(data) < at + 10:
+            return None
+        length, start = struct.unpack("!Q", data[at + 2 : at + 10])[0], at + 10
+    if len(data) < start + length:
+        return None
+    return opcode, bytes(data[start : start + length]), start + length
+
+
 def read_frames(
     sock: socket.socket,
     until: bytes | None = None,
@@ -79,19 +99,9 @@ def read_frames(
         if not chunk:
             break
         buffer += chunk
-        while len(buffer) >= 2:
-            opcode, length, start = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
-            if length == 126:
-                if len(buffer) < 4:
-                    break
-                length, start = struct.unpack("!H", buffer[2:4])[0], 4
-            elif length == 127:
-                if len(buffer) < 10:
-                    break
-                length, start = struct.unpack("!Q", buffer[2:10])[0], 10
-            if len(buffer) < start + length:
-                break
-            payload, buffer = buffer[start : start + length], buffer[start + length :]
+        while (parsed := next_frame(buffer)) is not None:
+            opcode, payload, end = parsed
+            buffer = buffer[end:]
             frames.append((opcode, payload))
             if until is not None and opcode == 0x1 and until in payload:
                 return frames, None
