@@ -218,6 +218,21 @@ def _plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
 # --- the report ----------------------------------------------------------------------------------
 
 
+def _fanout_cells(name: str, row: Row, ours: Row | None) -> list[str]:
+    """One server's cells of a fan-out table (burst, many games): throughput and CPU per
+    message, each with its ratio to ours, delivered of expected, client CPU, what bound it."""
+    return [
+        name,
+        _num(row["msgs_per_s"]),
+        _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
+        _num(row["us_per_msg"], 2),
+        _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
+        f"{row['delivered']:,}/{row['expected']:,}",
+        f"{row['client_cpu_frac']:.0%}",
+        _bound(row),
+    ]
+
+
 def _bound(row: Row) -> str:
     notes = []
     if not row.get("complete", True):
@@ -609,18 +624,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
                 row = _one(rows, "burst", server=server, clients=size)
                 if not row:
                     continue
-                body.append(
-                    [
-                        name[server],
-                        _num(row["msgs_per_s"]),
-                        _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
-                        _num(row["us_per_msg"], 2),
-                        _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
-                        f"{row['delivered']:,}/{row['expected']:,}",
-                        f"{row['client_cpu_frac']:.0%}",
-                        _bound(row),
-                    ]
-                )
+                body.append(_fanout_cells(name[server], row, ours))
             lines += _table(
                 [
                     "server",
@@ -832,18 +836,7 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         for server in servers:
             row = _one(rows, "many_games", server=server)
             if row:
-                body.append(
-                    [
-                        name[server],
-                        _num(row["msgs_per_s"]),
-                        _ratio(ours["msgs_per_s"], row["msgs_per_s"]) if ours else "–",
-                        _num(row["us_per_msg"], 2),
-                        _ratio(ours["us_per_msg"], row["us_per_msg"]) if ours else "–",
-                        f"{row['delivered']:,}/{row['expected']:,}",
-                        f"{row['client_cpu_frac']:.0%}",
-                        _bound(row),
-                    ]
-                )
+                body.append(_fanout_cells(name[server], row, ours))
         lines += _table(
             [
                 "server",
